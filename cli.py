@@ -1,0 +1,267 @@
+#!/usr/bin/env python
+"""mnist-diff command line: train, sample, evaluate, sweep, report, bench.
+
+Heavy libraries (torch, mlflow, optuna) are imported inside the commands, so `--help` answers at once.
+Bad input exits with code 2 and a one-line reason before any work starts.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+SCHEDULES = ("linear", "cosine", "quadratic", "sigmoid")  # kept in step with mnist_diff.schedules (tested)
+SAMPLERS = ("ddpm", "ddim")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+class BadInput(click.ClickException):
+    """A one-line usage error, exit code 2."""
+    exit_code = 2
+
+
+class OneLineErrors(click.Group):
+    """Every usage error as a single `Error: ...` line (click's default adds usage lines)."""
+
+    def main(self, args=None, prog_name=None, **kwargs):
+        kwargs.pop("standalone_mode", None)
+        try:
+            rv = super().main(args, prog_name, standalone_mode=False, **kwargs)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            click.echo(f"Error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except (click.Abort, KeyboardInterrupt):
+            click.echo("Aborted.", err=True)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+# -- shared options ----------------------------------------------------------------------------------
+
+def _apply(options):
+    def decorator(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+    return decorator
+
+
+schedule_options = _apply([
+    click.option("--schedule", type=click.Choice(SCHEDULES), default="linear", show_default=True,
+                 help="Beta schedule. cosine (improved DDPM) is defined by alpha_bar alone and IGNORES "
+                      "--beta-start/--beta-end: for it only --timesteps matters."),
+    click.option("--timesteps", type=click.IntRange(min=2), default=1000, show_default=True,
+                 help="Diffusion steps T."),
+    click.option("--beta-start", type=float, default=1e-4, show_default=True, help="First beta (not for cosine)."),
+    click.option("--beta-end", type=float, default=0.02, show_default=True, help="Last beta (not for cosine)."),
+])
+
+sampler_options = _apply([
+    click.option("--sampler", type=click.Choice(SAMPLERS), default="ddpm", show_default=True,
+                 help="ddpm: ancestral, all T steps. ddim: --ddim-steps steps from T-1 to 0."),
+    click.option("--ddim-steps", type=click.IntRange(min=1), default=50, show_default=True,
+                 help="DDIM steps (<= --timesteps)."),
+    click.option("--eta", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+                 help="DDIM noise: 0 is deterministic given x_T, 1 matches DDPM's variance."),
+])
+
+device_option = click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+                             help="auto picks CUDA, then MPS, then CPU.")
+data_dir_option = click.option(
+    "--data-dir", type=click.Path(exists=True, file_okay=False), envvar="MNIST_DIFF_DATA_DIR",
+    help="torchvision root holding MNIST/raw (env MNIST_DIFF_DATA_DIR). Default: download into "
+         "~/.cache/mnist-diff/data on first use.")
+
+
+def out_option(default: str):
+    return click.option("--out", type=click.Path(file_okay=False), default=default, show_default=True,
+                        help="Output folder.")
+
+
+# -- validation helpers --------------------------------------------------------------------------------
+
+def check_writable_dir(path: str, flag: str = "--out") -> Path:
+    """Fail (exit 2) unless `path` is, or could be created as, a writable folder. Creates nothing."""
+    p = Path(path).expanduser().absolute()
+    probe = p
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise BadInput(f"{flag} {path!r} can't be created: {probe} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK) or (os.statvfs(probe).f_flag & os.ST_RDONLY):
+        raise BadInput(f"{flag} {path!r} is not writable")
+    return p
+
+
+def make_config(**fields):
+    from mnist_diff.config import Config
+    try:
+        return Config(**fields)
+    except ValueError as err:
+        raise BadInput(str(err)) from None
+
+
+def pick_device(name: str):
+    import torch
+    from mnist_diff.train import resolve_device
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BadInput("--device cuda: no CUDA device is available")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise BadInput("--device mps: MPS is not available")
+    return resolve_device(name)
+
+
+# -- commands ----------------------------------------------------------------------------------------
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def cli():
+    """Train, sample, score and compare diffusion models on MNIST."""
+
+
+@cli.command()
+@schedule_options
+@sampler_options
+@click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-4, show_default=True,
+              help="AdamW learning rate, after a linear warm-up of --warmup-steps.")
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=500, show_default=True)
+@click.option("--ema-decay", type=click.FloatRange(0, 1, max_open=True), default=0.999, show_default=True,
+              help="EMA of the weights used for sampling; 0 turns it off.")
+@click.option("--channels", type=click.IntRange(min=8), default=64, show_default=True,
+              help="UNet base width (multiple of 8); 64 is 2.9M parameters.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--precision", type=click.Choice(("auto", "fp32", "bf16")), default="auto", show_default=True,
+              help="auto: bf16 autocast on CUDA, fp32 elsewhere.")
+@click.option("--train-samples", type=click.IntRange(min=1), default=None,
+              help="Train on the first N MNIST images only (smoke runs, tests).")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after N optimizer steps.")
+@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out.")
+@click.option("--dry-run", is_flag=True, help="Print the resolved config and exit.")
+@device_option
+@data_dir_option
+@out_option("runs/train")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def train(device, data_dir, out, resume, dry_run, quiet, **fields):
+    """Train one config; write checkpoints and per-epoch sample grids into --out."""
+    config = make_config(**fields)
+    out_path = check_writable_dir(out)
+    if dry_run:
+        click.echo(json.dumps(config.to_dict(), indent=2))
+        return
+    if not resume and any((out_path / "checkpoints").glob("ckpt-*.pt")):
+        raise BadInput(f"--out {out} already holds a training run: pass --resume, or choose another --out")
+    dev = pick_device(device)
+
+    from mnist_diff.data import load_mnist
+    from mnist_diff.train import Trainer
+
+    images = load_mnist(data_dir, train=True, limit=config.train_samples, device=dev)
+    trainer = Trainer(config, images, out_path, progress=not quiet)
+    if resume and not trainer.resume():
+        click.echo(f"no checkpoint in {out_path / 'checkpoints'}: starting from scratch", err=True)
+    result = trainer.fit()
+    click.echo(f"trained {result['step']} steps ({result['epochs_done']} epochs) -> {out_path}")
+
+
+@cli.command()
+@click.option("--checkpoint", "checkpoint_path", type=click.Path(exists=True, dir_okay=False), required=True,
+              help="A training checkpoint (ckpt-*.pt) or per-epoch EMA file (ema-epoch-*.pt).")
+@click.option("--num-samples", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--sampler", type=click.Choice(SAMPLERS), default=None,
+              help="Default: the checkpoint's own sampler.")
+@click.option("--ddim-steps", type=click.IntRange(min=1), default=None, help="Default: the checkpoint's.")
+@click.option("--eta", type=click.FloatRange(0, 1), default=None, help="Default: the checkpoint's.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Image i depends on (seed, i) only.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=500, show_default=True)
+@device_option
+@out_option("runs/samples")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def sample(checkpoint_path, num_samples, sampler, ddim_steps, eta, seed, batch_size, device, out, quiet):
+    """Draw images from a checkpoint: a grid PNG and all images as uint8 (samples.npz) into --out."""
+    out_path = check_writable_dir(out)
+    dev = pick_device(device)
+    from mnist_diff.generate import generate
+    from mnist_diff.schedules import make_schedule
+    from mnist_diff.train import load_sampling_model
+
+    model, trained, _ = _load_checkpoint(checkpoint_path, dev)
+    config = make_config(**{**trained.to_dict(), **{k: v for k, v in
+                            {"sampler": sampler, "ddim_steps": ddim_steps, "eta": eta}.items() if v is not None}})
+    schedule = make_schedule(config.schedule, config.timesteps, config.beta_start, config.beta_end)
+    images = generate(model, schedule, num=num_samples, seed=seed, sampler=config.sampler,
+                      ddim_steps=config.ddim_steps, eta=config.eta, batch_size=batch_size,
+                      precision=config.precision, progress=not quiet)
+    npz, grid = _save_samples(images, out_path, config, seed, checkpoint_path)
+    click.echo(f"{num_samples} images ({config.sampler}) -> {npz}, {grid}")
+
+
+def _load_checkpoint(path, device):
+    from mnist_diff.train import load_sampling_model
+    try:
+        return load_sampling_model(path, device)
+    except Exception as err:  # a truncated, corrupt or foreign file is bad input, not a crash
+        raise BadInput(f"--checkpoint {path}: unreadable ({type(err).__name__}: {str(err).splitlines()[0]})")
+
+
+def _save_samples(images, out_path: Path, config, seed: int, source) -> tuple[Path, Path]:
+    import math
+    import numpy as np
+    from mnist_diff.data import save_grid
+
+    out_path.mkdir(parents=True, exist_ok=True)
+    npz = out_path / "samples.npz"
+    tmp = out_path / ".samples.tmp.npz"
+    np.savez_compressed(tmp, images=images.cpu().numpy(), seed=seed, sampler=config.sampler,
+                        ddim_steps=config.ddim_steps, eta=config.eta, checkpoint=str(source))
+    os.replace(tmp, npz)
+    shown = images[:100]
+    grid = save_grid(shown, out_path / "samples.png", nrow=math.ceil(math.sqrt(len(shown))))
+    return npz, grid
+
+
+@cli.command()
+@device_option
+@click.option("--channels", type=click.IntRange(min=8), default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Training batch.")
+@click.option("--sample-batch", type=click.IntRange(min=1), default=None,
+              help="Sampling batch. Default: 500 on a GPU, 64 on CPU.")
+@click.option("--train-steps", type=click.IntRange(min=1), default=None,
+              help="Optimizer steps per timed repeat. Default: 50 on a GPU, 5 on CPU.")
+@click.option("--sample-steps", type=click.IntRange(min=1), default=None,
+              help="Sampler steps per timed repeat. Default: 50 on a GPU, 5 on CPU.")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--precision", type=click.Choice(("auto", "fp32", "bf16")), default="auto", show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the JSON result to this file.")
+def bench(device, channels, batch_size, sample_batch, train_steps, sample_steps, repeats, precision, json_path):
+    """Training images/s and sampler image-steps/s of the default model on this device (torch only)."""
+    if channels % 8:
+        raise BadInput(f"--channels must be a multiple of 8, got {channels}")
+    if json_path:
+        check_writable_dir(str(Path(json_path).parent), "--json")
+    dev = pick_device(device)
+    from mnist_diff.bench import format_table, run_bench
+
+    gpu = dev.type != "cpu"
+    result = run_bench(dev, channels=channels, batch_size=batch_size,
+                       train_steps=train_steps or (50 if gpu else 5),
+                       sample_batch=sample_batch or (500 if gpu else 64),
+                       sample_steps=sample_steps or (50 if gpu else 5), repeats=repeats, precision=precision)
+    click.echo(format_table(result))
+    text = json.dumps(result)
+    click.echo(text)
+    if json_path:
+        Path(json_path).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,72 @@
+"""Checkpoints: everything a resume needs, written atomically (temporary file, fsync, rename), and
+loaded with a fallback to the previous good file when the newest is truncated or unreadable."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+_STEP_FILE = re.compile(r"^ckpt-(\d{8})\.pt$")
+
+
+def atomic_save(obj, path: str | os.PathLike) -> Path:
+    """torch.save to a temporary file in the same folder, fsync it, then rename over `path`: a crash at any
+    point leaves either the old file or the new one, never a torn one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def load(path: str | os.PathLike, map_location="cpu") -> dict:
+    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    if not isinstance(ckpt, dict) or "format_version" not in ckpt:
+        raise ValueError(f"{path} is not an mnist-diff checkpoint")
+    return ckpt
+
+
+def step_path(folder: str | os.PathLike, step: int) -> Path:
+    return Path(folder) / f"ckpt-{step:08d}.pt"
+
+
+def list_steps(folder: str | os.PathLike) -> list[Path]:
+    """Training checkpoints in `folder`, newest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if _STEP_FILE.match(p.name)]
+    return sorted(found, key=lambda p: p.name, reverse=True)
+
+
+def load_latest(folder: str | os.PathLike, map_location="cpu") -> dict | None:
+    """The newest loadable training checkpoint in `folder`; unreadable ones are skipped with a warning."""
+    for path in list_steps(folder):
+        try:
+            return load(path, map_location)
+        except Exception as err:  # truncated, corrupt, or foreign: fall back to the previous one
+            log.warning("skipping unreadable checkpoint %s (%s: %s)", path, type(err).__name__, err)
+    return None
+
+
+def prune(folder: str | os.PathLike, keep: int = 2) -> None:
+    """Delete all but the `keep` newest training checkpoints (two, so a corrupt newest one has a fallback)."""
+    for path in list_steps(folder)[keep:]:
+        path.unlink(missing_ok=True)

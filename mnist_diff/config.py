@@ -1,0 +1,111 @@
+"""Run configuration: one frozen, validated dataclass, a flat dict for tracking, and a stable hash of the
+fields that decide what model gets trained (so a DDPM and a DDIM trial can share one training)."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+
+from .samplers import SAMPLERS
+from .schedules import SCHEDULES, USES_BETA_RANGE
+
+PRECISIONS = ("auto", "fp32", "bf16")
+FID_REFS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class Config:
+    # diffusion
+    schedule: str = "linear"
+    timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    # sampling
+    sampler: str = "ddpm"
+    ddim_steps: int = 50
+    eta: float = 0.0
+    # training (defaults: the reference study's batch and epochs)
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 2e-4          # AdamW; linear warm-up over warmup_steps, then constant
+    warmup_steps: int = 500
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999  # 0 turns EMA off (sampling then uses the raw weights)
+    channels: int = 64
+    seed: int = 0
+    precision: str = "auto"   # auto: bf16 autocast on CUDA, fp32 elsewhere
+    train_samples: int | None = None  # use only the first N training images (tests, smoke runs)
+    max_steps: int | None = None
+    # FID protocol
+    fid_every: int = 1
+    fid_select_samples: int = 2000
+    fid_samples: int = 10000
+    fid_ref: str = "train"
+    fid_ref_samples: int | None = None
+    fid_batch_size: int = 500
+    kid: bool = False
+
+    def __post_init__(self):
+        validate(self)
+
+    def replace(self, **changes) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def training_dict(self) -> dict:
+        """The fields that decide the trained weights (not how they are sampled or scored)."""
+        d = self.to_dict()
+        for key in SAMPLING_FIELDS + EVAL_FIELDS + ("max_steps",):
+            d.pop(key)
+        return d
+
+    def training_key(self) -> str:
+        """A stable 12-hex-digit hash of `training_dict()`."""
+        blob = json.dumps(self.training_dict(), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+SAMPLING_FIELDS = ("sampler", "ddim_steps", "eta")
+EVAL_FIELDS = ("fid_every", "fid_select_samples", "fid_samples", "fid_ref", "fid_ref_samples",
+               "fid_batch_size", "kid")
+
+
+def validate(c: Config) -> None:
+    """Raise ValueError with a one-line reason for any impossible setting."""
+    def need(ok: bool, msg: str):
+        if not ok:
+            raise ValueError(msg)
+
+    need(c.schedule in SCHEDULES, f"unknown schedule {c.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    need(c.sampler in SAMPLERS, f"unknown sampler {c.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    need(c.timesteps >= 2, f"--timesteps must be >= 2, got {c.timesteps}")
+    if USES_BETA_RANGE[c.schedule]:
+        need(c.beta_start > 0, f"--beta-start must be > 0, got {c.beta_start}")
+        need(c.beta_end > c.beta_start, f"--beta-end ({c.beta_end}) must be greater than --beta-start ({c.beta_start})")
+        need(c.beta_end < 1, f"--beta-end must be < 1, got {c.beta_end}")
+    need(c.ddim_steps >= 1, f"--ddim-steps must be >= 1, got {c.ddim_steps}")
+    need(c.ddim_steps <= c.timesteps, f"--ddim-steps ({c.ddim_steps}) cannot exceed --timesteps ({c.timesteps})")
+    need(0 <= c.eta <= 1, f"--eta must be in [0, 1], got {c.eta}")
+    need(c.epochs >= 1, f"--epochs must be >= 1, got {c.epochs}")
+    need(c.batch_size >= 1, f"--batch-size must be >= 1, got {c.batch_size}")
+    need(c.lr > 0, f"--lr must be > 0, got {c.lr}")
+    need(0 <= c.ema_decay < 1, f"--ema-decay must be in [0, 1), got {c.ema_decay}")
+    need(c.channels >= 8 and c.channels % 8 == 0, f"--channels must be a positive multiple of 8, got {c.channels}")
+    need(c.precision in PRECISIONS, f"unknown precision {c.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    need(c.train_samples is None or c.train_samples >= c.batch_size,
+         f"--train-samples ({c.train_samples}) must be at least --batch-size ({c.batch_size})")
+    need(c.max_steps is None or c.max_steps >= 1, f"--max-steps must be >= 1, got {c.max_steps}")
+    need(c.fid_every >= 0, f"--fid-every must be >= 0, got {c.fid_every}")
+    need(c.fid_select_samples >= 2 and c.fid_samples >= 2, "FID needs at least 2 samples")
+    need(c.fid_ref in FID_REFS, f"unknown --fid-ref {c.fid_ref!r}; choose train or test")
+    need(c.fid_ref_samples is None or c.fid_ref_samples >= 2, "--fid-ref-samples must be >= 2")
+    need(c.fid_batch_size >= 1, "--fid-batch-size must be >= 1")

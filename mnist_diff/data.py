@@ -1,0 +1,51 @@
+"""MNIST through torchvision, held on the training device as one uint8 tensor."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+DEFAULT_DATA_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mnist-diff" / "data"
+
+
+def load_mnist(data_dir: str | os.PathLike | None, *, train: bool = True, limit: int | None = None,
+               device="cpu") -> torch.Tensor:
+    """MNIST images as uint8 [N, 1, 28, 28] on `device`. `data_dir` is a torchvision root; torchvision
+    downloads into it on first use unless it already holds MNIST/raw."""
+    from torchvision.datasets import MNIST
+
+    root = Path(data_dir) if data_dir else DEFAULT_DATA_DIR
+    images = MNIST(str(root), train=train, download=True).data  # uint8 [N, 28, 28]
+    if limit is not None:
+        images = images[:limit]
+    return images.unsqueeze(1).contiguous().to(device)
+
+
+def to_model_range(images_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1]."""
+    return images_u8.float() / 127.5 - 1.0
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """float [-1, 1] -> uint8 [0, 255], rounded."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def to_fid_rgb(images_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, 1, H, W] -> uint8 [N, 3, H, W], the gray channel repeated, as torch-fidelity wants."""
+    return images_u8.expand(-1, 3, -1, -1)
+
+
+def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 8) -> Path:
+    """Save images in [-1, 1] (or uint8) as one PNG grid; written atomically."""
+    from torchvision.utils import make_grid
+    from PIL import Image
+
+    u8 = images if images.dtype == torch.uint8 else to_uint8(images)
+    grid = make_grid(u8.cpu(), nrow=nrow, padding=2, pad_value=255)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,51 @@
+"""Drawing many images from a trained model: batching, autocast and a progress bar around `samplers`."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from . import samplers
+from .data import to_uint8
+from .schedules import Schedule
+
+
+def effective_precision(device, precision: str) -> str:
+    """auto means bf16 on CUDA and fp32 elsewhere."""
+    if precision == "auto":
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    return precision
+
+
+def autocast(device, precision: str):
+    """bf16 autocast when the effective precision is bf16; a no-op otherwise."""
+    device = torch.device(device)
+    if effective_precision(device, precision) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def generate(model, schedule: Schedule, *, num: int, seed: int, sampler: str = "ddpm", ddim_steps: int = 50,
+             eta: float = 0.0, batch_size: int = 500, start: int = 0, precision: str = "auto",
+             progress: bool = True, desc: str = "sampling") -> torch.Tensor:
+    """`num` images as uint8 [num, 1, 28, 28] on the model's device. Image i (counting from `start`) depends
+    only on (seed, i): the batch size changes speed, never the pictures."""
+    from tqdm.auto import tqdm  # imported here so that `bench` needs torch alone
+
+    device = next(model.parameters()).device
+    schedule = schedule.to(device)
+    was_training = model.training
+    model.eval()
+    calls = samplers.network_calls(sampler, schedule.timesteps, ddim_steps)
+    out = []
+    with tqdm(total=num * calls, desc=desc, unit="img-step", unit_scale=True, disable=not progress,
+              leave=False) as bar:
+        for first in range(start, start + num, batch_size):
+            count = min(batch_size, start + num - first)
+            rng = samplers.StackedRandomGenerator(device, samplers.image_seeds(seed, count, first))
+            with autocast(device, precision):
+                x = samplers.sample(model, schedule, rng, sampler, ddim_steps, eta,
+                                    progress=lambda k: bar.update(k * count))
+            out.append(to_uint8(x))
+    model.train(was_training)
+    return torch.cat(out)

@@ -1,0 +1,279 @@
+"""The training loop: AdamW, EMA, bf16 autocast on CUDA, gradient clipping, atomic per-epoch checkpoints,
+exact resume. It imports no tracking library: evaluation and logging hook in through `Callback`.
+
+Everything about the data order is derived from (seed, step): epoch e is shuffled with its own seeded
+generator, so a run resumed from any step sees exactly the batches an uninterrupted run would.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import checkpoint
+from .config import Config
+from .data import save_grid, to_model_range
+from .diffusion import training_loss
+from .generate import autocast, generate
+from .model import UNet, count_parameters
+from .schedules import make_schedule
+
+log = logging.getLogger(__name__)
+LOG_EVERY = 50          # optimizer steps between host syncs (loss readout, non-finite check)
+GRID_IMAGES = 64        # 8x8 sample grid per epoch, always the same seeds so epochs compare
+GRID_SEED = 12345
+
+
+class NonFiniteLoss(RuntimeError):
+    def __init__(self, step: int, value: float):
+        super().__init__(f"non-finite training loss {value} at step {step}")
+        self.step, self.value = step, value
+
+
+@dataclass
+class EpochEnd:
+    """What a callback sees after each epoch."""
+    epoch: int                  # 1-based
+    step: int                   # optimizer steps done
+    loss: float                 # mean training loss over the epoch
+    images_per_sec: float
+    sampling_model: torch.nn.Module   # the EMA model (or the raw one with EMA off), in eval mode
+    checkpoint_path: Path
+    ema_path: Path
+    grid_path: Path
+
+
+class Callback:
+    def on_train_start(self, trainer: "Trainer") -> None: ...
+    def on_log(self, step: int, loss: float, images_per_sec: float) -> None: ...
+    def on_epoch_end(self, end: EpochEnd) -> None: ...
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def build_model(config: Config, device) -> UNet:
+    torch.manual_seed(config.seed)  # the initial weights depend on the seed alone
+    return UNet(channels=config.channels).to(device)
+
+
+def lr_at(config: Config, step: int) -> float:
+    """Linear warm-up over `warmup_steps`, then constant."""
+    if config.warmup_steps <= 0:
+        return config.lr
+    return config.lr * min(1.0, (step + 1) / config.warmup_steps)
+
+
+def ema_decay_at(config: Config, step: int) -> float:
+    """The EMA decay, ramped up early so the average is not dominated by the random initial weights."""
+    return min(config.ema_decay, (1 + step) / (10 + step))
+
+
+def epoch_permutation(seed: int, epoch: int, n: int, device) -> torch.Tensor:
+    gen = torch.Generator(device).manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=gen, device=device)
+
+
+@dataclass
+class Trainer:
+    config: Config
+    images: torch.Tensor            # uint8 [N, 1, 28, 28] on the training device
+    out_dir: Path
+    callbacks: list = field(default_factory=list)
+    progress: bool = True
+
+    def __post_init__(self):
+        c = self.config
+        self.out_dir = Path(self.out_dir)
+        self.device = self.images.device
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.grid_dir = self.out_dir / "samples"
+        self.schedule = make_schedule(c.schedule, c.timesteps, c.beta_start, c.beta_end).to(self.device)
+        self.model = build_model(c, self.device)
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False) if c.ema_decay > 0 else None
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay,
+                                           fused=fused or None)
+        self.noise_gen = torch.Generator(self.device).manual_seed(c.seed)
+        self.steps_per_epoch = self.images.shape[0] // c.batch_size  # drop the last partial batch
+        self.total_steps = c.epochs * self.steps_per_epoch
+        if c.max_steps is not None:
+            self.total_steps = min(self.total_steps, c.max_steps)
+        self.step = 0
+        self.history: list[dict] = []
+        self.epoch_loss = (0.0, 0)  # (sum, steps) of the current epoch's losses; kept across a mid-epoch resume
+        self.num_parameters = count_parameters(self.model)
+
+    # -- state ---------------------------------------------------------------------------------
+    @property
+    def sampling_model(self) -> torch.nn.Module:
+        return self.ema if self.ema is not None else self.model
+
+    def state_dict(self) -> dict:
+        return {
+            "format_version": checkpoint.FORMAT_VERSION,
+            "config": self.config.to_dict(),
+            "step": self.step,
+            "epoch": self.step // self.steps_per_epoch,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "noise_gen": self.noise_gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "history": self.history,
+            "epoch_loss": self.epoch_loss,
+        }
+
+    def load_state_dict(self, ckpt: dict) -> None:
+        saved = Config.from_dict(ckpt["config"]).training_dict()
+        current = self.config.training_dict()
+        diff = {k: (saved[k], current[k]) for k in current if k != "epochs" and saved.get(k) != current[k]}
+        if diff:  # --epochs may grow on resume: the weights at each step don't depend on it
+            raise ValueError(f"checkpoint was trained with a different config (saved, now): {diff}")
+        self.model.load_state_dict(ckpt["model"])
+        if self.ema is not None:
+            self.ema.load_state_dict(ckpt["ema"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.noise_gen.set_state(ckpt["noise_gen"].cpu())
+        torch.set_rng_state(ckpt["torch_rng"].cpu())
+        if ckpt.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["cuda_rng"]])
+        self.step = int(ckpt["step"])
+        self.history = list(ckpt.get("history", []))
+        self.epoch_loss = tuple(ckpt.get("epoch_loss", (0.0, 0)))
+
+    def resume(self) -> bool:
+        """Load the newest good checkpoint in out_dir; False when there is none."""
+        ckpt = checkpoint.load_latest(self.ckpt_dir, map_location=self.device)
+        if ckpt is None:
+            return False
+        self.load_state_dict(ckpt)
+        log.info("resumed from step %d (epoch %d)", self.step, self.step // self.steps_per_epoch)
+        return True
+
+    def save(self) -> Path:
+        path = checkpoint.atomic_save(self.state_dict(), checkpoint.step_path(self.ckpt_dir, self.step))
+        checkpoint.prune(self.ckpt_dir)
+        return path
+
+    # -- loop ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        decay = ema_decay_at(self.config, self.step)
+        torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 1.0 - decay)
+        for b_ema, b in zip(self.ema.buffers(), self.model.buffers()):
+            b_ema.copy_(b)
+
+    def _train_step(self, x0: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(c, self.step)
+        with autocast(self.device, c.precision):
+            loss = training_loss(self.model, self.schedule, x0, self.noise_gen).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if c.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+        self.optimizer.step()
+        if self.ema is not None:
+            self._update_ema()
+        self.step += 1
+        return loss.detach()
+
+    def _check_losses(self, losses: list[torch.Tensor], first_step: int) -> float:
+        """One host sync for a window of steps: raise on the first non-finite loss, return the mean."""
+        values = torch.stack(losses).float().cpu()
+        bad = (~torch.isfinite(values)).nonzero()
+        if len(bad):
+            i = int(bad[0])
+            raise NonFiniteLoss(first_step + i + 1, float(values[i]))
+        return float(values.mean())
+
+    def fit(self) -> dict:
+        c = self.config
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        self.grid_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "config.json").write_text(json.dumps(c.to_dict(), indent=2))
+        for cb in self.callbacks:
+            cb.on_train_start(self)
+        self.model.train()
+        n = self.images.shape[0]
+        bs = c.batch_size
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
+                   disable=not self.progress, dynamic_ncols=True)
+        window: list[torch.Tensor] = []
+        window_start, t_window = self.step, time.perf_counter()
+        t_epoch, epoch_start_steps = time.perf_counter(), self.epoch_loss[1]
+        perm = None
+        try:
+            while self.step < self.total_steps:
+                epoch, b = divmod(self.step, self.steps_per_epoch)
+                if perm is None or b == 0:
+                    perm = epoch_permutation(c.seed, epoch, n, self.device)
+                x0 = to_model_range(self.images[perm[b * bs:(b + 1) * bs]])
+                window.append(self._train_step(x0))
+                epoch_done = self.step % self.steps_per_epoch == 0
+                if len(window) == LOG_EVERY or epoch_done or self.step == self.total_steps:
+                    mean = self._check_losses(window, window_start)
+                    now = time.perf_counter()
+                    ips = len(window) * bs / max(now - t_window, 1e-9)
+                    self.epoch_loss = (self.epoch_loss[0] + mean * len(window), self.epoch_loss[1] + len(window))
+                    bar.update(len(window))
+                    bar.set_postfix(loss=f"{mean:.4f}", img_s=f"{ips:.0f}", epoch=epoch + 1)
+                    for cb in self.callbacks:
+                        cb.on_log(self.step, mean, ips)
+                    window, window_start = [], self.step
+                    if epoch_done:
+                        loss_sum, steps = self.epoch_loss
+                        ips = (steps - epoch_start_steps) * bs / max(now - t_epoch, 1e-9)
+                        self.epoch_loss = (0.0, 0)
+                        self._end_epoch(epoch + 1, loss_sum / steps, ips)
+                        t_epoch, epoch_start_steps = time.perf_counter(), 0
+                    t_window = time.perf_counter()  # epoch-end work (checkpoint, grid) is not training time
+            if self.step % self.steps_per_epoch != 0:  # stopped by --max-steps mid-epoch
+                self.save()
+        finally:
+            bar.close()
+        return {"step": self.step, "epochs_done": self.step // self.steps_per_epoch, "history": self.history}
+
+    def _end_epoch(self, epoch: int, loss: float, ips: float) -> None:
+        c = self.config
+        self.history.append({"epoch": epoch, "step": self.step, "loss": loss, "images_per_sec": ips})
+        ckpt_path = self.save()
+        ema_path = checkpoint.atomic_save(
+            {"format_version": checkpoint.FORMAT_VERSION, "config": c.to_dict(), "epoch": epoch,
+             "step": self.step, "ema": self.sampling_model.state_dict()},
+            self.ckpt_dir / f"ema-epoch-{epoch:03d}.pt")
+        images = generate(self.sampling_model, self.schedule, num=GRID_IMAGES, seed=GRID_SEED,
+                          sampler=c.sampler, ddim_steps=c.ddim_steps, eta=c.eta, batch_size=GRID_IMAGES,
+                          precision=c.precision, progress=False)
+        grid_path = save_grid(images, self.grid_dir / f"epoch-{epoch:03d}.png")
+        end = EpochEnd(epoch, self.step, loss, ips, self.sampling_model, ckpt_path, ema_path, grid_path)
+        for cb in self.callbacks:
+            cb.on_epoch_end(end)
+        self.model.train()
+
+
+def load_sampling_model(path, device) -> tuple[UNet, Config, dict]:
+    """The model to sample from in a checkpoint: the EMA weights when present. Works for both the full
+    training checkpoints and the per-epoch EMA files."""
+    ckpt = checkpoint.load(path, map_location=device)
+    config = Config.from_dict(ckpt["config"])
+    model = UNet(channels=config.channels).to(device)
+    model.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"])
+    return model.eval().requires_grad_(False), config, ckpt

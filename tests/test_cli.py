@@ -1,0 +1,126 @@
+"""The command line, through click's runner (fast) and one real subprocess (exit code, stderr)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import cli
+from mnist_diff.samplers import SAMPLERS
+from mnist_diff.schedules import SCHEDULES
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_ARGS = ["--timesteps", "20", "--beta-end", "0.2", "--channels", "8", "--batch-size", "32",
+             "--train-samples", "64", "--warmup-steps", "2", "--sampler", "ddim", "--ddim-steps", "5", "--quiet"]
+
+
+def run(*args):
+    return CliRunner().invoke(cli.cli, [str(a) for a in args])
+
+
+def files_under(path: Path) -> list:
+    return sorted(p.relative_to(path) for p in path.rglob("*")) if path.exists() else []
+
+
+def test_cli_choices_match_the_package():
+    assert cli.SCHEDULES == SCHEDULES and cli.SAMPLERS == SAMPLERS
+
+
+BAD_TRAIN = [
+    (["--schedule", "exponential"], "'exponential' is not one of"),
+    (["--sampler", "euler"], "'euler' is not one of"),
+    (["--timesteps", "1"], "--timesteps"),
+    (["--beta-start", "0"], "--beta-start must be > 0"),
+    (["--beta-start", "-0.1"], "--beta-start must be > 0"),
+    (["--beta-end", "0.00005"], "--beta-end (5e-05) must be greater than --beta-start"),
+    (["--beta-end", "1.0"], "--beta-end must be < 1"),
+    (["--timesteps", "40", "--ddim-steps", "50"], "--ddim-steps (50) cannot exceed --timesteps (40)"),
+    (["--data-dir", "/nonexistent/mnist"], "--data-dir"),
+    (["--channels", "12"], "multiple of 8"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_TRAIN)
+def test_train_rejects_bad_input_before_any_work(tmp_path, args, message):
+    out = tmp_path / "out"
+    result = run("train", "--out", out, *args)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error:") and message in lines[0]
+    assert not out.exists()
+
+
+def test_unwritable_out_is_rejected(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    result = run("train", "--out", blocker / "sub")
+    assert result.exit_code == 2 and "can't be created" in result.output
+    assert blocker.read_text() == "x"
+
+
+def test_missing_and_corrupt_checkpoint(tmp_path):
+    result = run("sample", "--checkpoint", tmp_path / "nope.pt", "--out", tmp_path / "s")
+    assert result.exit_code == 2 and "does not exist" in result.output
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    result = run("sample", "--checkpoint", bad, "--out", tmp_path / "s")
+    assert result.exit_code == 2 and "unreadable" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "s").exists()
+
+
+def test_cosine_help_says_beta_range_is_ignored():
+    result = run("train", "--help")
+    assert result.exit_code == 0 and "IGNORES" in result.output
+
+
+def test_real_process_exit_code_and_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), "train", "--beta-end", "2",
+                           "--out", str(tmp_path / "o")], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "Error: --beta-end must be < 1, got 2.0"
+    assert "Traceback" not in proc.stderr and files_under(tmp_path) == []
+
+
+def test_help_is_fast_and_imports_no_torch():
+    code = "import sys, cli; cli.cli.main(['--help'])"
+    proc = subprocess.run([sys.executable, "-c", code + "\n"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0 and "train" in proc.stdout
+    check = "import sys, cli; assert 'torch' not in sys.modules and 'mlflow' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", check], cwd=ROOT).returncode == 0
+
+
+def test_train_then_sample_end_to_end(tmp_path, data_dir):
+    out = tmp_path / "run"
+    result = run("train", *TINY_ARGS, "--epochs", "2", "--max-steps", "3", "--out", out,
+                 *(["--data-dir", data_dir] if data_dir else []))
+    assert result.exit_code == 0, result.output
+    assert "trained 3 steps" in result.output
+    assert (out / "samples" / "epoch-001.png").exists() and (out / "config.json").exists()
+    again = run("train", *TINY_ARGS, "--out", out)
+    assert again.exit_code == 2 and "--resume" in again.output
+    ckpt = sorted((out / "checkpoints").glob("ckpt-*.pt"))[-1]
+
+    too_many = run("sample", "--checkpoint", ckpt, "--ddim-steps", "21", "--out", tmp_path / "s0")
+    assert too_many.exit_code == 2 and "cannot exceed --timesteps (20)" in too_many.output
+    assert not (tmp_path / "s0").exists()
+
+    for sampler in ("ddpm", "ddim"):
+        s_out = tmp_path / f"s-{sampler}"
+        result = run("sample", "--checkpoint", ckpt, "--num-samples", 10, "--sampler", sampler,
+                     "--batch-size", 4, "--out", s_out, "--quiet")
+        assert result.exit_code == 0, result.output
+        images = np.load(s_out / "samples.npz")["images"]
+        assert images.shape == (10, 1, 28, 28) and images.dtype == np.uint8
+        assert (s_out / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_runs_on_cpu(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run("bench", "--device", "cpu", "--channels", "8", "--batch-size", "8", "--sample-batch", "4",
+                 "--train-steps", "1", "--sample-steps", "2", "--repeats", "1", "--json", out)
+    assert result.exit_code == 0, result.output
+    import json
+    r = json.loads(out.read_text())
+    assert r["train_images_per_s"] > 0 and r["ddpm_image_steps_per_s"] > 0 and r["precision"] == "fp32"

@@ -1,0 +1,128 @@
+import pytest
+import torch
+
+from mnist_diff.diffusion import extract
+from mnist_diff.generate import generate
+from mnist_diff.model import UNet
+from mnist_diff.samplers import (StackedRandomGenerator, ddim_sample, ddim_timesteps, ddpm_sample, image_seeds,
+                                 sample)
+from mnist_diff.schedules import make_schedule
+
+
+class Oracle(torch.nn.Module):
+    """Knows the clean images: returns exactly the noise that separates x_t from sqrt(ab_t) x0."""
+
+    def __init__(self, schedule, x0):
+        super().__init__()
+        self.s, self.x0 = schedule, x0
+
+    def forward(self, x, t):
+        ab = extract(self.s.alphas_cumprod, t, x.ndim)
+        return (x - ab.sqrt() * self.x0) / (1 - ab).sqrt()
+
+
+def digits(n, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, 1, 28, 28, generator=gen) * 1.8 - 0.9).double()
+
+
+@pytest.mark.parametrize("T,steps", [(1000, 50), (1000, 37), (200, 200), (200, 3), (7, 2)])
+def test_ddim_eta0_recovers_x0_with_oracle(T, steps):
+    s = make_schedule("cosine", T).to("cpu", torch.float64)
+    x0 = digits(4)
+    rng = StackedRandomGenerator("cpu", image_seeds(0, 4))
+    out = ddim_sample(Oracle(s, x0), s, rng, steps=steps, eta=0.0)
+    assert torch.allclose(out.double(), x0, atol=1e-6)
+
+
+def test_ddim_intermediate_state_lies_on_the_forward_marginal():
+    """With the oracle and eta=0, after the step to timestep s, x equals sqrt(ab_s) x0 + sqrt(1-ab_s) eps_T:
+    which holds only if the update uses the alpha_bar of the timestep it actually moves to."""
+    s = make_schedule("linear", 1000, 1e-4, 0.02).to("cpu", torch.float64)
+    x0 = digits(2)
+    seq = ddim_timesteps(1000, 37)  # spacing 27.75: not a "leading" grid
+    seen = []
+
+    class Spy(Oracle):
+        def forward(self, x, t):
+            seen.append((int(t[0]), x.clone()))
+            return super().forward(x, t)
+
+    rng = StackedRandomGenerator("cpu", image_seeds(3, 2))
+    xT = StackedRandomGenerator("cpu", image_seeds(3, 2)).randn((1, 28, 28)).double()
+    ddim_sample(Spy(s, x0), s, rng, steps=37)
+    eps = (xT - s.alphas_cumprod[999].sqrt() * x0) / (1 - s.alphas_cumprod[999]).sqrt()
+    assert [t for t, _ in seen] == seq
+    for t_int, x in seen[1:]:
+        ab = s.alphas_cumprod[t_int]
+        assert torch.allclose(x.double(), ab.sqrt() * x0 + (1 - ab).sqrt() * eps, atol=1e-6)
+
+
+def test_ddpm_with_oracle_ends_at_x0():
+    """At t=0 the posterior mean is exactly x0 (coef1 = 1, coef2 = 0) and no noise is added."""
+    s = make_schedule("linear", 50, 1e-4, 0.2).to("cpu", torch.float64)
+    x0 = digits(1)
+    out = ddpm_sample(Oracle(s, x0), s, StackedRandomGenerator("cpu", [5]))
+    assert torch.allclose(out.double(), x0, atol=1e-9)
+
+
+def test_ddim_timesteps_spacing():
+    assert ddim_timesteps(1000, 50)[0] == 999 and ddim_timesteps(1000, 50)[-1] == 0
+    for T, k in [(1000, 50), (200, 200), (200, 199), (1000, 37), (10, 2)]:
+        seq = ddim_timesteps(T, k)
+        assert len(seq) == k and len(set(seq)) == k and seq == sorted(seq, reverse=True)
+        assert seq[0] == T - 1 and seq[-1] == 0
+    assert ddim_timesteps(200, 200) == list(range(199, -1, -1))
+
+
+@pytest.mark.parametrize("steps", [0, 201, 1000])
+def test_impossible_ddim_steps_raise(steps):
+    with pytest.raises(ValueError):
+        ddim_timesteps(200, steps)
+
+
+def test_unknown_sampler_raises():
+    s = make_schedule("linear", 10, 1e-4, 0.2)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        sample(lambda x, t: x, s, StackedRandomGenerator("cpu", [0]), sampler="euler")
+
+
+@pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0)])
+def test_images_do_not_depend_on_batch_size(sampler, eta):
+    torch.manual_seed(0)
+    model = UNet(channels=8).eval()
+    s = make_schedule("linear", 60, 1e-4, 0.2)  # > NOISE_BLOCK steps, so blocks of noise are crossed
+    kwargs = dict(num=7, seed=3, sampler=sampler, ddim_steps=55, eta=eta, progress=False)
+    one_batch = generate(model, s, batch_size=7, **kwargs)
+    small_batches = generate(model, s, batch_size=2, **kwargs)
+    assert torch.equal(one_batch, small_batches)
+    # and the tail of a longer run is the same images: image i depends on (seed, i) only
+    tail = generate(model, s, batch_size=4, **{**kwargs, "num": 3}, start=4)
+    assert torch.equal(tail, one_batch[4:])
+    other_seed = generate(model, s, batch_size=7, **{**kwargs, "seed": 4})
+    assert not torch.equal(one_batch, other_seed)
+
+
+def test_ddim_eta0_deterministic_given_xT_and_eta1_not():
+    torch.manual_seed(0)
+    model = UNet(channels=8).eval()
+    s = make_schedule("linear", 40, 1e-4, 0.2).to("cpu")
+    rng = lambda: StackedRandomGenerator("cpu", [11, 12])  # noqa: E731
+    a = ddim_sample(model, s, rng(), steps=10, eta=0.0)
+    b = ddim_sample(model, s, rng(), steps=10, eta=0.0)
+    assert torch.equal(a, b)
+
+    class SameXT(StackedRandomGenerator):  # same x_T, different later noise
+        calls = 0
+
+        def randn(self, size, dtype=torch.float32):
+            SameXT.calls += 1
+            out = super().randn(size, dtype)
+            return out if SameXT.calls == 1 else out + 1.0
+
+    c = ddim_sample(model, s, SameXT("cpu", [11, 12]), steps=10, eta=0.0)
+    assert torch.equal(a, c)  # eta=0 uses no noise after x_T
+    SameXT.calls = 0
+    d1 = ddim_sample(model, s, rng(), steps=10, eta=1.0)
+    d2 = ddim_sample(model, s, SameXT("cpu", [11, 12]), steps=10, eta=1.0)
+    assert not torch.equal(d1, d2)

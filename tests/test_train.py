@@ -1,0 +1,106 @@
+import pytest
+import torch
+
+from conftest import TINY
+from mnist_diff import checkpoint
+from mnist_diff.config import Config
+from mnist_diff.train import NonFiniteLoss, Trainer
+
+
+def tiny(**kw):
+    return Config(**{**TINY, **kw})
+
+
+def weights(trainer):
+    return {k: v.clone() for k, v in {**trainer.model.state_dict(),
+                                      **{"ema." + k: v for k, v in trainer.ema.state_dict().items()}}.items()}
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_fit_writes_checkpoints_grids_and_history(tmp_path, mnist_small):
+    t = Trainer(tiny(epochs=2), mnist_small[:128], tmp_path, progress=False)
+    result = t.fit()
+    assert result["step"] == 8 and result["epochs_done"] == 2
+    assert [h["epoch"] for h in result["history"]] == [1, 2]
+    assert (tmp_path / "samples" / "epoch-001.png").stat().st_size > 0
+    assert (tmp_path / "checkpoints" / "ema-epoch-002.pt").exists()
+    ckpt = checkpoint.load_latest(tmp_path / "checkpoints")
+    assert ckpt["step"] == 8 and {"model", "ema", "optimizer", "noise_gen", "torch_rng", "config"} <= ckpt.keys()
+
+
+@pytest.mark.parametrize("stop_at", [4, 6])  # after epoch 1, and in the middle of epoch 2
+def test_resume_gives_identical_weights(tmp_path, mnist_small, stop_at):
+    images = mnist_small[:128]
+    straight = Trainer(tiny(epochs=3), images, tmp_path / "a", progress=False)
+    straight.fit()
+    first = Trainer(tiny(epochs=3, max_steps=stop_at), images, tmp_path / "b", progress=False)
+    first.fit()
+    resumed = Trainer(tiny(epochs=3), images, tmp_path / "b", progress=False)
+    assert resumed.resume() and resumed.step == stop_at
+    resumed.fit()
+    assert_same(weights(straight), weights(resumed))
+    assert [h["loss"] for h in straight.history] == pytest.approx([h["loss"] for h in resumed.history])
+
+
+def test_resume_refuses_a_different_training_config(tmp_path, mnist_small):
+    Trainer(tiny(epochs=1), mnist_small[:128], tmp_path, progress=False).fit()
+    other = Trainer(tiny(epochs=1, lr=1e-3), mnist_small[:128], tmp_path, progress=False)
+    with pytest.raises(ValueError, match="different config"):
+        other.resume()
+
+
+def test_non_finite_loss_stops_with_step_and_value(tmp_path, mnist_small):
+    t = Trainer(tiny(epochs=2, lr=1e30, grad_clip=0.0, warmup_steps=0), mnist_small[:128], tmp_path,
+                progress=False)
+    with torch.no_grad():
+        for p in t.model.parameters():
+            p.mul_(1e20)
+    with pytest.raises(NonFiniteLoss) as err:
+        t.fit()
+    assert err.value.step >= 1 and not torch.isfinite(torch.tensor(err.value.value))
+    assert "step" in str(err.value)
+    assert checkpoint.list_steps(tmp_path / "checkpoints") == []  # nothing non-finite was saved
+
+
+class Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("simulated crash in the middle of torch.save")
+
+
+def test_atomic_save_keeps_previous_checkpoint(tmp_path):
+    path = tmp_path / "ckpt-00000001.pt"
+    checkpoint.atomic_save({"format_version": 1, "step": 1, "w": torch.ones(3)}, path)
+    with pytest.raises(RuntimeError, match="simulated"):
+        checkpoint.atomic_save({"format_version": 1, "step": 2, "bad": Unpicklable()}, path)
+    assert checkpoint.load(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
+
+
+def test_truncated_newest_checkpoint_falls_back_to_previous(tmp_path, caplog):
+    for step in (1, 2):
+        checkpoint.atomic_save({"format_version": 1, "step": step, "w": torch.ones(1000)},
+                               checkpoint.step_path(tmp_path, step))
+    newest = checkpoint.step_path(tmp_path, 2)
+    newest.write_bytes(newest.read_bytes()[:100])
+    assert checkpoint.load_latest(tmp_path)["step"] == 1
+    assert "skipping unreadable checkpoint" in caplog.text
+
+
+def test_prune_keeps_two_newest(tmp_path):
+    for step in (1, 2, 3):
+        checkpoint.atomic_save({"format_version": 1, "step": step}, checkpoint.step_path(tmp_path, step))
+    checkpoint.prune(tmp_path)
+    assert [p.name for p in checkpoint.list_steps(tmp_path)] == ["ckpt-00000003.pt", "ckpt-00000002.pt"]
+
+
+def test_training_key_ignores_sampler_and_fid_settings():
+    a = tiny()
+    assert a.training_key() == tiny(sampler="ddpm", eta=0.5, fid_samples=50).training_key()
+    assert a.training_key() != tiny(schedule="cosine").training_key()
+    assert a.training_key() != tiny(seed=1).training_key()
+    assert len(a.training_key()) == 12
