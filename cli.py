@@ -78,6 +78,34 @@ data_dir_option = click.option(
          "~/.cache/mnist-diff/data on first use.")
 
 
+fid_options = _apply([
+    click.option("--fid-every", type=click.IntRange(min=0), default=1, show_default=True,
+                 help="Score the EMA model every N epochs (0: never) and keep the best epoch."),
+    click.option("--fid-select-samples", type=click.IntRange(min=2), default=2000, show_default=True,
+                 help="Images per epoch-selection FID."),
+    click.option("--fid-samples", type=click.IntRange(min=0), default=10000, show_default=True,
+                 help="Images for the final FID of the best epoch: best_fid (0: skip)."),
+    click.option("--fid-ref", type=click.Choice(("train", "test")), default="train", show_default=True,
+                 help="MNIST split the samples are compared with."),
+    click.option("--fid-ref-samples", type=click.IntRange(min=2), default=None,
+                 help="Use only the first N reference images (default: the whole split)."),
+    click.option("--fid-batch-size", type=click.IntRange(min=1), default=500, show_default=True,
+                 help="Batch for sampling and for the Inception network."),
+    click.option("--kid", is_flag=True, help="Also compute KID."),
+])
+
+fid_weights_option = click.option(
+    "--fid-weights", type=click.Path(exists=True, dir_okay=False), envvar="MNIST_DIFF_FID_WEIGHTS",
+    help="torch-fidelity Inception weights file (env MNIST_DIFF_FID_WEIGHTS); default: torch-fidelity downloads them.")
+
+tracking_options = _apply([
+    click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None,
+                 help="MLflow tracking URI (env MLFLOW_TRACKING_URI). Default: sqlite:///mlflow.db here."),
+    click.option("--experiment", default="mnist-diff", show_default=True, help="MLflow experiment name."),
+    click.option("--no-tracking", is_flag=True, help="Don't log to MLflow."),
+])
+
+
 def out_option(default: str):
     return click.option("--out", type=click.Path(file_okay=False), default=default, show_default=True,
                         help="Output folder.")
@@ -98,6 +126,19 @@ def check_writable_dir(path: str, flag: str = "--out") -> Path:
     if not os.access(probe, os.W_OK | os.X_OK) or (os.statvfs(probe).f_flag & os.ST_RDONLY):
         raise BadInput(f"{flag} {path!r} is not writable")
     return p
+
+
+def open_tracker(tracking_uri, experiment, no_tracking, **kwargs):
+    """A Tracker whose store was checked reachable (exit 2 otherwise), or None with --no-tracking."""
+    if no_tracking:
+        return None
+    from mnist_diff import tracking
+    uri = tracking.resolve_uri(tracking_uri)
+    try:
+        tracking.check_reachable(uri)
+    except tracking.TrackingUnavailable as err:
+        raise BadInput(str(err))
+    return tracking.Tracker(uri, experiment, **kwargs)
 
 
 def make_config(**fields):
@@ -145,12 +186,17 @@ def cli():
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after N optimizer steps.")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and exit.")
+@fid_options
+@fid_weights_option
+@tracking_options
+@click.option("--run-name", default=None, help="MLflow run name (default: derived from the config).")
 @device_option
 @data_dir_option
 @out_option("runs/train")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def train(device, data_dir, out, resume, dry_run, quiet, **fields):
-    """Train one config; write checkpoints and per-epoch sample grids into --out."""
+def train(device, data_dir, out, resume, dry_run, quiet, fid_weights, tracking_uri, experiment, no_tracking,
+          run_name, **fields):
+    """Train one config; score FID as it trains; write checkpoints and sample grids into --out; track in MLflow."""
     config = make_config(**fields)
     out_path = check_writable_dir(out)
     if dry_run:
@@ -159,16 +205,40 @@ def train(device, data_dir, out, resume, dry_run, quiet, **fields):
     if not resume and any((out_path / "checkpoints").glob("ckpt-*.pt")):
         raise BadInput(f"--out {out} already holds a training run: pass --resume, or choose another --out")
     dev = pick_device(device)
+    tracker = open_tracker(tracking_uri, experiment, no_tracking, run_name=run_name or default_run_name(config))
 
     from mnist_diff.data import load_mnist
-    from mnist_diff.train import Trainer
+    from mnist_diff.evaluate import Reference
+    from mnist_diff.experiment import run_experiment
+    from mnist_diff.train import StopSignals
 
-    images = load_mnist(data_dir, train=True, limit=config.train_samples, device=dev)
-    trainer = Trainer(config, images, out_path, progress=not quiet)
-    if resume and not trainer.resume():
-        click.echo(f"no checkpoint in {out_path / 'checkpoints'}: starting from scratch", err=True)
-    result = trainer.fit()
-    click.echo(f"trained {result['step']} steps ({result['epochs_done']} epochs) -> {out_path}")
+    reference = Reference(config.fid_ref, config.fid_ref_samples, data_dir, fid_weights)
+    with StopSignals():
+        images = load_mnist(data_dir, train=True, limit=config.train_samples, device=dev)
+        run = dict(reference=reference, resume=resume, progress=not quiet)
+        if tracker is None:
+            result = run_experiment(config, images, out_path, **run)
+        else:
+            with tracker.run():
+                result = run_experiment(config, images, out_path, tracker=tracker, **run)
+    click.echo(summary_line(result))
+    if tracker is not None:
+        click.echo(tracker.describe())
+
+
+def default_run_name(config) -> str:
+    name = f"{config.schedule}-T{config.timesteps}"
+    if config.schedule != "cosine":
+        name += f"-b{config.beta_end:g}"
+    return f"{name}-{config.sampler}"
+
+
+def summary_line(result: dict) -> str:
+    line = f"trained {result['steps']} steps ({result['epochs_done']} epochs) -> {result['out_dir']}"
+    if result.get("best_fid") is not None:
+        line += (f"; best epoch {result['best_epoch']}: FID {result['best_fid']:.2f} "
+                 f"({result['config']['fid_samples']} samples)")
+    return line
 
 
 @cli.command()
@@ -225,6 +295,75 @@ def _save_samples(images, out_path: Path, config, seed: int, source) -> tuple[Pa
     shown = images[:100]
     grid = save_grid(shown, out_path / "samples.png", nrow=math.ceil(math.sqrt(len(shown))))
     return npz, grid
+
+
+@cli.command()
+@click.option("--checkpoint", "checkpoint_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Score a checkpoint: sample --num-samples images from it first.")
+@click.option("--images", "images_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Score the images in a samples.npz written by `sample`.")
+@click.option("--num-samples", type=click.IntRange(min=2), default=10000, show_default=True)
+@click.option("--sampler", type=click.Choice(SAMPLERS), default=None, help="Default: the checkpoint's.")
+@click.option("--ddim-steps", type=click.IntRange(min=1), default=None, help="Default: the checkpoint's.")
+@click.option("--eta", type=click.FloatRange(0, 1), default=None, help="Default: the checkpoint's.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--fid-ref", type=click.Choice(("train", "test")), default="train", show_default=True)
+@click.option("--fid-ref-samples", type=click.IntRange(min=2), default=None)
+@click.option("--fid-batch-size", type=click.IntRange(min=1), default=500, show_default=True)
+@click.option("--kid", is_flag=True, help="Also compute KID.")
+@fid_weights_option
+@tracking_options
+@device_option
+@data_dir_option
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def evaluate(checkpoint_path, images_path, num_samples, sampler, ddim_steps, eta, seed, fid_ref, fid_ref_samples,
+             fid_batch_size, kid, fid_weights, tracking_uri, experiment, no_tracking, device, data_dir, quiet):
+    """FID of a checkpoint (sampled with the chosen sampler) or of a samples.npz, printed and tracked."""
+    if (checkpoint_path is None) == (images_path is None):
+        raise BadInput("give exactly one of --checkpoint and --images")
+    dev = pick_device(device)
+    if images_path is not None:
+        import numpy as np
+        import torch
+        try:
+            images = torch.from_numpy(np.load(images_path)["images"])
+        except Exception as err:
+            raise BadInput(f"--images {images_path}: unreadable ({type(err).__name__}: {err})")
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[0] < 2:
+            raise BadInput(f"--images {images_path}: expected at least 2 uint8 images [N, 1, 28, 28]")
+        params = {"images": images_path, "num_samples": images.shape[0]}
+    else:
+        model, trained, _ = _load_checkpoint(checkpoint_path, dev)
+        config = make_config(**{**trained.to_dict(), "fid_batch_size": fid_batch_size, "seed": seed, **{
+            k: v for k, v in {"sampler": sampler, "ddim_steps": ddim_steps, "eta": eta}.items() if v is not None}})
+        params = {**config.to_dict(), "checkpoint": checkpoint_path, "num_samples": num_samples}
+    tracker = open_tracker(tracking_uri, experiment, no_tracking, run_name="evaluate",
+                           tags={"mnist_diff.command": "evaluate"})
+
+    from mnist_diff.evaluate import Reference, compute_fid
+    from mnist_diff.experiment import score_model
+    from mnist_diff.train import StopSignals
+
+    reference = Reference(fid_ref, fid_ref_samples, data_dir, fid_weights)
+    params.update(fid_ref=fid_ref, fid_ref_samples=fid_ref_samples, fid_weights=fid_weights)
+
+    def score():
+        if images_path is not None:
+            return compute_fid(images.to(dev), reference, device=dev, batch_size=fid_batch_size, kid=kid)
+        return score_model(model, config.replace(kid=kid), reference, num_samples, progress=not quiet)
+
+    with StopSignals():
+        if tracker is None:
+            metrics = score()
+        else:
+            with tracker.run():
+                tracker.log_params(params)
+                metrics = score()
+                tracker.log_metrics(metrics)
+    click.echo(json.dumps(metrics))
+    click.echo(f"FID {metrics['fid']:.3f}" + (f", KID {metrics['kid']:.5f}" if "kid" in metrics else ""))
+    if tracker is not None:
+        click.echo(tracker.describe())
 
 
 @cli.command()

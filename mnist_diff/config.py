@@ -39,9 +39,9 @@ class Config:
     train_samples: int | None = None  # use only the first N training images (tests, smoke runs)
     max_steps: int | None = None
     # FID protocol
-    fid_every: int = 1
-    fid_select_samples: int = 2000
-    fid_samples: int = 10000
+    fid_every: int = 1               # score the EMA model every N epochs (0: never; the last epoch is "best")
+    fid_select_samples: int = 2000   # images per epoch-selection FID
+    fid_samples: int = 10000         # images for the final FID of the best epoch (0: skip it)
     fid_ref: str = "train"
     fid_ref_samples: int | None = None
     fid_batch_size: int = 500
@@ -105,7 +105,8 @@ def validate(c: Config) -> None:
          f"--train-samples ({c.train_samples}) must be at least --batch-size ({c.batch_size})")
     need(c.max_steps is None or c.max_steps >= 1, f"--max-steps must be >= 1, got {c.max_steps}")
     need(c.fid_every >= 0, f"--fid-every must be >= 0, got {c.fid_every}")
-    need(c.fid_select_samples >= 2 and c.fid_samples >= 2, "FID needs at least 2 samples")
+    need(c.fid_select_samples >= 2, f"--fid-select-samples must be >= 2, got {c.fid_select_samples}")
+    need(c.fid_samples == 0 or c.fid_samples >= 2, f"--fid-samples must be 0 (no final FID) or >= 2, got {c.fid_samples}")
     need(c.fid_ref in FID_REFS, f"unknown --fid-ref {c.fid_ref!r}; choose train or test")
     need(c.fid_ref_samples is None or c.fid_ref_samples >= 2, "--fid-ref-samples must be >= 2")
     need(c.fid_batch_size >= 1, "--fid-batch-size must be >= 1")

@@ -9,7 +9,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,43 @@ class NonFiniteLoss(RuntimeError):
         self.step, self.value = step, value
 
 
+class Interrupted(KeyboardInterrupt):
+    """Stopped by SIGINT or SIGTERM (a KeyboardInterrupt, so trackers mark the run KILLED)."""
+
+
+class StopSignals:
+    """While active, SIGINT and SIGTERM raise `Interrupted`, except inside the training loop, where they only
+    set a flag that the loop checks between optimizer steps: it then writes a consistent checkpoint and raises.
+    A second signal always raises at once."""
+
+    active: "StopSignals | None" = None
+
+    def __init__(self):
+        self.received: str | None = None
+        self.defer = False
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        StopSignals.active = self
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        StopSignals.active = None
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.defer and self.received is None:
+            self.received = name
+            log.warning("%s received: stopping after the current step", name)
+            return
+        raise Interrupted(name)
+
+
 @dataclass
 class EpochEnd:
     """What a callback sees after each epoch."""
@@ -45,9 +83,9 @@ class EpochEnd:
     loss: float                 # mean training loss over the epoch
     images_per_sec: float
     sampling_model: torch.nn.Module   # the EMA model (or the raw one with EMA off), in eval mode
-    checkpoint_path: Path
-    ema_path: Path
-    grid_path: Path
+    ema_path: Path              # this epoch's sampling weights on disk
+    grid_path: Path             # this epoch's 8x8 sample grid
+    metrics: dict = field(default_factory=dict)  # callbacks add theirs (e.g. fid); kept in the history
 
 
 class Callback:
@@ -220,8 +258,14 @@ class Trainer:
         window_start, t_window = self.step, time.perf_counter()
         t_epoch, epoch_start_steps = time.perf_counter(), self.epoch_loss[1]
         perm = None
+        stop = StopSignals.active
+        if stop:
+            stop.defer = True
         try:
             while self.step < self.total_steps:
+                if stop and stop.received:
+                    self.save()
+                    raise Interrupted(f"{stop.received} at step {self.step}; checkpoint saved")
                 epoch, b = divmod(self.step, self.steps_per_epoch)
                 if perm is None or b == 0:
                     perm = epoch_permutation(c.seed, epoch, n, self.device)
@@ -249,12 +293,14 @@ class Trainer:
                 self.save()
         finally:
             bar.close()
+            if stop:
+                stop.defer = False
         return {"step": self.step, "epochs_done": self.step // self.steps_per_epoch, "history": self.history}
 
     def _end_epoch(self, epoch: int, loss: float, ips: float) -> None:
+        """Per-epoch outputs, then the callbacks (FID, tracking), then the checkpoint: a checkpoint always
+        holds the complete history of the epochs before it, so a resume never loses an epoch's metrics."""
         c = self.config
-        self.history.append({"epoch": epoch, "step": self.step, "loss": loss, "images_per_sec": ips})
-        ckpt_path = self.save()
         ema_path = checkpoint.atomic_save(
             {"format_version": checkpoint.FORMAT_VERSION, "config": c.to_dict(), "epoch": epoch,
              "step": self.step, "ema": self.sampling_model.state_dict()},
@@ -263,9 +309,11 @@ class Trainer:
                           sampler=c.sampler, ddim_steps=c.ddim_steps, eta=c.eta, batch_size=GRID_IMAGES,
                           precision=c.precision, progress=False)
         grid_path = save_grid(images, self.grid_dir / f"epoch-{epoch:03d}.png")
-        end = EpochEnd(epoch, self.step, loss, ips, self.sampling_model, ckpt_path, ema_path, grid_path)
+        end = EpochEnd(epoch, self.step, loss, ips, self.sampling_model, ema_path, grid_path)
         for cb in self.callbacks:
             cb.on_epoch_end(end)
+        self.history.append({"epoch": epoch, "step": self.step, "loss": loss, "images_per_sec": ips, **end.metrics})
+        self.save()
         self.model.train()
 
 

@@ -13,7 +13,8 @@ from mnist_diff.schedules import SCHEDULES
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_ARGS = ["--timesteps", "20", "--beta-end", "0.2", "--channels", "8", "--batch-size", "32",
-             "--train-samples", "64", "--warmup-steps", "2", "--sampler", "ddim", "--ddim-steps", "5", "--quiet"]
+             "--train-samples", "64", "--warmup-steps", "2", "--sampler", "ddim", "--ddim-steps", "5", "--quiet",
+             "--fid-every", "0", "--fid-samples", "0", "--no-tracking"]
 
 
 def run(*args):

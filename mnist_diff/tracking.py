@@ -1,0 +1,236 @@
+"""MLflow tracking: the only module that imports mlflow.
+
+A `Tracker` owns one MLflow run through an explicit `MlflowClient` (no fluent global state), so the run's
+end status is always ours to set: FINISHED on success, FAILED with the error as tags when something raises,
+KILLED on SIGTERM or Ctrl-C. Artifact uploads that fail are recorded and never stop training.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import tempfile
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from .train import Callback, EpochEnd
+
+log = logging.getLogger(__name__)
+DEFAULT_URI = "sqlite:///mlflow.db"  # MLflow 3's own default store, in the working directory
+DEFAULT_EXPERIMENT = "mnist-diff"
+
+
+class TrackingUnavailable(RuntimeError):
+    pass
+
+
+def resolve_uri(uri: str | None) -> str:
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    if uri.startswith("sqlite:///"):  # make it absolute so the printed `mlflow ui` command works anywhere
+        path = uri[len("sqlite:///"):]
+        if not path.startswith("/"):
+            uri = "sqlite:///" + str(Path(path).absolute())
+    return uri
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Raise TrackingUnavailable, with a one-line reason, unless the store can be used. Creates nothing."""
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise TrackingUnavailable(f"tracking store {uri}: folder {folder} does not exist or is not writable")
+        return
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+                if r.status != 200:
+                    raise TrackingUnavailable(f"tracking server {uri} answered HTTP {r.status}")
+        except (OSError, ValueError) as err:
+            raise TrackingUnavailable(f"tracking server {uri} is unreachable: {err}") from None
+        return
+    if uri.startswith(("postgresql", "mysql", "mssql")):
+        try:
+            MlflowClient(uri).search_experiments(max_results=1)
+        except Exception as err:
+            raise TrackingUnavailable(f"tracking store {uri} is unreachable: {str(err).splitlines()[0]}") from None
+        return
+    if uri.startswith("file:") or "://" not in uri:
+        folder = Path(uri[len("file:"):] if uri.startswith("file:") else uri)
+        probe = folder if folder.exists() else folder.parent
+        if not probe.is_dir() or not os.access(probe, os.W_OK):
+            raise TrackingUnavailable(f"tracking store {uri} is not a writable folder")
+
+
+def git_commit() -> str | None:
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def ui_command(uri: str) -> str:
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def run_url(uri: str, experiment_id: str, run_id: str) -> str:
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+class Tracker:
+    """One MLflow run. Use `with tracker.run(): ...` so its end status always gets set."""
+
+    def __init__(self, uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT, run_name: str | None = None,
+                 tags: dict | None = None, parent_run_id: str | None = None):
+        self.uri = resolve_uri(uri)
+        self.client = MlflowClient(self.uri)
+        self.experiment_name = experiment
+        self.run_name = run_name
+        self.tags = dict(tags or {})
+        if parent_run_id:
+            self.tags["mlflow.parentRunId"] = parent_run_id
+        self.run_id: str | None = None
+        self.experiment_id: str | None = None
+        self.upload_errors = 0
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> str:
+        exp = self.client.get_experiment_by_name(self.experiment_name)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment_name)
+        run = self.client.create_run(self.experiment_id, run_name=self.run_name,
+                                     tags={k: str(v) for k, v in self.tags.items()})
+        self.run_id = run.info.run_id
+        return self.run_id
+
+    def end(self, status: str, error: BaseException | None = None) -> None:
+        if error is not None:
+            message = str(error).splitlines()[0][:4000] if str(error) else ""
+            self.set_tags({"error_type": type(error).__name__, "error_message": message})
+        self.client.set_terminated(self.run_id, status=status)
+
+    @contextmanager
+    def run(self):
+        """Start the run; end it FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED (anything else)."""
+        self.start()
+        try:
+            yield self
+        except KeyboardInterrupt as err:
+            self.end("KILLED", err)
+            raise
+        except BaseException as err:
+            self.end("FAILED", err)
+            raise
+        self.end("FINISHED")
+
+    # -- logging -------------------------------------------------------------------------------
+    def log_params(self, params: dict) -> None:
+        items = [Param(k, "None" if v is None else str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i:i + 100], synchronous=True)
+
+    def log_metrics(self, metrics: dict, step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items() if v is not None]
+        if items:
+            self.client.log_batch(self.run_id, metrics=items, synchronous=True)
+
+    def set_tags(self, tags: dict) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True)
+
+    def _guard(self, what: str, fn, *args, **kwargs) -> bool:
+        """Artifacts are a copy of files kept locally: a failed upload is recorded, and training goes on."""
+        try:
+            fn(*args, **kwargs)
+            return True
+        except Exception as err:
+            self.upload_errors += 1
+            log.warning("MLflow upload of %s failed (%s: %s); the local file is kept", what, type(err).__name__, err)
+            try:
+                self.set_tags({"artifact_upload_errors": self.upload_errors,
+                               "artifact_upload_last_error": f"{what}: {type(err).__name__}: {err}"[:4000]})
+            except Exception:
+                pass
+            return False
+
+    def log_artifact(self, path, artifact_path: str | None = None) -> bool:
+        return self._guard(str(path), self.client.log_artifact, self.run_id, str(path), artifact_path)
+
+    def log_image(self, path, key: str, step: int) -> bool:
+        from PIL import Image
+        with Image.open(path) as im:
+            return self._guard(f"{key} step {step}", self.client.log_image, self.run_id, im.convert("RGB"),
+                               key=key, step=step, synchronous=True)
+
+    def log_figure(self, fig, artifact_file: str) -> bool:
+        return self._guard(artifact_file, self.client.log_figure, self.run_id, fig, artifact_file)
+
+    def log_dict(self, d: dict, artifact_file: str) -> bool:
+        return self._guard(artifact_file, self.client.log_dict, self.run_id, d, artifact_file)
+
+    def describe(self) -> str:
+        return (f"MLflow run {self.run_id}\n  browse: {ui_command(self.uri)}\n"
+                f"  then open {run_url(self.uri, self.experiment_id, self.run_id)}")
+
+
+class TrackingCallback(Callback):
+    """Logs what a training run produces: params at start, loss as it goes, per-epoch metrics and grids."""
+
+    def __init__(self, tracker: Tracker, extra_params: dict | None = None):
+        self.tracker = tracker
+        self.extra_params = extra_params or {}
+
+    def on_train_start(self, trainer) -> None:
+        import torch
+        from . import plots
+
+        c = trainer.config
+        device = trainer.device
+        params = {**c.to_dict(), **self.extra_params,
+                  "alpha_bar_T": trainer.schedule.alpha_bar_T, "parameters": trainer.num_parameters,
+                  "training_key": c.training_key(), "steps_per_epoch": trainer.steps_per_epoch,
+                  "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+                  "torch_version": torch.__version__, "cuda_version": torch.version.cuda,
+                  "git_commit": git_commit(), "resumed_from_step": trainer.step}
+        self.tracker.log_params(params)
+        self.tracker.log_dict(c.to_dict(), "config.json")
+        fig = plots.schedule_figure([(c.schedule, c.timesteps, c.beta_start, c.beta_end)])
+        self.tracker.log_figure(fig, "schedule.png")
+        plots.plt.close(fig)
+
+    def on_log(self, step: int, loss: float, images_per_sec: float) -> None:
+        self.tracker.log_metrics({"train_loss": loss}, step=step)
+
+    def on_epoch_end(self, end: EpochEnd) -> None:
+        self.tracker.log_metrics({"epoch_loss": end.loss, "train_images_per_sec": end.images_per_sec,
+                                  **end.metrics}, step=end.epoch)
+        self.tracker.log_image(end.grid_path, key="samples", step=end.epoch)
+
+
+def log_final(tracker: Tracker, result: dict, out_dir: Path, best_checkpoint: Path | None,
+              last_checkpoint: Path | None, history: list[dict]) -> None:
+    """The end-of-training record: summary metrics, curves, the resolved config and the checkpoints."""
+    from . import plots
+
+    tracker.log_metrics({k: result.get(k) for k in ("best_fid", "best_epoch", "best_fid_select",
+                                                     "final_sampling_seconds", "final_fid_seconds",
+                                                     "train_seconds", "kid", "kid_std")})
+    if history:
+        fig = plots.curves_figure(history)
+        tracker.log_figure(fig, "curves.png")
+        plots.plt.close(fig)
+    tracker.log_dict(result, "result.json")
+    if best_checkpoint is not None:
+        tracker.log_artifact(best_checkpoint, "checkpoints/best")
+    if last_checkpoint is not None:
+        tracker.log_artifact(last_checkpoint, "checkpoints/last")
