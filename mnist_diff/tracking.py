@@ -88,6 +88,21 @@ def run_url(uri: str, experiment_id: str, run_id: str) -> str:
     return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
+def ensure_experiment(client: MlflowClient, uri: str, name: str) -> str:
+    """The experiment's id, creating it if needed. With a SQLite store its artifacts go in `mlruns/` beside
+    the database file (MLflow would otherwise put them in whatever the working directory is)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri[len("sqlite:///"):]).parent / "mlruns").as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException:  # another worker created it first
+        return client.get_experiment_by_name(name).experiment_id
+
+
 class Tracker:
     """One MLflow run. Use `with tracker.run(): ...` so its end status always gets set."""
 
@@ -106,8 +121,7 @@ class Tracker:
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> str:
-        exp = self.client.get_experiment_by_name(self.experiment_name)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment_name)
+        self.experiment_id = ensure_experiment(self.client, self.uri, self.experiment_name)
         run = self.client.create_run(self.experiment_id, run_name=self.run_name,
                                      tags={k: str(v) for k, v in self.tags.items()})
         self.run_id = run.info.run_id

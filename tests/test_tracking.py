@@ -1,0 +1,109 @@
+"""A tiny real training tracked in a real SQLite MLflow store, checked through MlflowClient."""
+import pytest
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+import cli
+from mnist_diff.config import Config
+from mnist_diff.evaluate import Reference
+from mnist_diff.experiment import run_experiment
+from mnist_diff.tracking import Tracker
+from mnist_diff.train import Callback
+from conftest import TINY
+
+FID_ARGS = ["--fid-select-samples", "8", "--fid-samples", "10", "--fid-ref-samples", "16", "--fid-batch-size", "10"]
+
+
+def test_train_is_tracked_end_to_end(tmp_path, data_dir, fid_weights, monkeypatch):
+    monkeypatch.setenv("MNIST_DIFF_FID_CACHE", str(tmp_path / "fid-cache"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["train", "--timesteps", "20", "--beta-end", "0.2", "--channels", "8", "--batch-size", "32",
+            "--train-samples", "64", "--warmup-steps", "2", "--sampler", "ddim", "--ddim-steps", "5",
+            "--epochs", "2", "--quiet", "--tracking-uri", uri, "--experiment", "t", "--out", str(tmp_path / "run"),
+            *FID_ARGS]
+    if data_dir:
+        args += ["--data-dir", data_dir]
+    result = CliRunner().invoke(cli.cli, args)
+    assert result.exit_code == 0, result.output
+    assert f"mlflow ui --backend-store-uri {uri}" in result.output and "#/experiments/" in result.output
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("t")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED"
+    p = run.data.params
+    assert p["schedule"] == "linear" and p["timesteps"] == "20" and p["sampler"] == "ddim"
+    assert p["fid_select_samples"] == "8" and p["channels"] == "8" and p["seed"] == "0"
+    assert float(p["alpha_bar_T"]) > 0 and int(p["parameters"]) > 0 and p["torch_version"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "fid")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "epoch_loss")] == [1, 2]
+    assert client.get_metric_history(run.info.run_id, "train_loss")
+    m = run.data.metrics
+    assert m["best_fid"] > 0 and m["best_epoch"] in (1, 2)
+    assert {"sampling_seconds", "fid_seconds", "train_images_per_sec"} <= m.keys()
+
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"schedule.png", "curves.png", "config.json", "result.json", "checkpoints", "images"} <= artifacts
+    assert (tmp_path / "mlruns").is_dir()  # artifacts live beside the SQLite store, not in the working directory
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    steps = sorted({int(path.split("+step+")[1].split("+")[0]) for path in images if "samples" in path})
+    assert steps == [1, 2]
+    ckpts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints/best")} | \
+            {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints/last")}
+    assert any(c.endswith(".pt") and "ema-epoch" in c for c in ckpts) and any("ckpt-" in c for c in ckpts)
+
+
+class Boom(Callback):
+    def on_epoch_end(self, end):
+        raise RuntimeError("forced failure for the test")
+
+
+def test_failure_marks_run_failed_with_reason(tmp_path, mnist_small, data_dir, fid_weights):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, "t")
+    config = Config(**{**TINY, "epochs": 1, "fid_every": 0, "fid_samples": 0})
+    with pytest.raises(RuntimeError, match="forced failure"):
+        with tracker.run():
+            run_experiment(config, mnist_small[:128], tmp_path / "run", tracker=tracker, progress=False,
+                           reference=Reference("train", 16, data_dir, fid_weights), callbacks=[Boom()])
+    run = MlflowClient(uri).get_run(tracker.run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error_type"] == "RuntimeError"
+    assert run.data.tags["error_message"] == "forced failure for the test"
+
+
+def test_interrupt_marks_run_killed(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, "t")
+    with pytest.raises(KeyboardInterrupt):
+        with tracker.run():
+            raise KeyboardInterrupt
+    assert MlflowClient(uri).get_run(tracker.run_id).info.status == "KILLED"
+
+
+def test_unreachable_tracking_store_is_rejected_before_training(tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli.cli, ["train", "--tracking-uri", "http://127.0.0.1:9/", "--out", str(out)])
+    assert result.exit_code == 2 and "unreachable" in result.output
+    assert not out.exists()
+    result = CliRunner().invoke(cli.cli, ["train", "--tracking-uri", f"sqlite:///{tmp_path}/no/such/dir/m.db",
+                                          "--out", str(out)])
+    assert result.exit_code == 2 and "not writable" in result.output
+    assert not out.exists()
+
+
+def test_evaluate_command_scores_a_samples_file(tmp_path, data_dir, fid_weights, monkeypatch):
+    import numpy as np
+    from mnist_diff.data import load_mnist
+    monkeypatch.setenv("MNIST_DIFF_FID_CACHE", str(tmp_path / "fid-cache"))
+    npz = tmp_path / "samples.npz"
+    np.savez(npz, images=load_mnist(data_dir, train=False, limit=12).numpy())
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = CliRunner().invoke(cli.cli, ["evaluate", "--images", str(npz), "--fid-ref-samples", "16",
+                                          "--tracking-uri", uri, "--experiment", "e"])
+    assert result.exit_code == 0, result.output
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("e").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.metrics["fid"] > 0
+    bad = CliRunner().invoke(cli.cli, ["evaluate", "--no-tracking"])
+    assert bad.exit_code == 2 and "exactly one of" in bad.output
