@@ -106,6 +106,24 @@ tracking_options = _apply([
 ])
 
 
+training_options = _apply([
+    click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True),
+    click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True),
+    click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-4, show_default=True,
+                 help="AdamW learning rate, after a linear warm-up of --warmup-steps."),
+    click.option("--warmup-steps", type=click.IntRange(min=0), default=500, show_default=True),
+    click.option("--ema-decay", type=click.FloatRange(0, 1, max_open=True), default=0.999, show_default=True,
+                 help="EMA of the weights used for sampling; 0 turns it off."),
+    click.option("--channels", type=click.IntRange(min=8), default=64, show_default=True,
+                 help="UNet base width (multiple of 8); 64 is 2.9M parameters."),
+    click.option("--precision", type=click.Choice(("auto", "fp32", "bf16")), default="auto", show_default=True,
+                 help="auto: bf16 autocast on CUDA, fp32 elsewhere."),
+    click.option("--train-samples", type=click.IntRange(min=1), default=None,
+                 help="Train on the first N MNIST images only (smoke runs, tests)."),
+    click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after N optimizer steps."),
+])
+
+
 def out_option(default: str):
     return click.option("--out", type=click.Path(file_okay=False), default=default, show_default=True,
                         help="Output folder.")
@@ -169,21 +187,8 @@ def cli():
 @cli.command()
 @schedule_options
 @sampler_options
-@click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-4, show_default=True,
-              help="AdamW learning rate, after a linear warm-up of --warmup-steps.")
-@click.option("--warmup-steps", type=click.IntRange(min=0), default=500, show_default=True)
-@click.option("--ema-decay", type=click.FloatRange(0, 1, max_open=True), default=0.999, show_default=True,
-              help="EMA of the weights used for sampling; 0 turns it off.")
-@click.option("--channels", type=click.IntRange(min=8), default=64, show_default=True,
-              help="UNet base width (multiple of 8); 64 is 2.9M parameters.")
+@training_options
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--precision", type=click.Choice(("auto", "fp32", "bf16")), default="auto", show_default=True,
-              help="auto: bf16 autocast on CUDA, fp32 elsewhere.")
-@click.option("--train-samples", type=click.IntRange(min=1), default=None,
-              help="Train on the first N MNIST images only (smoke runs, tests).")
-@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after N optimizer steps.")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and exit.")
 @fid_options
@@ -295,6 +300,99 @@ def _save_samples(images, out_path: Path, config, seed: int, source) -> tuple[Pa
     shown = images[:100]
     grid = save_grid(shown, out_path / "samples.png", nrow=math.ceil(math.sqrt(len(shown))))
     return npz, grid
+
+
+# The smoke preset: every grid point through the whole pipeline on CPU in minutes (tiny model, tiny FID).
+SMOKE = {"epochs": 2, "batch_size": 32, "train_samples": 256, "channels": 8, "warmup_steps": 5,
+         "fid_select_samples": 16, "fid_samples": 24, "fid_ref_samples": 64, "fid_batch_size": 64}
+
+
+@cli.command()
+@click.option("--study-name", default="mnist-diff-study", show_default=True, help="Optuna study name.")
+@click.option("--storage", default="sqlite:///optuna.db", show_default=True,
+              help="Optuna storage URL: SQLite here, or e.g. postgresql://user:pw@host/db for many workers.")
+@click.option("--schedule", "schedules", type=click.Choice(SCHEDULES), multiple=True,
+              help="Narrow the grid to these schedules (repeatable). Default: all four.")
+@click.option("--timesteps", "timesteps_list", type=click.Choice(("200", "1000")), multiple=True,
+              help="Narrow to these (T, beta_end) settings: 200 is (200, 0.08), 1000 is (1000, 0.02). "
+                   "cosine ignores beta_end, so for it they differ only in T.")
+@click.option("--sampler", "samplers", type=click.Choice(SAMPLERS), multiple=True,
+              help="Narrow to these samplers (repeatable). Default: both.")
+@click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Run each grid point with seeds 0..K-1 (training shared across samplers as usual).")
+@click.option("--beta-start", type=float, default=1e-4, show_default=True)
+@click.option("--ddim-steps", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--eta", type=click.FloatRange(0, 1), default=0.0, show_default=True)
+@training_options
+@fid_options
+@fid_weights_option
+@tracking_options
+@click.option("--preset", type=click.Choice(("study", "smoke")), default="study", show_default=True,
+              help="study: the reference study's settings. smoke: every grid point on CPU in minutes "
+                   "(tiny model and data, tiny FID counts); options you give still win.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Worker processes on this machine (with several GPUs, one GPU each).")
+@click.option("--heartbeat", type=click.IntRange(min=1), default=60, show_default=True,
+              help="Seconds between trial heartbeats; a trial silent for twice this is retried.")
+@device_option
+@data_dir_option
+@out_option("runs/sweep")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.pass_context
+def sweep(ctx, study_name, storage, schedules, timesteps_list, samplers, seeds, preset, workers, heartbeat,
+          fid_weights, tracking_uri, experiment, no_tracking, device, data_dir, out, quiet, **fields):
+    """Run (or resume) the reference study as an Optuna grid, every trial tracked in MLflow."""
+    if no_tracking:
+        raise BadInput("sweep always tracks in MLflow: drop --no-tracking")
+    if preset == "smoke":
+        for key, value in SMOKE.items():
+            if ctx.get_parameter_source(key) is click.core.ParameterSource.DEFAULT:
+                fields[key] = value
+    pairs = tuple(p for p in ((200, 0.08), (1000, 0.02)) if not timesteps_list or str(p[0]) in timesteps_list)
+    base = make_config(**fields, timesteps=min(p[0] for p in pairs), beta_end=0.08)
+    for t, b in pairs:  # each grid point must be valid, e.g. --ddim-steps <= T
+        make_config(**{**base.to_dict(), "timesteps": t, "beta_end": b})
+    out_path = check_writable_dir(out)
+    check_storage(storage)
+    tracker_probe = open_tracker(tracking_uri, experiment, False)
+    pick_device(device)
+
+    from mnist_diff.study import Sweep, run_sweep
+    from mnist_diff.train import StopSignals
+
+    fixed = {k: v for k, v in base.to_dict().items() if k not in ("schedule", "timesteps", "beta_end", "sampler", "seed")}
+    spec = Sweep(study_name=study_name, out_dir=out_path, base=base, schedules=schedules or SCHEDULES,
+                 pairs=pairs, samplers=samplers or SAMPLERS, seeds=tuple(range(seeds)), storage=storage,
+                 tracking_uri=tracker_probe.uri, experiment=experiment, data_dir=data_dir, fid_weights=fid_weights,
+                 device=device, progress=not quiet, heartbeat=heartbeat, fixed={**fixed, "preset": preset})
+    try:
+        with StopSignals():
+            doc = run_sweep(spec, workers=workers)
+    except ValueError as err:  # e.g. the study exists with another grid
+        raise BadInput(str(err))
+    click.echo(f"study {study_name}: {doc['complete']}/{doc['grid_size']} grid points complete "
+               f"-> {out_path / 'grid_search_results.json'}")
+    if doc["best"]:
+        b = doc["best"]
+        click.echo(f"best: {b['params']} FID {b['best_fid']:.2f} (epoch {b['best_epoch']})")
+    from mnist_diff import tracking
+    click.echo(f"browse: {tracking.ui_command(tracker_probe.uri)}  (experiment {experiment!r})")
+
+
+def check_storage(url: str) -> None:
+    """The Optuna storage must be reachable before any training starts. Creates nothing for SQLite."""
+    if url.startswith("sqlite:///"):
+        folder = Path(url[len("sqlite:///"):]).expanduser().absolute().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise BadInput(f"--storage {url}: folder {folder} does not exist or is not writable")
+        return
+    try:
+        import sqlalchemy
+        engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": 5} if "postgres" in url else {})
+        with engine.connect():
+            pass
+    except Exception as err:
+        raise BadInput(f"--storage {url} is unreachable: {str(err).splitlines()[0]}")
 
 
 @cli.command()

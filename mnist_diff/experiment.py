@@ -18,7 +18,8 @@ from .config import Config
 from .evaluate import Reference, compute_fid
 from .generate import generate
 from .schedules import make_schedule
-from .train import Callback, EpochEnd, Trainer, load_sampling_model
+from .data import save_grid
+from .train import GRID_IMAGES, GRID_SEED, Callback, EpochEnd, Trainer, load_sampling_model
 
 
 def score_model(model, config: Config, reference: Reference, num: int, *, progress: bool = True,
@@ -83,28 +84,74 @@ def run_experiment(config: Config, images: torch.Tensor, out_dir, *, reference: 
     t0 = time.perf_counter()
     trainer.fit()
     train_seconds = time.perf_counter() - t0
+    result = {"steps": trainer.step, "epochs_done": trainer.step // trainer.steps_per_epoch,
+              "train_seconds": train_seconds}
+    last = next(iter(sorted(trainer.ckpt_dir.glob("ckpt-*.pt"), reverse=True)), None)
+    return finalize(config, trainer.history, trainer.ckpt_dir, out_dir, result, reference=reference,
+                    device=trainer.device, tracker=tracker, progress=progress, fid_cache=fid_cache,
+                    last_checkpoint=last)
+
+
+def finalize(config: Config, history: list[dict], ckpt_dir: Path, out_dir: Path, result: dict, *,
+             reference: Reference, device, tracker=None, progress=True, fid_cache=None,
+             last_checkpoint: Path | None = None) -> dict:
+    """Score the best epoch with `fid_samples` images; write result.json; log the final record."""
     result = {"config": config.to_dict(), "training_key": config.training_key(), "out_dir": str(out_dir),
-              "steps": trainer.step, "epochs_done": trainer.step // trainer.steps_per_epoch,
-              "train_seconds": train_seconds, "history": trainer.history,
-              "epoch_fids": {h["epoch"]: h["fid"] for h in trainer.history if h.get("fid") is not None},
-              "final_loss": trainer.history[-1]["loss"] if trainer.history else None}
-    best = best_epoch(trainer.history)
+              **result, "history": history,
+              "epoch_fids": {h["epoch"]: h["fid"] for h in history if h.get("fid") is not None},
+              "final_loss": history[-1]["loss"] if history else None}
+    best = best_epoch(history)
     best_path = None
     if best is not None:
         result["best_epoch"], result["best_fid_select"] = best
-        best_path = trainer.ckpt_dir / f"ema-epoch-{best[0]:03d}.pt"
+        best_path = Path(ckpt_dir) / f"ema-epoch-{best[0]:03d}.pt"
         if config.fid_samples > 0:
-            model, _, _ = load_sampling_model(best_path, trainer.device)
+            model, _, _ = load_sampling_model(best_path, device)
             m = score_model(model, config, reference, config.fid_samples, progress=progress, fid_cache=fid_cache,
                             desc=f"final FID (epoch {best[0]})")
             result.update(best_fid=m["fid"], final_sampling_seconds=m["sampling_seconds"],
                           final_fid_seconds=m["fid_seconds"], **{k: m[k] for k in ("kid", "kid_std") if k in m})
-    write_json(out_dir / "result.json", result)
+    write_json(Path(out_dir) / "result.json", result)
     if tracker is not None:
         from .tracking import log_final
-        last = next(iter(sorted(trainer.ckpt_dir.glob("ckpt-*.pt"), reverse=True)), None)
-        log_final(tracker, result, out_dir, best_path, last, trainer.history)
+        log_final(tracker, result, out_dir, best_path, last_checkpoint, history)
     return result
+
+
+def score_saved_training(config: Config, train_dir, out_dir, *, reference: Reference, tracker=None,
+                         progress: bool = True, fid_cache=None) -> dict:
+    """Score a model another run trained (same training config, other sampler): per-epoch grids and FIDs
+    from its saved EMA weights, then the final FID of the best epoch. Nothing is trained."""
+    train_dir, out_dir = Path(train_dir), Path(out_dir)
+    trained = json.loads((train_dir / "result.json").read_text())
+    (out_dir / "samples").mkdir(parents=True, exist_ok=True)
+    schedule = make_schedule(config.schedule, config.timesteps, config.beta_start, config.beta_end)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if tracker is not None:
+        tracker.log_params({**config.to_dict(), "training_key": config.training_key(),
+                            "alpha_bar_T": schedule.alpha_bar_T, "trained_in": str(train_dir)})
+    history = []
+    for h in trained["history"]:
+        epoch = h["epoch"]
+        model, _, _ = load_sampling_model(train_dir / "checkpoints" / f"ema-epoch-{epoch:03d}.pt", device)
+        images = generate(model, schedule, num=GRID_IMAGES, seed=GRID_SEED, sampler=config.sampler,
+                          ddim_steps=config.ddim_steps, eta=config.eta, batch_size=GRID_IMAGES,
+                          precision=config.precision, progress=False)
+        grid = save_grid(images, out_dir / "samples" / f"epoch-{epoch:03d}.png")
+        entry = {"epoch": epoch, "step": h["step"], "loss": h["loss"]}
+        every = config.fid_every
+        if every > 0 and (epoch % every == 0 or epoch == trained["history"][-1]["epoch"]):
+            m = score_model(model, config, reference, config.fid_select_samples, progress=progress,
+                            fid_cache=fid_cache, desc=f"FID epoch {epoch}")
+            entry.update(fid=m["fid"], sampling_seconds=m["sampling_seconds"], fid_seconds=m["fid_seconds"])
+        history.append(entry)
+        if tracker is not None:
+            tracker.log_metrics({k: v for k, v in entry.items() if k not in ("epoch", "step")}, step=epoch)
+            tracker.log_image(grid, key="samples", step=epoch)
+    result = {"steps": trained["steps"], "epochs_done": trained["epochs_done"],
+              "train_seconds": trained.get("train_seconds"), "trained_in": str(train_dir)}
+    return finalize(config, history, train_dir / "checkpoints", out_dir, result, reference=reference,
+                    device=device, tracker=tracker, progress=progress, fid_cache=fid_cache)
 
 
 def write_json(path, obj) -> None:

@@ -103,6 +103,30 @@ def ensure_experiment(client: MlflowClient, uri: str, name: str) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
+def find_study_run(client: MlflowClient, uri: str, experiment: str, study_name: str):
+    """The parent run of a study, or None."""
+    exp_id = ensure_experiment(client, uri, experiment)
+    runs = client.search_runs([exp_id], filter_string=f"tags.`mnist_diff.role` = 'study' and "
+                                                      f"tags.`mnist_diff.study` = '{study_name}'",
+                              order_by=["attributes.start_time ASC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def reconcile_orphans(client: MlflowClient, uri: str, experiment: str, study_name: str, live_run_ids: set) -> list:
+    """Runs of a study left RUNNING by a process that died (kill -9, power loss): mark them KILLED."""
+    exp_id = ensure_experiment(client, uri, experiment)
+    runs = client.search_runs([exp_id], filter_string=f"tags.`mnist_diff.study` = '{study_name}' and "
+                                                      f"tags.`mnist_diff.role` = 'trial' and "
+                                                      f"attributes.status = 'RUNNING'")
+    fixed = []
+    for run in runs:
+        if run.info.run_id not in live_run_ids:
+            client.set_tag(run.info.run_id, "error_message", "the worker died; reconciled on restart")
+            client.set_terminated(run.info.run_id, status="KILLED")
+            fixed.append(run.info.run_id)
+    return fixed
+
+
 class Tracker:
     """One MLflow run. Use `with tracker.run(): ...` so its end status always gets set."""
 
@@ -121,6 +145,13 @@ class Tracker:
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> str:
+        """Create the run; under `mlflow run` (MLFLOW_RUN_ID set), adopt the run it made instead, once."""
+        adopted = os.environ.pop("MLFLOW_RUN_ID", None)
+        if adopted and "mlflow.parentRunId" not in self.tags:
+            run = self.client.get_run(adopted)
+            self.run_id, self.experiment_id = adopted, run.info.experiment_id
+            self.set_tags({**self.tags, **({"mlflow.runName": self.run_name} if self.run_name else {})})
+            return self.run_id
         self.experiment_id = ensure_experiment(self.client, self.uri, self.experiment_name)
         run = self.client.create_run(self.experiment_id, run_name=self.run_name,
                                      tags={k: str(v) for k, v in self.tags.items()})
@@ -248,3 +279,57 @@ def log_final(tracker: Tracker, result: dict, out_dir: Path, best_checkpoint: Pa
         tracker.log_artifact(best_checkpoint, "checkpoints/best")
     if last_checkpoint is not None:
         tracker.log_artifact(last_checkpoint, "checkpoints/last")
+
+
+# -- reading a study back (for `report`) -----------------------------------------------------------------
+# MLflow run status -> the study's trial state (the vocabulary of grid_search_results.json).
+RUN_STATE = {"FINISHED": "COMPLETE", "FAILED": "FAIL", "KILLED": "FAIL(KILLED)", "RUNNING": "RUNNING",
+             "SCHEDULED": "WAITING"}
+
+
+def _search_all(client: MlflowClient, experiment_ids: list[str], filter_string: str) -> list:
+    runs, token = [], None
+    while True:  # search_runs pages; a big study has more runs than one page
+        page = client.search_runs(experiment_ids, filter_string=filter_string, max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def load_study_from_mlflow(tracking_uri: str, study_name: str) -> tuple[list[dict], dict, str]:
+    """(records, study, parent_run_id) for a study logged as a parent run with one child run per trial.
+
+    Records have the shape of `grid_search_results.json` results (normalized as `report.normalize_record`);
+    every child run is returned, retries included: the report picks the COMPLETE one per grid point."""
+    from mlflow.entities import ViewType
+
+    from .report import normalize_record, sort_records
+
+    client = MlflowClient(resolve_uri(tracking_uri))
+    exp_ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
+    name = study_name.replace("'", "\\'")
+    parents = _search_all(client, exp_ids, f"tags.`mnist_diff.study` = '{name}' and tags.`mnist_diff.role` = 'study'")
+    if not parents:
+        raise LookupError(f"no MLflow run tagged as study {study_name!r} in {tracking_uri}")
+    if len(parents) > 1:
+        log.warning("%d parent runs for study %r; using the first, as the sweep does", len(parents), study_name)
+    parent = min(parents, key=lambda r: r.info.start_time or 0)
+    pid = parent.info.run_id
+    with tempfile.TemporaryDirectory() as tmp:
+        study = json.loads(Path(client.download_artifacts(pid, "study.json", tmp)).read_text())
+    children = _search_all(client, exp_ids,
+                           f"tags.`mlflow.parentRunId` = '{pid}' and tags.`mnist_diff.role` = 'trial'")
+    records = []
+    for run in children:
+        tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+        history = client.get_metric_history(run.info.run_id, "fid")
+        records.append(normalize_record({
+            "trial": tags.get("mnist_diff.trial"), "state": RUN_STATE.get(run.info.status, run.info.status),
+            "params": {k: params[k] for k in ("schedule", "timesteps", "beta_end", "sampler", "seed") if k in params},
+            **{k: metrics.get(k) for k in ("best_fid", "best_epoch", "best_fid_select", "train_seconds",
+                                           "final_sampling_seconds")},
+            "epoch_fids": {m.step: m.value for m in sorted(history, key=lambda m: (m.step, m.timestamp))},
+            "run_id": run.info.run_id, "trained_by_run_id": tags.get("mnist_diff.trained_by"),
+            "samples_dir": tags.get("mnist_diff.samples_dir")}))
+    return sort_records(records), study, pid

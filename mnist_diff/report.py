@@ -1,0 +1,569 @@
+"""The study's findings: tables, the reference claims checked against this study's numbers, figures.
+
+Pure functions turn records (one per trial, the `results` of `grid_search_results.json`, or the same built
+from MLflow by `tracking.load_study_from_mlflow`) into the `report.json` dict; `write_report` then renders it
+as Markdown and HTML and draws the figures. No mlflow import here: a tracker, when given, is duck-typed.
+"""
+from __future__ import annotations
+
+import html
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+HOLDS, NOT_HOLDS, UNDETERMINED = "holds", "does not hold", "undetermined (missing data)"
+BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED = 10_000, 0
+SPREAD_METHOD = (f"paired bootstrap 95% percentile CI of the mean difference (pairs matched on all other grid "
+                 f"parameters and seed; {BOOTSTRAP_RESAMPLES:,} resamples; numpy default_rng({BOOTSTRAP_SEED})); "
+                 f"a difference exceeds the seed spread iff its CI excludes 0")
+FIGURES = ("fid_vs_epoch.png", "mean_fid_bars.png", "samples_montage.png", "schedules.png")
+
+
+class Point(NamedTuple):
+    """One grid point: a config plus its seed."""
+    schedule: str
+    timesteps: int
+    beta_end: float
+    sampler: str
+    seed: int
+
+    @property
+    def config(self) -> tuple:
+        return tuple(self[:4])
+
+
+def _f(x) -> float:
+    return round(float(x), 10)  # so 0.08 from JSON, MLflow's "0.08" and the grid's 0.08 compare equal
+
+
+def _opt(x, cast=float):
+    return None if x is None else cast(x)
+
+
+# -- loading -------------------------------------------------------------------------------------------
+def normalize_record(r: dict) -> dict:
+    """One trial record with typed fields (epoch_fids keyed by int epoch); both loaders return these."""
+    p = dict(r.get("params") or {})
+    p.update(schedule=str(p["schedule"]), timesteps=int(p["timesteps"]), beta_end=_f(p["beta_end"]),
+             sampler=str(p["sampler"]), seed=int(p.get("seed", 0)))
+    return {"trial": _opt(r.get("trial"), int), "state": str(r.get("state") or "MISSING"), "params": p,
+            "best_fid": _opt(r.get("best_fid")), "best_epoch": _opt(r.get("best_epoch"), lambda v: int(float(v))),
+            "best_fid_select": _opt(r.get("best_fid_select")),
+            "epoch_fids": {int(k): float(v) for k, v in (r.get("epoch_fids") or {}).items()},
+            "run_id": r.get("run_id"), "trained_by_run_id": r.get("trained_by_run_id"),
+            "train_seconds": _opt(r.get("train_seconds")),
+            "final_sampling_seconds": _opt(r.get("final_sampling_seconds")), "samples_dir": r.get("samples_dir")}
+
+
+def sort_records(records: list[dict]) -> list[dict]:
+    return sorted(records, key=lambda r: (r["trial"] is None, r["trial"] or 0, r["run_id"] or ""))
+
+
+def load_records_from_json(path) -> tuple[list[dict], dict]:
+    """(records, study) from a `grid_search_results.json`; study = everything but `results`."""
+    data = json.loads(Path(path).read_text())
+    study = {k: v for k, v in data.items() if k != "results"}
+    return sort_records([normalize_record(r) for r in data.get("results", [])]), study
+
+
+def point_of(r: dict) -> Point:
+    p = r["params"]
+    return Point(p["schedule"], p["timesteps"], p["beta_end"], p["sampler"], p["seed"])
+
+
+# -- the grid and which of its points are done ------------------------------------------------------------
+def grid_points(grid: dict | None, records: list[dict]) -> list[Point]:
+    """Every expected point, in grid order; a dimension the grid omits is taken from the records."""
+    grid, seen = grid or {}, [point_of(r) for r in records]
+
+    def dim(key, from_records):
+        return list(grid[key]) if grid.get(key) else list(dict.fromkeys(from_records))
+
+    pairs = [(int(t), _f(b)) for t, b in dim("timesteps_beta_end", [(p.timesteps, p.beta_end) for p in seen])]
+    seeds = [int(s) for s in dim("seed", [p.seed for p in seen])] or [0]
+    return [Point(s, t, b, m, seed) for s in dim("schedule", [p.schedule for p in seen]) for t, b in pairs
+            for m in dim("sampler", [p.sampler for p in seen]) for seed in seeds]
+
+
+def select_points(records: list[dict], expected: list[Point]) -> tuple[dict, list[dict], list[dict]]:
+    """(complete {point: record}, missing [{point, state, trial}], off-grid complete records).
+
+    Records come sorted by trial, so when a point was retried the latest COMPLETE record wins, and an
+    incomplete point shows the state of its latest attempt."""
+    by_point = defaultdict(list)
+    for r in records:
+        by_point[point_of(r)].append(r)
+    done = {p: [r for r in rs if r["state"] == "COMPLETE" and r["best_fid"] is not None]
+            for p, rs in by_point.items()}
+    complete = {p: done[p][-1] for p in expected if done.get(p)}
+    missing = []
+    for p in expected:
+        if p not in complete:
+            last = by_point[p][-1] if by_point.get(p) else None
+            state = "MISSING" if last is None else ("COMPLETE (no best_fid)" if last["state"] == "COMPLETE"
+                                                    else last["state"])
+            missing.append({"point": p._asdict(), "state": state, "trial": last and last["trial"]})
+    grid = set(expected)
+    off_grid = [rs[-1] for p, rs in done.items() if rs and p not in grid]
+    return complete, missing, off_grid
+
+
+# -- statistics ---------------------------------------------------------------------------------------------
+def stats(values: list) -> dict:
+    """mean, sample std (ddof=1; None with fewer than 2 values), n."""
+    v = np.asarray([x for x in values if x is not None], dtype=float)
+    if not len(v):
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else None, "n": int(len(v))}
+
+
+def paired_bootstrap_ci(diffs) -> tuple[float, float]:
+    """95% percentile CI of the mean of paired differences (fixed seed, so the report is reproducible)."""
+    d = np.asarray(diffs, dtype=float)
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    means = d[rng.integers(0, len(d), size=(BOOTSTRAP_RESAMPLES, len(d)))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def config_table(complete: dict) -> list[dict]:
+    """One row per config (seeds pooled), sorted by mean best FID."""
+    groups = defaultdict(list)
+    for p, r in complete.items():
+        groups[p.config].append((p.seed, r))
+    rows = []
+    for (s, t, b, m), items in groups.items():
+        items.sort(key=lambda x: x[0])
+        rs = [r for _, r in items]
+        fid = stats([r["best_fid"] for r in rs])
+        rows.append({"schedule": s, "timesteps": t, "beta_end": b, "sampler": m, "seeds": [x for x, _ in items],
+                     "best_fid_mean": fid["mean"], "best_fid_std": fid["std"],
+                     "best_fid": [r["best_fid"] for r in rs], "best_epoch": [r["best_epoch"] for r in rs],
+                     "best_fid_select_mean": stats([r["best_fid_select"] for r in rs])["mean"],
+                     "train_seconds_mean": stats([r["train_seconds"] for r in rs])["mean"],
+                     "final_sampling_seconds_mean": stats([r["final_sampling_seconds"] for r in rs])["mean"],
+                     "run_ids": [r["run_id"] for r in rs]})
+    return sorted(rows, key=lambda r: (r["best_fid_mean"], r["schedule"], r["timesteps"], r["sampler"]))
+
+
+GROUPINGS = {"schedule": lambda p: p.schedule, "timesteps_beta_end": lambda p: (p.timesteps, p.beta_end),
+             "sampler": lambda p: p.sampler}
+
+
+def group_means(complete: dict, expected: list[Point]) -> dict:
+    """Mean (and std) of best_fid over every complete (config, seed) in each group, groups in grid order."""
+    out = {}
+    for name, key in GROUPINGS.items():
+        out[name] = []
+        for g in dict.fromkeys(key(p) for p in expected):
+            st = stats([r["best_fid"] for p, r in complete.items() if key(p) == g])
+            out[name].append({"group": list(g) if isinstance(g, tuple) else g, **st,
+                              "n_expected": sum(key(p) == g for p in expected)})
+    return out
+
+
+# -- the reference claims -----------------------------------------------------------------------------------
+class _NoData(Exception):
+    pass
+
+
+def _label(p) -> str:
+    s = f"{p[0]}, T={p[1]}, β_end={p[2]:g}, {p[3]}"
+    return s + (f", seed {p[4]}" if len(p) > 4 else "")
+
+
+def _means(data: dict, key) -> dict:
+    groups = defaultdict(list)
+    for p, v in data.items():
+        groups[key(p)].append(v)
+    return {g: float(np.mean(v)) for g, v in groups.items()}
+
+
+def _need(means: dict, *groups) -> None:
+    lacking = [str(g) for g in groups if g not in means]
+    if lacking:
+        raise _NoData(f"no results for {', '.join(lacking)}")
+
+
+def _spread(data: dict, in_a, in_b, match, label: str, multi_seed: bool) -> dict:
+    """Is the A − B difference larger than seed-to-seed spread? (Paired bootstrap; see SPREAD_METHOD.)"""
+    if not multi_seed:
+        return {"exceeds_seed_spread": None, "text": "n/a: one seed per config, no seed spread can be estimated"}
+    a = {match(p): v for p, v in data.items() if in_a(p)}
+    b = {match(p): v for p, v in data.items() if in_b(p)}
+    keys = sorted(a.keys() & b.keys())
+    if not keys:
+        return {"exceeds_seed_spread": None, "text": "n/a: no matched pairs"}
+    d = [a[k] - b[k] for k in keys]
+    lo, hi = paired_bootstrap_ci(d)
+    exceeds = lo > 0 or hi < 0
+    return {"difference": label, "mean_diff": float(np.mean(d)), "ci95": [lo, hi], "n_pairs": len(keys),
+            "exceeds_seed_spread": exceeds,
+            "text": f"{label} = {np.mean(d):+.2f}, 95% CI [{lo:+.2f}, {hi:+.2f}] over {len(keys)} pairs: "
+                    + ("exceeds seed spread" if exceeds else "within seed spread")}
+
+
+EXTREME = {"exceeds_seed_spread": None, "text": "n/a: a claim about a single best value, not a mean difference"}
+A_PAIR, B_PAIR = (200, _f(0.08)), (1000, _f(0.02))
+CLAIM_CONFIG = ("cosine", 200, "ddpm")
+
+
+def _claim1(data, ms):
+    means = _means(data, lambda p: p.schedule)
+    _need(means, "quadratic")
+    others = {s: m for s, m in means.items() if s != "quadratic"}
+    if not others:
+        raise _NoData("no other schedule to compare with")
+    rival = min(others, key=others.get)
+    numbers = "mean best FID: " + ", ".join(f"{s} {m:.2f}" for s, m in sorted(means.items(), key=lambda x: x[1]))
+    return means["quadratic"] < means[rival], numbers, _spread(
+        data, lambda p: p.schedule == "quadratic", lambda p: p.schedule == rival,
+        lambda p: (p.timesteps, p.beta_end, p.sampler, p.seed), f"quadratic − {rival}", ms)
+
+
+def _claim2(data, ms):
+    if not any(p.schedule == "cosine" for p in data):
+        raise _NoData("no cosine results")
+    best = min(data, key=data.get)
+    numbers = f"lowest single best FID {data[best]:.2f} ({_label(best)})"
+    others = {p: v for p, v in data.items() if p.schedule != "cosine"}
+    if best.schedule == "cosine" and others:
+        rival = min(others, key=others.get)
+        numbers += f"; lowest non-cosine {others[rival]:.2f} ({_label(rival)})"
+    elif best.schedule != "cosine":
+        cos = min((p for p in data if p.schedule == "cosine"), key=data.get)
+        numbers += f"; lowest cosine {data[cos]:.2f} ({_label(cos)})"
+    return best.schedule == "cosine", numbers, EXTREME
+
+
+def _claim3(data, ms):
+    means = _means(data, lambda p: (p.timesteps, p.beta_end))
+    _need(means, A_PAIR, B_PAIR)
+    numbers = (f"mean best FID: T=200, β_end=0.08 {means[A_PAIR]:.2f}; T=1000, β_end=0.02 {means[B_PAIR]:.2f}; "
+               f"difference {means[A_PAIR] - means[B_PAIR]:+.2f}")
+    pair = lambda p: (p.timesteps, p.beta_end)  # noqa: E731
+    return means[A_PAIR] < means[B_PAIR], numbers, _spread(
+        data, lambda p: pair(p) == A_PAIR, lambda p: pair(p) == B_PAIR, lambda p: (p.schedule, p.sampler, p.seed),
+        "(T=200, β_end=0.08) − (T=1000, β_end=0.02)", ms)
+
+
+def _claim4(data, ms):
+    means = _means(data, lambda p: p.sampler)
+    _need(means, "ddpm", "ddim")
+    numbers = f"mean best FID: ddpm {means['ddpm']:.2f}, ddim {means['ddim']:.2f}; " \
+              f"difference {means['ddpm'] - means['ddim']:+.2f}"
+    return means["ddpm"] < means["ddim"], numbers, _spread(
+        data, lambda p: p.sampler == "ddpm", lambda p: p.sampler == "ddim",
+        lambda p: (p.schedule, p.timesteps, p.beta_end, p.seed), "ddpm − ddim", ms)
+
+
+def _claim5(data, ms):
+    mins = {m: min((p for p in data if p.sampler == m), key=data.get) for m in ("ddpm", "ddim")
+            if any(p.sampler == m for p in data)}
+    _need(mins, "ddpm", "ddim")
+    numbers = "; ".join(f"lowest {m} {data[p]:.2f} ({_label(p)})" for m, p in mins.items())
+    return data[mins["ddpm"]] < data[mins["ddim"]], numbers, EXTREME
+
+
+def _claim6(data, ms):
+    configs = _means(data, lambda p: p.config)
+    claimed = {c: v for c, v in configs.items() if (c[0], c[1], c[3]) == CLAIM_CONFIG}
+    if not claimed:
+        raise _NoData("no cosine, T=200, ddpm results")
+    best = min(configs, key=configs.get)
+    holds = (best[0], best[1], best[3]) == CLAIM_CONFIG
+    rivals = {c: v for c, v in configs.items() if c not in claimed}
+    numbers = f"best config {_label(best)}: mean best FID {configs[best]:.2f}"
+    if not rivals:
+        return holds, numbers, {"exceeds_seed_spread": None, "text": "n/a: no other config to compare with"}
+    a = min(claimed, key=claimed.get)
+    b = min(rivals, key=rivals.get)
+    if holds:
+        numbers += f"; runner-up {_label(b)} {configs[b]:.2f}"
+    else:
+        numbers += f"; best cosine/T=200/ddpm {_label(a)} {configs[a]:.2f}"
+    return holds, numbers, _spread(data, lambda p: p.config == a, lambda p: p.config == b, lambda p: p.seed,
+                                   f"({_label(a)}) − ({_label(b)})", ms)
+
+
+CLAIMS = [
+    (1, "quadratic had the lowest mean FID among schedules", lambda p: True, _claim1),
+    (2, "cosine had the best single FID", lambda p: True, _claim2),
+    (3, "T=200 with β_end=0.08 beat T=1000 with β_end=0.02 (lower mean FID)",
+     lambda p: (p.timesteps, p.beta_end) in (A_PAIR, B_PAIR), _claim3),
+    (4, "DDPM beat DDIM in mean FID", lambda p: p.sampler in ("ddpm", "ddim"), _claim4),
+    (5, "DDPM beat DDIM in best (min) FID", lambda p: p.sampler in ("ddpm", "ddim"), _claim5),
+    (6, "the best config was cosine, T=200, DDPM", lambda p: True, _claim6),
+]
+
+
+def check_claims(complete: dict, expected: list[Point], multi_seed: bool) -> list[dict]:
+    """Each claim needs every grid point it is about to be COMPLETE; otherwise it is undetermined, and
+    the numbers so far are shown anyway."""
+    fid = {p: r["best_fid"] for p, r in complete.items()}
+    out = []
+    for number, text, about, evaluate in CLAIMS:
+        relevant = [p for p in expected if about(p)]
+        lacking = [p for p in relevant if p not in fid]
+        try:
+            holds, numbers, spread = evaluate({p: fid[p] for p in relevant if p in fid}, multi_seed)
+        except _NoData as err:
+            holds, numbers, spread = None, str(err), {"exceeds_seed_spread": None, "text": "n/a"}
+        if holds is None or lacking:
+            verdict = UNDETERMINED
+            if lacking:
+                numbers = f"{len(lacking)} of {len(relevant)} needed grid points lack a COMPLETE result; " \
+                          f"so far: {numbers}"
+        else:
+            verdict = HOLDS if holds else NOT_HOLDS
+        out.append({"claim": number, "text": text, "verdict": verdict, "numbers": numbers, "spread": spread,
+                    "points_needed": len(relevant), "points_lacking": len(lacking)})
+    return out
+
+
+def _prepare(records: list[dict], study: dict):
+    records = sort_records([normalize_record(r) for r in records])
+    expected = grid_points(study.get("grid"), records)
+    return (records, expected, *select_points(records, expected))
+
+
+def analyse(records: list[dict], study: dict) -> dict:
+    """Everything the report says, as plain data (this is report.json, less the figure notes and files)."""
+    records, expected, complete, missing, off_grid = _prepare(records, study)
+    seeds = sorted({p.seed for p in complete})
+    table = config_table(complete)
+    return {"study_name": study.get("study_name"), "grid": study.get("grid"), "fixed": study.get("fixed") or {},
+            "points_expected": len(expected), "points_complete": len(complete), "partial": bool(missing),
+            "seeds": seeds, "multi_seed": len(seeds) > 1, "spread_method": SPREAD_METHOD,
+            "configs": table, "best": table[0] if table else None,
+            "means": group_means(complete, expected),
+            "claims": check_claims(complete, expected, len(seeds) > 1),
+            "missing": missing, "off_grid_runs": [r["run_id"] or r["trial"] for r in off_grid]}
+
+
+# -- rendering ----------------------------------------------------------------------------------------------
+def _num(x, fmt=".2f") -> str:
+    return "–" if x is None else format(x, fmt)
+
+
+def _pm(mean, std) -> str:
+    return _num(mean) + ("" if std is None else f" ± {std:.2f}")
+
+
+def _group_label(g) -> str:
+    return f"T={g[0]}, β_end={g[1]:g}" if isinstance(g, list) else str(g)
+
+
+def report_blocks(a: dict, montage_missing: list[str]) -> list[tuple]:
+    """The report as blocks: (h1|h2|p, text), (ul, items), (table, headers, rows), (img, file, alt)."""
+    b = [("h1", f"Study `{a['study_name']}`: report")]
+    n, k = a["points_expected"], a["points_complete"]
+    b.append(("p", f"**PARTIAL: {k} of {n} grid points complete.** Claims that need the missing points are "
+                   "undetermined; means use the complete points only." if a["partial"]
+              else f"Complete: all {n} grid points have a COMPLETE result."))
+    grid = a["grid"] or {}
+    dims = "; ".join(f"{key} = {v}" for key, v in grid.items())
+    fixed = ", ".join(f"{key}={v}" for key, v in a["fixed"].items())
+    b.append(("p", f"Grid: {dims}." + (f" Fixed: {fixed}." if fixed else "")))
+    b.append(("p", "best FID = the final FID of each config's best epoch; the best epoch is chosen by the per-epoch "
+                   "selection FID (best_fid_select, fewer samples). Lower is better."))
+    if a["multi_seed"]:
+        b.append(("p", f"Seeds {a['seeds']}: values are mean ± std (sample std, ddof=1) over seeds. "
+                       f"Seed spread method: {a['spread_method']}."))
+    else:
+        b.append(("p", f"One seed ({a['seeds'] or 'none'}): no seed-to-seed spread can be estimated, so no "
+                       "difference below can be told apart from seed noise."))
+    b.append(("p", "Note: the cosine schedule ignores beta_start/beta_end; its two settings differ only in T."))
+
+    b.append(("h2", "Best config"))
+    best = a["best"]
+    b.append(("p", "none (no complete result)" if best is None else
+              f"**{_label((best['schedule'], best['timesteps'], best['beta_end'], best['sampler']))}**: best FID "
+              f"{_pm(best['best_fid_mean'], best['best_fid_std'])} (best epoch "
+              f"{', '.join(map(str, best['best_epoch']))})"))
+
+    b.append(("h2", "Reference claims"))
+    b.append(("table", ["#", "claim", "verdict", "numbers", "vs seed spread"],
+              [[c["claim"], c["text"], f"**{c['verdict']}**", c["numbers"], c["spread"]["text"]]
+               for c in a["claims"]]))
+
+    b.append(("h2", "All configs (sorted by best FID)"))
+    b.append(("table", ["schedule", "T", "β_end", "sampler", "seeds", "best FID", "best epoch", "best_fid_select",
+                        "train s", "final sampling s"],
+              [[r["schedule"], r["timesteps"], f"{r['beta_end']:g}", r["sampler"], len(r["seeds"]),
+                _pm(r["best_fid_mean"], r["best_fid_std"]), ", ".join(map(str, r["best_epoch"])),
+                _num(r["best_fid_select_mean"]), _num(r["train_seconds_mean"], ".0f"),
+                _num(r["final_sampling_seconds_mean"], ".1f")] for r in a["configs"]]))
+
+    titles = {"schedule": "schedule", "timesteps_beta_end": "(T, β_end)", "sampler": "sampler"}
+    for key, title in titles.items():
+        b.append(("h2", f"Mean best FID by {title}"))
+        b.append(("table", [title, "mean", "std", "n (complete / expected)"],
+                  [[_group_label(g["group"]), _num(g["mean"]), _num(g["std"]), f"{g['n']} / {g['n_expected']}"]
+                   for g in a["means"][key]]))
+
+    b.append(("h2", "Missing / incomplete"))
+    b.append(("ul", [f"{_label(tuple(m['point'].values()))}: {m['state']}"
+                     + ("" if m["trial"] is None else f" (trial {m['trial']})") for m in a["missing"]]
+              or ["none"]))
+    if a["off_grid_runs"]:
+        b.append(("p", f"Ignored {len(a['off_grid_runs'])} complete run(s) outside the grid: {a['off_grid_runs']}"))
+
+    b.append(("h2", "Figures"))
+    b.append(("img", "fid_vs_epoch.png", "selection FID against epoch, every config"))
+    b.append(("img", "mean_fid_bars.png", "mean best FID by schedule, (T, β_end) and sampler"))
+    b.append(("img", "samples_montage.png", "each config's samples at its best epoch"))
+    if montage_missing:
+        b.append(("p", "Sample grids not found (left out of the montage): " + "; ".join(montage_missing) + "."))
+    b.append(("img", "schedules.png", "alpha_bar and log-SNR of the grid's schedule settings"))
+    return b
+
+
+def to_markdown(blocks: list[tuple]) -> str:
+    out = []
+    for kind, *rest in blocks:
+        if kind in ("h1", "h2"):
+            out.append("#" * int(kind[1]) + " " + rest[0])
+        elif kind == "p":
+            out.append(rest[0])
+        elif kind == "ul":
+            out.append("\n".join(f"- {i}" for i in rest[0]))
+        elif kind == "table":
+            head, rows = rest
+            cell = lambda x: str(x).replace("|", "\\|")  # noqa: E731
+            out.append("\n".join(["| " + " | ".join(map(cell, head)) + " |", "|" + "---|" * len(head)]
+                                 + ["| " + " | ".join(map(cell, r)) + " |" for r in rows]))
+        elif kind == "img":
+            out.append(f"![{rest[1]}]({rest[0]})")
+    return "\n\n".join(out) + "\n"
+
+
+def _inline(text) -> str:
+    s = html.escape(str(text))
+    s = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", s)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", s)
+
+
+def to_html(blocks: list[tuple], title: str) -> str:
+    out = []
+    for kind, *rest in blocks:
+        if kind in ("h1", "h2", "p"):
+            out.append(f"<{kind}>{_inline(rest[0])}</{kind}>")
+        elif kind == "ul":
+            out.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in rest[0]) + "</ul>")
+        elif kind == "table":
+            head, rows = rest
+            out.append("<table><tr>" + "".join(f"<th>{_inline(h)}</th>" for h in head) + "</tr>"
+                       + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in rows)
+                       + "</table>")
+        elif kind == "img":
+            out.append(f'<p><img src="{html.escape(rest[0])}" alt="{html.escape(rest[1])}"></p>')
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:3px 6px;font-size:90%}img{max-width:100%}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n")
+
+
+# -- figures ------------------------------------------------------------------------------------------------
+def fid_vs_epoch_figure(complete: dict):
+    """Selection FID against epoch, one panel per schedule; with several seeds, the seed mean per epoch."""
+    from .plots import plt
+    by_cfg = defaultdict(list)
+    for p, r in complete.items():
+        by_cfg[p.config].append(r["epoch_fids"])
+    schedules = list(dict.fromkeys(c[0] for c in by_cfg)) or ["(no results)"]
+    fig, axes = plt.subplots(1, len(schedules), figsize=(4 * len(schedules), 3.6), sharey=True, squeeze=False)
+    for ax, s in zip(axes[0], schedules):
+        for cfg in sorted(c for c in by_cfg if c[0] == s):
+            epochs = sorted(set.intersection(*(set(f) for f in by_cfg[cfg])))
+            ys = [np.mean([f[e] for f in by_cfg[cfg]]) for e in epochs]
+            ax.plot(epochs, ys, marker=".", label=f"T={cfg[1]} β={cfg[2]:g} {cfg[3]}")
+        ax.set(title=s, xlabel="epoch")
+        ax.grid(alpha=0.3)
+        if ax.get_lines():
+            ax.set_yscale("log")  # FID falls by an order of magnitude over training
+            ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("selection FID")
+    fig.tight_layout()
+    return fig
+
+
+def mean_bars_figure(means: dict):
+    from .plots import plt
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, (key, title) in zip(axes, [("schedule", "schedule"), ("timesteps_beta_end", "(T, β_end)"),
+                                       ("sampler", "sampler")]):
+        groups = [g for g in means[key] if g["mean"] is not None]
+        x = range(len(groups))
+        ax.bar(x, [g["mean"] for g in groups], yerr=[g["std"] or 0 for g in groups], capsize=4,
+               color=[f"C{i}" for i in x])
+        ax.set_xticks(list(x), [_group_label(g["group"]) for g in groups], fontsize=8)
+        ax.set(title=f"by {title}", ylabel="mean best FID (± std)")
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig
+
+
+def montage_figure(complete: dict, configs: list[dict]):
+    """Each config's grid at its best epoch (of its best seed); returns (figure, configs without a grid file)."""
+    from PIL import Image
+    from .plots import plt
+    shown, absent = [], []
+    for row in sorted(configs, key=lambda r: (r["schedule"], r["timesteps"], r["sampler"])):
+        cfg = (row["schedule"], row["timesteps"], row["beta_end"], row["sampler"])
+        p, r = min(((p, r) for p, r in complete.items() if p.config == cfg), key=lambda x: x[1]["best_fid"])
+        path = Path(r["samples_dir"]) / f"epoch-{r['best_epoch']:03d}.png" if r["samples_dir"] else None
+        if path is not None and path.is_file():
+            shown.append((p, r, path))
+        else:
+            absent.append(_label(cfg) + (f" ({path})" if path else " (no samples_dir)"))
+    cols = min(4, max(1, len(shown)))
+    rows = max(1, -(-len(shown) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.3 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (p, r, path) in zip(axes.flat, shown):
+        with Image.open(path) as im:
+            ax.imshow(np.asarray(im.convert("L")), cmap="gray")
+        ax.set_title(f"{p.schedule} T={p.timesteps} β={p.beta_end:g} {p.sampler}\n"
+                     f"FID {r['best_fid']:.2f} @ epoch {r['best_epoch']}", fontsize=8)
+    if not shown:
+        axes[0][0].text(0.5, 0.5, "no sample grids found", ha="center", va="center")
+    fig.tight_layout()
+    return fig, absent
+
+
+def schedule_settings(expected: list[Point], fixed: dict) -> list[tuple]:
+    """(schedule, T, beta_start, beta_end) for each distinct schedule setting in the grid."""
+    b0 = float(fixed.get("beta_start", 1e-4))
+    return list(dict.fromkeys((p.schedule, p.timesteps, b0, p.beta_end) for p in expected))
+
+
+def write_report(records: list[dict], study: dict, out_dir: Path, *, tracker=None) -> dict:
+    """Write report.md/.html/.json and the figures into out_dir; log them to `tracker` under report/."""
+    from . import plots
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    a = analyse(records, study)
+    _, expected, complete, _, _ = _prepare(records, study)
+
+    plots.save(fid_vs_epoch_figure(complete), out_dir / "fid_vs_epoch.png")
+    plots.save(mean_bars_figure(a["means"]), out_dir / "mean_fid_bars.png")
+    fig, montage_missing = montage_figure(complete, a["configs"])
+    plots.save(fig, out_dir / "samples_montage.png")
+    plots.save(plots.schedule_figure(schedule_settings(expected, a["fixed"])), out_dir / "schedules.png")
+
+    a["montage_missing"] = montage_missing
+    blocks = report_blocks(a, montage_missing)
+    (out_dir / "report.md").write_text(to_markdown(blocks))
+    (out_dir / "report.html").write_text(to_html(blocks, f"Study {a['study_name']}"))
+    a["files"] = ["report.md", "report.html", "report.json", *FIGURES]
+    (out_dir / "report.json").write_text(json.dumps(a, indent=2, default=str))
+    if tracker is not None:
+        for name in a["files"]:
+            tracker.log_artifact(out_dir / name, "report")
+    return a
