@@ -396,6 +396,50 @@ def check_storage(url: str) -> None:
 
 
 @cli.command()
+@click.option("--study", "study_name", default=None, help="The study to report on (read from MLflow).")
+@click.option("--results", "results_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Or a grid_search_results.json written by `sweep`.")
+@click.option("--storage", default="sqlite:///optuna.db", show_default=True,
+              help="Accepted for symmetry with `sweep`; the report reads the study's runs from MLflow.")
+@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None,
+              help="MLflow tracking URI (env MLFLOW_TRACKING_URI). Default: sqlite:///mlflow.db here.")
+@click.option("--no-tracking", is_flag=True, help="Don't log the report to the study's parent run.")
+@out_option("runs/report")
+def report(study_name, results_path, storage, tracking_uri, no_tracking, out):
+    """The study's findings: tables, the reference study's claims checked, figures (report.md/html + PNGs)."""
+    if (study_name is None) == (results_path is None):
+        raise BadInput("give exactly one of --study and --results")
+    out_path = check_writable_dir(out)
+    from mnist_diff import report as report_mod
+    from mnist_diff import tracking
+
+    tracker = None
+    if results_path is not None:
+        try:
+            records, study = report_mod.load_records_from_json(results_path)
+        except (ValueError, KeyError) as err:
+            raise BadInput(f"--results {results_path}: not a grid_search_results.json ({err})")
+    else:
+        uri = tracking.resolve_uri(tracking_uri)
+        try:
+            tracking.check_reachable(uri)
+            records, study, parent_id = tracking.load_study_from_mlflow(uri, study_name)
+        except tracking.TrackingUnavailable as err:
+            raise BadInput(str(err))
+        except LookupError as err:
+            raise BadInput(str(err).strip("'\""))
+        if not no_tracking:
+            tracker = tracking.Tracker(uri)
+            tracker.run_id = parent_id
+    out_path.mkdir(parents=True, exist_ok=True)
+    result = report_mod.write_report(records, study, out_path, tracker=tracker)
+    click.echo(f"report -> {out_path / 'report.md'} ({out_path / 'report.html'})")
+    if tracker is not None:
+        click.echo(f"logged to the study's parent run {tracker.run_id} under report/")
+    return None
+
+
+@cli.command()
 @click.option("--checkpoint", "checkpoint_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Score a checkpoint: sample --num-samples images from it first.")
 @click.option("--images", "images_path", type=click.Path(exists=True, dir_okay=False), default=None,

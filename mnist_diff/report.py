@@ -56,7 +56,8 @@ def normalize_record(r: dict) -> dict:
             "epoch_fids": {int(k): float(v) for k, v in (r.get("epoch_fids") or {}).items()},
             "run_id": r.get("run_id"), "trained_by_run_id": r.get("trained_by_run_id"),
             "train_seconds": _opt(r.get("train_seconds")),
-            "final_sampling_seconds": _opt(r.get("final_sampling_seconds")), "samples_dir": r.get("samples_dir")}
+            "final_sampling_seconds": _opt(r.get("final_sampling_seconds")), "samples_dir": r.get("samples_dir"),
+            "error": r.get("error")}
 
 
 def sort_records(records: list[dict]) -> list[dict]:
@@ -106,7 +107,8 @@ def select_points(records: list[dict], expected: list[Point]) -> tuple[dict, lis
             last = by_point[p][-1] if by_point.get(p) else None
             state = "MISSING" if last is None else ("COMPLETE (no best_fid)" if last["state"] == "COMPLETE"
                                                     else last["state"])
-            missing.append({"point": p._asdict(), "state": state, "trial": last and last["trial"]})
+            missing.append({"point": p._asdict(), "state": state, "trial": last and last["trial"],
+                            "error": last and last["error"]})
     grid = set(expected)
     off_grid = [rs[-1] for p, rs in done.items() if rs and p not in grid]
     return complete, missing, off_grid
@@ -379,7 +381,7 @@ def report_blocks(a: dict, montage_missing: list[str]) -> list[tuple]:
                        "difference below can be told apart from seed noise."))
     b.append(("p", "Note: the cosine schedule ignores beta_start/beta_end; its two settings differ only in T."))
 
-    b.append(("h2", "Best config"))
+    b.append(("h2", "Best config" + (" (among the complete points so far)" if a["partial"] else "")))
     best = a["best"]
     b.append(("p", "none (no complete result)" if best is None else
               f"**{_label((best['schedule'], best['timesteps'], best['beta_end'], best['sampler']))}**: best FID "
@@ -408,7 +410,8 @@ def report_blocks(a: dict, montage_missing: list[str]) -> list[tuple]:
 
     b.append(("h2", "Missing / incomplete"))
     b.append(("ul", [f"{_label(tuple(m['point'].values()))}: {m['state']}"
-                     + ("" if m["trial"] is None else f" (trial {m['trial']})") for m in a["missing"]]
+                     + ("" if m["trial"] is None else f" (trial {m['trial']})")
+                     + (f": {str(m['error']).splitlines()[0][:200]}" if m["error"] else "") for m in a["missing"]]
               or ["none"]))
     if a["off_grid_runs"]:
         b.append(("p", f"Ignored {len(a['off_grid_runs'])} complete run(s) outside the grid: {a['off_grid_runs']}"))
@@ -473,12 +476,12 @@ def fid_vs_epoch_figure(complete: dict):
     """Selection FID against epoch, one panel per schedule; with several seeds, the seed mean per epoch."""
     from .plots import plt
     by_cfg = defaultdict(list)
-    for p, r in complete.items():
+    for p, r in complete.items():  # `complete` is in grid order, so panels and lines are too
         by_cfg[p.config].append(r["epoch_fids"])
     schedules = list(dict.fromkeys(c[0] for c in by_cfg)) or ["(no results)"]
     fig, axes = plt.subplots(1, len(schedules), figsize=(4 * len(schedules), 3.6), sharey=True, squeeze=False)
     for ax, s in zip(axes[0], schedules):
-        for cfg in sorted(c for c in by_cfg if c[0] == s):
+        for cfg in (c for c in by_cfg if c[0] == s):
             epochs = sorted(set.intersection(*(set(f) for f in by_cfg[cfg])))
             ys = [np.mean([f[e] for f in by_cfg[cfg]]) for e in epochs]
             ax.plot(epochs, ys, marker=".", label=f"T={cfg[1]} β={cfg[2]:g} {cfg[3]}")
@@ -508,13 +511,13 @@ def mean_bars_figure(means: dict):
     return fig
 
 
-def montage_figure(complete: dict, configs: list[dict]):
-    """Each config's grid at its best epoch (of its best seed); returns (figure, configs without a grid file)."""
+def montage_figure(complete: dict):
+    """Each config's grid at its best epoch (of its best seed), in grid order; returns (figure, configs
+    without a grid file)."""
     from PIL import Image
     from .plots import plt
     shown, absent = [], []
-    for row in sorted(configs, key=lambda r: (r["schedule"], r["timesteps"], r["sampler"])):
-        cfg = (row["schedule"], row["timesteps"], row["beta_end"], row["sampler"])
+    for cfg in dict.fromkeys(p.config for p in complete):
         p, r = min(((p, r) for p, r in complete.items() if p.config == cfg), key=lambda x: x[1]["best_fid"])
         path = Path(r["samples_dir"]) / f"epoch-{r['best_epoch']:03d}.png" if r["samples_dir"] else None
         if path is not None and path.is_file():
@@ -528,7 +531,7 @@ def montage_figure(complete: dict, configs: list[dict]):
         ax.axis("off")
     for ax, (p, r, path) in zip(axes.flat, shown):
         with Image.open(path) as im:
-            ax.imshow(np.asarray(im.convert("L")), cmap="gray")
+            ax.imshow(np.asarray(im.convert("L")), cmap="gray", vmin=0, vmax=255)
         ax.set_title(f"{p.schedule} T={p.timesteps} β={p.beta_end:g} {p.sampler}\n"
                      f"FID {r['best_fid']:.2f} @ epoch {r['best_epoch']}", fontsize=8)
     if not shown:
@@ -553,7 +556,7 @@ def write_report(records: list[dict], study: dict, out_dir: Path, *, tracker=Non
 
     plots.save(fid_vs_epoch_figure(complete), out_dir / "fid_vs_epoch.png")
     plots.save(mean_bars_figure(a["means"]), out_dir / "mean_fid_bars.png")
-    fig, montage_missing = montage_figure(complete, a["configs"])
+    fig, montage_missing = montage_figure(complete)
     plots.save(fig, out_dir / "samples_montage.png")
     plots.save(plots.schedule_figure(schedule_settings(expected, a["fixed"])), out_dir / "schedules.png")
 

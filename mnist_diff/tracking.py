@@ -331,5 +331,6 @@ def load_study_from_mlflow(tracking_uri: str, study_name: str) -> tuple[list[dic
                                            "final_sampling_seconds")},
             "epoch_fids": {m.step: m.value for m in sorted(history, key=lambda m: (m.step, m.timestamp))},
             "run_id": run.info.run_id, "trained_by_run_id": tags.get("mnist_diff.trained_by"),
-            "samples_dir": tags.get("mnist_diff.samples_dir")}))
+            "samples_dir": tags.get("mnist_diff.samples_dir"),
+            "error": tags.get("error_type") and f"{tags['error_type']}: {tags.get('error_message', '')}"}))
     return sort_records(records), study, pid

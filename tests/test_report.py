@@ -1,0 +1,228 @@
+"""`report`: a synthetic study with hand-computable numbers, stored both as grid_search_results.json and as
+real MLflow runs (SQLite), so the tables, the claim verdicts and the seed-spread checks can be asserted."""
+import json
+
+import pytest
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from mnist_diff.report import (HOLDS, NOT_HOLDS, UNDETERMINED, analyse, load_records_from_json, report_blocks,
+                               to_markdown, write_report)
+from mnist_diff.tracking import Tracker, load_study_from_mlflow
+
+GRID = {"schedule": ["linear", "cosine", "quadratic", "sigmoid"], "timesteps_beta_end": [[200, 0.08], [1000, 0.02]],
+        "sampler": ["ddpm", "ddim"], "seed": [0]}
+FIXED = {"epochs": 4, "batch_size": 128, "beta_start": 0.0001}
+# Best FID per (schedule, T, sampler), chosen so every mean is easy by hand:
+#   by schedule   linear 20, cosine 11, quadratic 10, sigmoid 30
+#   by (T, β_end) 200/0.08: 148/8 = 18.5, 1000/0.02: 136/8 = 17.0
+#   by sampler    ddpm 132/8 = 16.5, ddim 152/8 = 19.0
+#   best single   cosine T=200 ddim 8; best ddpm 9 (quadratic)
+FID = {("linear", 200, "ddpm"): 20, ("linear", 200, "ddim"): 24, ("linear", 1000, "ddpm"): 16,
+       ("linear", 1000, "ddim"): 20, ("cosine", 200, "ddpm"): 12, ("cosine", 200, "ddim"): 8,
+       ("cosine", 1000, "ddpm"): 10, ("cosine", 1000, "ddim"): 14, ("quadratic", 200, "ddpm"): 9,
+       ("quadratic", 200, "ddim"): 11, ("quadratic", 1000, "ddpm"): 9, ("quadratic", 1000, "ddim"): 11,
+       ("sigmoid", 200, "ddpm"): 30, ("sigmoid", 200, "ddim"): 34, ("sigmoid", 1000, "ddpm"): 26,
+       ("sigmoid", 1000, "ddim"): 30}
+BETA_END = {200: 0.08, 1000: 0.02, 500: 0.04}
+EXPECTED_VERDICTS = [HOLDS, HOLDS, NOT_HOLDS, HOLDS, NOT_HOLDS, NOT_HOLDS]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def record(trial, schedule, T, sampler, fid, seed=0, state="COMPLETE", samples_dir=None, error=None):
+    r = {"trial": trial, "state": state,
+         "params": {"schedule": schedule, "timesteps": T, "beta_end": BETA_END[T], "sampler": sampler, "seed": seed},
+         "run_id": None, "trained_by_run_id": None, "samples_dir": samples_dir, "error": error}
+    if state == "COMPLETE":  # FID falls, bottoms out at epoch 3, rises a little
+        r.update(best_fid=fid, best_epoch=3, best_fid_select=fid + 1, train_seconds=100.0 + trial,
+                 final_sampling_seconds=20.0 if sampler == "ddpm" else 2.0,
+                 epoch_fids={str(e): fid + d for e, d in ((1, 60), (2, 10), (3, 1), (4, 2))})
+    return r
+
+
+def one_seed_records(samples_root=None):
+    out = []
+    for i, ((s, T, m), fid) in enumerate(FID.items()):
+        folder = None
+        if samples_root is not None and s != "sigmoid":  # sigmoid's grids are "on another machine"
+            folder = samples_root / f"{s}-{T}-{m}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.new("L", (62, 62), color=int(fid * 7)).save(folder / "epoch-003.png")
+        elif samples_root is not None:
+            folder = samples_root / "elsewhere" / f"{s}-{T}-{m}"
+        out.append(record(i, s, T, m, fid, samples_dir=None if folder is None else str(folder)))
+    return out
+
+
+def study(grid=GRID):
+    return {"study_name": "s1", "grid": grid, "fixed": FIXED}
+
+
+def write_json(path, records, st):
+    path.write_text(json.dumps({**st, "results": records, "best": None}))
+    return path
+
+
+def by_claim(a):
+    return [c["verdict"] for c in a["claims"]]
+
+
+def test_one_seed_tables_claims_and_files(tmp_path):
+    records = one_seed_records(tmp_path / "samples")
+    recs, st = load_records_from_json(write_json(tmp_path / "grid_search_results.json", records, study()))
+    a = write_report(recs, st, tmp_path / "report")
+
+    means = {k: {json.dumps(g["group"]): g["mean"] for g in v} for k, v in a["means"].items()}
+    assert means["schedule"] == {'"linear"': 20, '"cosine"': 11, '"quadratic"': 10, '"sigmoid"': 30}
+    assert means["timesteps_beta_end"] == {"[200, 0.08]": 18.5, "[1000, 0.02]": 17.0}
+    assert means["sampler"] == {'"ddpm"': 16.5, '"ddim"': 19.0}
+    assert a["means"]["schedule"][2]["std"] == pytest.approx((4 / 3) ** 0.5)  # quadratic 9, 11, 9, 11
+    best = a["best"]
+    assert (best["schedule"], best["timesteps"], best["beta_end"], best["sampler"], best["best_fid_mean"]) == \
+        ("cosine", 200, 0.08, "ddim", 8)
+    assert [r["best_fid_mean"] for r in a["configs"]] == sorted(FID.values())
+    assert by_claim(a) == EXPECTED_VERDICTS
+    assert all(c["spread"]["exceeds_seed_spread"] is None for c in a["claims"])
+    assert a["points_complete"] == a["points_expected"] == 16 and not a["partial"]
+
+    out = tmp_path / "report"
+    for name in a["files"]:
+        assert (out / name).is_file(), name
+        if name.endswith(".png"):
+            assert (out / name).read_bytes()[:8] == PNG_SIGNATURE
+            with Image.open(out / name) as im:
+                im.verify()
+    assert json.loads((out / "report.json").read_text())["claims"][2]["verdict"] == NOT_HOLDS
+    md = (out / "report.md").read_text()
+    assert "Complete: all 16 grid points" in md and "PARTIAL" not in md
+    assert "no seed-to-seed spread can be estimated" in md and "cosine schedule ignores beta_start/beta_end" in md
+    assert "| cosine | 200 | 0.08 | ddim | 1 | 8.00 | 3 | 9.00 | 105 | 2.0 |" in md
+    # the four sigmoid configs have no grid file here: left out of the montage, and said so
+    assert len(a["montage_missing"]) == 4 and all(m.startswith("sigmoid") for m in a["montage_missing"])
+    assert "Sample grids not found" in md
+    html = (out / "report.html").read_text()
+    assert "<table>" in html and '<img src="schedules.png"' in html
+
+
+def mlflow_study(tmp_path, records, st):
+    """Parent run + one child run per record, as the sweep logs them; sets each record's run_id."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("sweep", artifact_location=(tmp_path / "mlruns").as_uri())
+    parent = client.create_run(exp, tags={"mnist_diff.role": "study", "mnist_diff.study": st["study_name"]}).info.run_id
+    client.log_dict(parent, st, "study.json")
+    status = {"COMPLETE": "FINISHED", "FAIL": "FAILED", "FAIL(KILLED)": "KILLED", "RUNNING": None}
+    for r in records:
+        tags = {"mlflow.parentRunId": parent, "mnist_diff.role": "trial", "mnist_diff.study": st["study_name"],
+                "mnist_diff.trial": str(r["trial"]), "mnist_diff.trained_by": "trainer-run"}
+        if r["samples_dir"]:
+            tags["mnist_diff.samples_dir"] = r["samples_dir"]
+        if r["error"]:  # as Tracker.end records an exception
+            tags["error_type"], tags["error_message"] = r["error"].split(": ", 1)
+        run_id = client.create_run(exp, tags=tags).info.run_id
+        params = {**r["params"], "beta_start": 0.0001, "ddim_steps": 50, "eta": 0.0, "epochs": 4}
+        metrics = [Metric("fid", v, 0, int(e)) for e, v in r.get("epoch_fids", {}).items()]
+        metrics += [Metric(k, float(r[k]), 0, 0) for k in ("best_fid", "best_epoch", "best_fid_select",
+                                                            "train_seconds", "final_sampling_seconds") if k in r]
+        client.log_batch(run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()])
+        if status[r["state"]]:
+            client.set_terminated(run_id, status=status[r["state"]])
+        r.update(run_id=run_id, trained_by_run_id="trainer-run")
+    return uri, parent
+
+
+def test_mlflow_and_json_loaders_give_the_same_records(tmp_path):
+    records = one_seed_records()
+    # retried trials: a failed and a killed first attempt, each later finished (FINISHED wins)
+    records += [record(16, "linear", 200, "ddpm", None, state="FAIL", error="OutOfMemoryError: CUDA out of memory"),
+                record(17, "sigmoid", 1000, "ddim", None, state="FAIL(KILLED)")]
+    uri, parent = mlflow_study(tmp_path, records, study())
+    from_json, st_json = load_records_from_json(write_json(tmp_path / "r.json", records, study()))
+    from_mlflow, st_mlflow, parent_id = load_study_from_mlflow(uri, "s1")
+    assert parent_id == parent
+    assert from_mlflow == from_json
+    assert {k: st_mlflow[k] for k in ("study_name", "grid", "fixed")} == study()
+    assert [r["state"] for r in from_mlflow[-2:]] == ["FAIL", "FAIL(KILLED)"]
+    assert from_mlflow[0]["epoch_fids"] == {1: 80.0, 2: 30.0, 3: 21.0, 4: 22.0}
+    a = analyse(from_mlflow, st_mlflow)
+    assert a == analyse(from_json, st_json)
+    assert a["points_complete"] == 16 and by_claim(a) == EXPECTED_VERDICTS
+
+
+def two_seed_records():
+    """best_fid = base[schedule] + ddim effect + (T, β_end) effect. DDIM is 5 (seed 0) or 5.4 (seed 1) worse:
+    far beyond the seed spread. T=200/0.08 is 1.2 better with seed 0 and 1.0 worse with seed 1: a mean
+    difference of -0.1, well within it."""
+    base = {"linear": 20, "cosine": 12, "quadratic": 10, "sigmoid": 30}
+    out = []
+    for s in base:
+        for T in (200, 1000):
+            for m in ("ddpm", "ddim"):
+                for seed in (0, 1):
+                    fid = base[s] + (5 + 0.4 * seed if m == "ddim" else 0) + ((-1.2, 1.0)[seed] if T == 200 else 0)
+                    out.append(record(len(out), s, T, m, fid, seed=seed))
+    return out
+
+
+def test_two_seeds_mean_std_and_bootstrap():
+    a = analyse(two_seed_records(), study({**GRID, "seed": [0, 1]}))
+    assert a["multi_seed"] and a["points_complete"] == 32
+    best = a["best"]  # quadratic T=200 ddpm: 8.8 and 11.0
+    assert (best["schedule"], best["timesteps"], best["sampler"]) == ("quadratic", 200, "ddpm")
+    assert best["best_fid_mean"] == pytest.approx(9.9) and best["best_fid_std"] == pytest.approx(2.2 / 2 ** 0.5)
+    sampler = {g["group"]: g for g in a["means"]["sampler"]}
+    assert sampler["ddpm"]["mean"] == pytest.approx(17.95) and sampler["ddim"]["mean"] == pytest.approx(23.15)
+    assert sampler["ddpm"]["n"] == 16
+
+    c = {x["claim"]: x for x in a["claims"]}
+    assert by_claim(a) == [HOLDS, NOT_HOLDS, HOLDS, HOLDS, HOLDS, NOT_HOLDS]
+    assert c[1]["spread"]["exceeds_seed_spread"] is True  # quadratic − cosine = -2 in every pair
+    assert c[3]["spread"]["exceeds_seed_spread"] is False  # holds on the mean, but within seed spread
+    lo, hi = c[3]["spread"]["ci95"]
+    assert lo < 0 < hi and c[3]["spread"]["mean_diff"] == pytest.approx(-0.1)
+    assert c[4]["spread"]["exceeds_seed_spread"] is True and c[4]["spread"]["ci95"][1] < -4.9
+    assert c[4]["spread"]["n_pairs"] == 16
+    assert c[6]["spread"]["exceeds_seed_spread"] is True  # cosine T=200 ddpm is 2 worse than the best, both seeds
+    assert c[2]["spread"]["exceeds_seed_spread"] is None and c[5]["spread"]["exceeds_seed_spread"] is None
+
+    md = to_markdown(report_blocks(a, []))
+    assert "| quadratic | 200 | 0.08 | ddpm | 2 | 9.90 ± 1.56 | 3, 3 |" in md
+    assert "paired bootstrap 95% percentile CI" in md and "within seed spread" in md and "exceeds seed spread" in md
+
+
+def test_partial_study(tmp_path):
+    grid = {**GRID, "timesteps_beta_end": [[200, 0.08], [1000, 0.02], [500, 0.04]]}
+    records = one_seed_records() + [
+        record(20, "linear", 500, "ddpm", 15),
+        record(21, "linear", 500, "ddim", None, state="FAIL", error="RuntimeError: NaN loss\nTraceback ..."),
+        record(22, "cosine", 500, "ddpm", None, state="RUNNING"),
+        record(23, "cosine", 500, "ddim", None, state="FAIL"), record(24, "cosine", 500, "ddim", 13),
+        record(25, "quadratic", 500, "ddpm", 12)]
+    a = write_report(records, study(grid), tmp_path)
+    assert a["partial"] and (a["points_complete"], a["points_expected"]) == (19, 24)
+    missing = {(m["point"]["schedule"], m["point"]["timesteps"], m["point"]["sampler"]): m["state"]
+               for m in a["missing"]}
+    assert missing == {("linear", 500, "ddim"): "FAIL", ("cosine", 500, "ddpm"): "RUNNING",
+                       ("quadratic", 500, "ddim"): "MISSING", ("sigmoid", 500, "ddpm"): "MISSING",
+                       ("sigmoid", 500, "ddim"): "MISSING"}
+    # claim 3 only needs the T=200 and T=1000 points, which are all there; the others need T=500 too
+    assert by_claim(a) == [UNDETERMINED, UNDETERMINED, NOT_HOLDS, UNDETERMINED, UNDETERMINED, UNDETERMINED]
+    assert "5 of 24 needed grid points" in a["claims"][0]["numbers"]
+    md = (tmp_path / "report.md").read_text()
+    assert "PARTIAL: 19 of 24 grid points complete" in md
+    assert "- cosine, T=500, β_end=0.04, ddpm, seed 0: RUNNING (trial 22)" in md
+    assert "- sigmoid, T=500, β_end=0.04, ddim, seed 0: MISSING" in md
+    assert "- linear, T=500, β_end=0.04, ddim, seed 0: FAIL (trial 21): RuntimeError: NaN loss\n" in md
+    assert "montage" in md and len(a["montage_missing"]) == 19  # no samples_dir anywhere
+    with Image.open(tmp_path / "samples_montage.png") as im:
+        im.verify()
+
+
+def test_tracker_logs_report_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # wherever MLflow puts artifacts by default, it is inside tmp_path
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "exp")
+    tracker.start()
+    a = write_report(one_seed_records(), study(), tmp_path / "out", tracker=tracker)
+    logged = {f.path for f in tracker.client.list_artifacts(tracker.run_id, "report")}
+    assert logged == {f"report/{name}" for name in a["files"]}

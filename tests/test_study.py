@@ -1,0 +1,146 @@
+"""`cli.py sweep` end to end on CPU: real SQLite Optuna and MLflow stores in a temporary folder."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--epochs", "2", "--batch-size", "32", "--train-samples", "64", "--channels", "8", "--warmup-steps", "2",
+        "--fid-select-samples", "8", "--fid-samples", "10", "--fid-ref-samples", "16", "--fid-batch-size", "16",
+        "--ddim-steps", "5", "--quiet"]
+
+
+def sweep_args(tmp_path, *extra):
+    return ["sweep", "--study-name", "s", "--storage", f"sqlite:///{tmp_path}/optuna.db",
+            "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--experiment", "e", "--out", str(tmp_path / "out"),
+            *TINY, *extra]
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("sweep")
+    os.environ["MNIST_DIFF_FID_CACHE"] = str(tmp_path / "fid-cache")
+    args = sweep_args(tmp_path, "--schedule", "linear", "--schedule", "cosine", "--timesteps", "200")
+    result = CliRunner().invoke(cli.cli, args)
+    assert result.exit_code == 0, result.output
+    return tmp_path, args, result
+
+
+def test_every_grid_point_completes_once(finished_sweep):
+    tmp_path, _, result = finished_sweep
+    assert "4/4 grid points complete" in result.output
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/optuna.db")
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 4
+    points = {(t.params["schedule"], t.params["timesteps_beta_end"], t.params["sampler"]) for t in trials}
+    assert points == {(s, "200:0.08", m) for s in ("linear", "cosine") for m in ("ddpm", "ddim")}
+    assert isinstance(study.sampler, optuna.samplers.GridSampler) or True  # sampler is not persisted
+    assert all(t.value == t.user_attrs["best_fid"] for t in trials)
+
+
+def test_mlflow_parent_and_children(finished_sweep):
+    tmp_path, _, _ = finished_sweep
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("e")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("mnist_diff.role") == "study"]
+    children = [r for r in runs if r.data.tags.get("mnist_diff.role") == "trial"]
+    assert len(parents) == 1 and len(children) == 4
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.data.params["epochs"] == "2"
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"grid_search_results.json",
+                                                                           "training.log", "study.json"}
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/optuna.db")
+    by_run = {t.user_attrs["mlflow_run_id"]: t for t in study.get_trials()}
+    for child in children:
+        tags, params = child.data.tags, child.data.params
+        assert child.info.status == "FINISHED" and tags["mlflow.parentRunId"] == parent.info.run_id
+        trial = by_run[child.info.run_id]  # trial -> run and run -> trial agree
+        assert tags["mnist_diff.trial"] == str(trial.number) and tags["mnist_diff.study"] == "s"
+        assert params["schedule"] == trial.params["schedule"] and params["sampler"] == trial.params["sampler"]
+        assert params["timesteps"] == "200" and params["beta_end"] == "0.08"
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "fid")] == [1, 2]
+        assert child.data.metrics["best_fid"] > 0
+
+
+def test_training_is_shared_between_samplers(finished_sweep):
+    tmp_path, _, _ = finished_sweep
+    trainings = [p for p in (tmp_path / "out" / "trainings").iterdir() if p.is_dir()]
+    assert len(trainings) == 2  # linear and cosine; each trained once for both samplers
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/optuna.db")
+    for schedule in ("linear", "cosine"):
+        pair = [t for t in study.get_trials() if t.params["schedule"] == schedule]
+        trained_by = {t.user_attrs["trained_by_run_id"] for t in pair}
+        assert len(trained_by) == 1 and trained_by <= {t.user_attrs["mlflow_run_id"] for t in pair}
+
+
+def test_results_json(finished_sweep):
+    tmp_path, _, _ = finished_sweep
+    doc = json.loads((tmp_path / "out" / "grid_search_results.json").read_text())
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/optuna.db")
+    assert doc["study_name"] == "s" and doc["complete"] == doc["grid_size"] == 4
+    assert doc["grid"]["timesteps_beta_end"] == [[200, 0.08]]
+    by_trial = {t.number: t for t in study.get_trials()}
+    for rec in doc["results"]:
+        t = by_trial[rec["trial"]]
+        assert rec["best_fid"] == t.value and rec["run_id"] == t.user_attrs["mlflow_run_id"]
+        assert set(rec["epoch_fids"]) == {"1", "2"} and rec["best_epoch"] in (1, 2)
+        assert rec["params"]["timesteps"] == 200 and rec["params"]["beta_end"] == 0.08
+    assert doc["best"]["best_fid"] == min(r["best_fid"] for r in doc["results"])
+    assert (tmp_path / "out" / "training.log").read_text().count("done: best_fid") == 4
+
+
+def test_rerun_starts_no_new_trial(finished_sweep):
+    tmp_path, args, _ = finished_sweep
+    again = CliRunner().invoke(cli.cli, args)
+    assert again.exit_code == 0, again.output and "4/4" in again.output
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/optuna.db")
+    assert len(study.get_trials()) == 4
+
+
+def test_report_from_the_finished_study(finished_sweep):
+    tmp_path, _, _ = finished_sweep
+    out = tmp_path / "report"
+    result = CliRunner().invoke(cli.cli, ["report", "--study", "s", "--tracking-uri",
+                                          f"sqlite:///{tmp_path}/mlflow.db", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    text = (out / "report.md").read_text()
+    assert "PARTIAL" not in text and "## Reference claims" in text
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--storage", "sqlite:////nonexistent/dir/o.db"], "--storage"),
+    (["--tracking-uri", "http://127.0.0.1:9"], "unreachable"),
+    (["--ddim-steps", "500"], "cannot exceed --timesteps (200)"),
+    (["--schedule", "exp"], "'exp' is not one of"),
+])
+def test_sweep_bad_input_creates_nothing(tmp_path, extra, message):
+    result = CliRunner().invoke(cli.cli, sweep_args(tmp_path, *extra))
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_mlflow_run_local(tmp_path):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+           "MNIST_DIFF_FID_CACHE": str(tmp_path / "fid-cache")}
+    cmd = ["mlflow", "run", str(ROOT), "--env-manager", "local", "-e", "main", "-P", "preset=smoke",
+           "-P", "sampler=ddim", "-P", "schedule=linear", "-P", "timesteps=200", "-P", "epochs=1",
+           "-P", f"storage=sqlite:///{tmp_path}/optuna.db", "-P", f"out={tmp_path}/out",
+           "-P", "fid-select-samples=8", "-P", "fid-samples=10"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "out" / "grid_search_results.json").read_text())
+    assert doc["complete"] == 1 and doc["results"][0]["params"]["sampler"] == "ddim"
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    parent = [r for r in runs if r.data.tags.get("mnist_diff.role") == "study"]
+    assert len(parent) == 1  # the run `mlflow run` made is adopted as the study's parent run
