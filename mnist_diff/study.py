@@ -238,21 +238,22 @@ def write_results(study: optuna.Study, sweep: Sweep) -> dict:
 
 
 def _retry_interrupted(study: optuna.Study) -> int:
-    """Trials that FAILed because their worker was stopped (SIGTERM, Ctrl-C; stale heartbeats are retried by
-    Optuna's callback) are queued again, unless their grid point completed since. A trial that failed by
-    its own error (e.g. NonFiniteLoss) is not: running it again would fail the same way."""
-    trials = study.get_trials(deepcopy=False)
-    covered = {tuple(sorted(t.params.items())) for t in trials
-               if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING,
-                              optuna.trial.TrialState.WAITING)}
+    """Grid points whose last trial FAILed because its worker was stopped (SIGTERM, Ctrl-C) are queued
+    again (stale heartbeats, i.e. kill -9, are re-queued by Optuna's callback). A point with a trial that
+    failed by its own error (e.g. NonFiniteLoss) is not: running it again would fail the same way."""
+    by_point: dict = {}
+    for t in study.get_trials(deepcopy=False):
+        by_point.setdefault(tuple(sorted(t.params.items())), []).append(t)
     queued = 0
-    for t in trials:
-        key = tuple(sorted(t.params.items()))
-        if t.state == optuna.trial.TrialState.FAIL and t.user_attrs.get("interrupted") and key not in covered \
-                and not t.user_attrs.get("retried"):
-            study.enqueue_trial(t.params, user_attrs={"retry_of_trial": t.number})
-            study._storage.set_trial_user_attr(t._trial_id, "retried", True)
-            covered.add(key)
+    S = optuna.trial.TrialState
+    for point, trials in by_point.items():
+        if any(t.state in (S.COMPLETE, S.RUNNING, S.WAITING) for t in trials):
+            continue
+        if any(t.state == S.FAIL and t.user_attrs.get("error") for t in trials):
+            continue
+        last = max(trials, key=lambda t: t.number)
+        if last.state == S.FAIL:
+            study.enqueue_trial(last.params, user_attrs={"retry_of_trial": last.number})
             queued += 1
     return queued
 
