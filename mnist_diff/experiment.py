@@ -118,7 +118,7 @@ def finalize(config: Config, history: list[dict], ckpt_dir: Path, out_dir: Path,
     return result
 
 
-def score_saved_training(config: Config, train_dir, out_dir, *, reference: Reference, tracker=None,
+def score_saved_training(config: Config, train_dir, out_dir, *, reference: Reference, device, tracker=None,
                          progress: bool = True, fid_cache=None) -> dict:
     """Score a model another run trained (same training config, other sampler): per-epoch grids and FIDs
     from its saved EMA weights, then the final FID of the best epoch. Nothing is trained."""
@@ -126,7 +126,6 @@ def score_saved_training(config: Config, train_dir, out_dir, *, reference: Refer
     trained = json.loads((train_dir / "result.json").read_text())
     (out_dir / "samples").mkdir(parents=True, exist_ok=True)
     schedule = make_schedule(config.schedule, config.timesteps, config.beta_start, config.beta_end)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if tracker is not None:
         tracker.log_params({**config.to_dict(), "training_key": config.training_key(),
                             "alpha_bar_T": schedule.alpha_bar_T, "trained_in": str(train_dir)})

@@ -160,7 +160,8 @@ class Objective:
                     tracker.set_tags({"mnist_diff.trained_by": trained_by,
                                       "mnist_diff.samples_dir": trial_dir / "samples"})
                     result = score_saved_training(config, train_dir, trial_dir, reference=reference,
-                                                  tracker=tracker, progress=s.progress)
+                                                  device=self.images_loader().device, tracker=tracker,
+                                                  progress=s.progress)
                 else:
                     trained_by = tracker.run_id
                     tracker.set_tags({"mnist_diff.trained_by": trained_by,
