@@ -151,12 +151,18 @@ def open_tracker(tracking_uri, experiment, no_tracking, **kwargs):
     if no_tracking:
         return None
     from mnist_diff import tracking
+    return tracking.Tracker(checked_tracking_uri(tracking_uri), experiment, **kwargs)
+
+
+def checked_tracking_uri(tracking_uri) -> str:
+    """The resolved MLflow URI, once its store is known to be reachable (exit 2 otherwise). Creates nothing."""
+    from mnist_diff import tracking
     uri = tracking.resolve_uri(tracking_uri)
     try:
         tracking.check_reachable(uri)
     except tracking.TrackingUnavailable as err:
         raise BadInput(str(err))
-    return tracking.Tracker(uri, experiment, **kwargs)
+    return uri
 
 
 def make_config(**fields):
@@ -171,7 +177,7 @@ def pick_device(name: str):
     import torch
     from mnist_diff.train import resolve_device
     if name == "cuda" and not torch.cuda.is_available():
-        raise BadInput("--device cuda: no CUDA device is available")
+        raise BadInput("--device cuda: CUDA is not available on this machine")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise BadInput("--device mps: MPS is not available")
     return resolve_device(name)
@@ -210,7 +216,7 @@ def train(device, data_dir, out, resume, dry_run, quiet, fid_weights, tracking_u
     if not resume and any((out_path / "checkpoints").glob("ckpt-*.pt")):
         raise BadInput(f"--out {out} already holds a training run: pass --resume, or choose another --out")
     dev = pick_device(device)
-    tracker = open_tracker(tracking_uri, experiment, no_tracking, run_name=run_name or default_run_name(config))
+    tracker = open_tracker(tracking_uri, experiment, no_tracking, run_name=run_name or config.short_name())
 
     from mnist_diff.data import load_mnist
     from mnist_diff.evaluate import Reference
@@ -229,13 +235,6 @@ def train(device, data_dir, out, resume, dry_run, quiet, fid_weights, tracking_u
     click.echo(summary_line(result))
     if tracker is not None:
         click.echo(tracker.describe())
-
-
-def default_run_name(config) -> str:
-    name = f"{config.schedule}-T{config.timesteps}"
-    if config.schedule != "cosine":
-        name += f"-b{config.beta_end:g}"
-    return f"{name}-{config.sampler}"
 
 
 def summary_line(result: dict) -> str:
@@ -265,17 +264,22 @@ def sample(checkpoint_path, num_samples, sampler, ddim_steps, eta, seed, batch_s
     dev = pick_device(device)
     from mnist_diff.generate import generate
     from mnist_diff.schedules import make_schedule
-    from mnist_diff.train import load_sampling_model
 
     model, trained, _ = _load_checkpoint(checkpoint_path, dev)
-    config = make_config(**{**trained.to_dict(), **{k: v for k, v in
-                            {"sampler": sampler, "ddim_steps": ddim_steps, "eta": eta}.items() if v is not None}})
+    config = with_sampling(trained, sampler, ddim_steps, eta)
     schedule = make_schedule(config.schedule, config.timesteps, config.beta_start, config.beta_end)
     images = generate(model, schedule, num=num_samples, seed=seed, sampler=config.sampler,
                       ddim_steps=config.ddim_steps, eta=config.eta, batch_size=batch_size,
                       precision=config.precision, progress=not quiet)
     npz, grid = _save_samples(images, out_path, config, seed, checkpoint_path)
     click.echo(f"{num_samples} images ({config.sampler}) -> {npz}, {grid}")
+
+
+def with_sampling(trained, sampler, ddim_steps, eta, **more):
+    """A checkpoint's config with the sampling options the user gave (None keeps the checkpoint's), validated:
+    e.g. --ddim-steps above the checkpoint's --timesteps is exit 2."""
+    given = {"sampler": sampler, "ddim_steps": ddim_steps, "eta": eta}
+    return make_config(**{**trained.to_dict(), **{k: v for k, v in given.items() if v is not None}, **more})
 
 
 def _load_checkpoint(path, device):
@@ -304,7 +308,7 @@ def _save_samples(images, out_path: Path, config, seed: int, source) -> tuple[Pa
 
 # The smoke preset: every grid point through the whole pipeline on CPU in minutes (tiny model, tiny FID).
 SMOKE = {"epochs": 2, "batch_size": 32, "train_samples": 256, "channels": 8, "warmup_steps": 5,
-         "fid_select_samples": 16, "fid_samples": 24, "fid_ref_samples": 64, "fid_batch_size": 64}
+         "fid_select_samples": 8, "fid_samples": 16, "fid_ref_samples": 32, "fid_batch_size": 64}
 
 
 @cli.command()
@@ -354,7 +358,7 @@ def sweep(ctx, study_name, storage, schedules, timesteps_list, samplers, seeds, 
         make_config(**{**base.to_dict(), "timesteps": t, "beta_end": b})
     out_path = check_writable_dir(out)
     check_storage(storage)
-    tracker_probe = open_tracker(tracking_uri, experiment, False)
+    tracking_uri = checked_tracking_uri(tracking_uri)
     pick_device(device)
 
     from mnist_diff.study import Sweep, run_sweep
@@ -363,7 +367,7 @@ def sweep(ctx, study_name, storage, schedules, timesteps_list, samplers, seeds, 
     fixed = {k: v for k, v in base.to_dict().items() if k not in ("schedule", "timesteps", "beta_end", "sampler", "seed")}
     spec = Sweep(study_name=study_name, out_dir=out_path, base=base, schedules=schedules or SCHEDULES,
                  pairs=pairs, samplers=samplers or SAMPLERS, seeds=tuple(range(seeds)), storage=storage,
-                 tracking_uri=tracker_probe.uri, experiment=experiment, data_dir=data_dir, fid_weights=fid_weights,
+                 tracking_uri=tracking_uri, experiment=experiment, data_dir=data_dir, fid_weights=fid_weights,
                  device=device, progress=not quiet, heartbeat=heartbeat, fixed={**fixed, "preset": preset})
     try:
         with StopSignals():
@@ -376,7 +380,7 @@ def sweep(ctx, study_name, storage, schedules, timesteps_list, samplers, seeds, 
         b = doc["best"]
         click.echo(f"best: {b['params']} FID {b['best_fid']:.2f} (epoch {b['best_epoch']})")
     from mnist_diff import tracking
-    click.echo(f"browse: {tracking.ui_command(tracker_probe.uri)}  (experiment {experiment!r})")
+    click.echo(f"browse: {tracking.ui_command(tracking_uri)}  (experiment {experiment!r})")
 
 
 def check_storage(url: str) -> None:
@@ -421,6 +425,8 @@ def report(study_name, results_path, storage, tracking_uri, no_tracking, out):
             raise BadInput(f"--results {results_path}: not a grid_search_results.json ({err})")
     else:
         uri = tracking.resolve_uri(tracking_uri)
+        if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+            raise BadInput(f"no MLflow run tagged as study {study_name!r}: there is no store at {uri}")
         try:
             tracking.check_reachable(uri)
             records, study, parent_id = tracking.load_study_from_mlflow(uri, study_name)
@@ -432,11 +438,10 @@ def report(study_name, results_path, storage, tracking_uri, no_tracking, out):
             tracker = tracking.Tracker(uri)
             tracker.run_id = parent_id
     out_path.mkdir(parents=True, exist_ok=True)
-    result = report_mod.write_report(records, study, out_path, tracker=tracker)
+    report_mod.write_report(records, study, out_path, tracker=tracker)
     click.echo(f"report -> {out_path / 'report.md'} ({out_path / 'report.html'})")
     if tracker is not None:
         click.echo(f"logged to the study's parent run {tracker.run_id} under report/")
-    return None
 
 
 @cli.command()
@@ -476,8 +481,7 @@ def evaluate(checkpoint_path, images_path, num_samples, sampler, ddim_steps, eta
         params = {"images": images_path, "num_samples": images.shape[0]}
     else:
         model, trained, _ = _load_checkpoint(checkpoint_path, dev)
-        config = make_config(**{**trained.to_dict(), "fid_batch_size": fid_batch_size, "seed": seed, **{
-            k: v for k, v in {"sampler": sampler, "ddim_steps": ddim_steps, "eta": eta}.items() if v is not None}})
+        config = with_sampling(trained, sampler, ddim_steps, eta, fid_batch_size=fid_batch_size, seed=seed)
         params = {**config.to_dict(), "checkpoint": checkpoint_path, "num_samples": num_samples}
     tracker = open_tracker(tracking_uri, experiment, no_tracking, run_name="evaluate",
                            tags={"mnist_diff.command": "evaluate"})

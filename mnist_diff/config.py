@@ -61,6 +61,13 @@ class Config:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
+    def short_name(self) -> str:
+        """e.g. 'cosine-T200-ddpm' or 'linear-T1000-b0.02-ddim' (cosine has no beta range to name)."""
+        name = f"{self.schedule}-T{self.timesteps}"
+        if USES_BETA_RANGE[self.schedule]:
+            name += f"-b{self.beta_end:g}"
+        return f"{name}-{self.sampler}"
+
     def training_dict(self) -> dict:
         """The fields that decide the trained weights (not how they are sampled or scored)."""
         d = self.to_dict()

@@ -18,8 +18,7 @@ from .config import Config
 from .evaluate import Reference, compute_fid
 from .generate import generate
 from .schedules import make_schedule
-from .data import save_grid
-from .train import GRID_IMAGES, GRID_SEED, Callback, EpochEnd, Trainer, load_sampling_model
+from .train import Callback, EpochEnd, Trainer, load_sampling_model, sample_grid
 
 
 def score_model(model, config: Config, reference: Reference, num: int, *, progress: bool = True,
@@ -133,10 +132,7 @@ def score_saved_training(config: Config, train_dir, out_dir, *, reference: Refer
     for h in trained["history"]:
         epoch = h["epoch"]
         model, _, _ = load_sampling_model(train_dir / "checkpoints" / f"ema-epoch-{epoch:03d}.pt", device)
-        images = generate(model, schedule, num=GRID_IMAGES, seed=GRID_SEED, sampler=config.sampler,
-                          ddim_steps=config.ddim_steps, eta=config.eta, batch_size=GRID_IMAGES,
-                          precision=config.precision, progress=False)
-        grid = save_grid(images, out_dir / "samples" / f"epoch-{epoch:03d}.png")
+        grid = sample_grid(model, schedule, config, out_dir / "samples" / f"epoch-{epoch:03d}.png")
         entry = {"epoch": epoch, "step": h["step"], "loss": h["loss"]}
         every = config.fid_every
         if every > 0 and (epoch % every == 0 or epoch == trained["history"][-1]["epoch"]):

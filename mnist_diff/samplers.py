@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .diffusion import extract, predict_x0, q_posterior
+from .diffusion import predict_x0, q_posterior
 from .schedules import Schedule
 
 SAMPLERS = ("ddpm", "ddim")

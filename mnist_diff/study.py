@@ -11,7 +11,6 @@ import fcntl
 import json
 import logging
 import os
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 from .config import Config
 from .evaluate import Reference
 from .experiment import run_experiment, score_saved_training, write_json
-from .tracking import Tracker, ensure_experiment, find_study_run
+from .tracking import Tracker, find_study_run
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +146,8 @@ class Objective:
             "retry_of_trial", optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen))
         if retried_from is not None:
             tags["mnist_diff.retry_of_trial"] = retried_from
-        tracker = Tracker(s.tracking_uri, s.experiment, run_name=f"{trial.number:03d}-{run_name(config)}",
-                          tags=tags, parent_run_id=self.parent_run_id)
+        tracker = Tracker(s.tracking_uri, s.experiment, tags=tags,
+                          run_name=f"{trial.number:03d}-{config.short_name()}-s{config.seed}", parent_run_id=self.parent_run_id)
         reference = Reference(config.fid_ref, config.fid_ref_samples, s.data_dir, s.fid_weights)
         log.info("trial %d: %s", trial.number, params)
         with tracker.run():
@@ -183,18 +182,13 @@ class Objective:
         return value if value is not None else result.get("best_fid_select", float("nan"))
 
 
-def run_name(config: Config) -> str:
-    name = f"{config.schedule}-T{config.timesteps}"
-    if config.schedule != "cosine":
-        name += f"-b{config.beta_end:g}"
-    return f"{name}-{config.sampler}-s{config.seed}"
-
-
 def parent_run(sweep: Sweep, study: optuna.Study) -> Tracker:
     """The study's parent MLflow run: found again by tag when the sweep resumes, else created."""
     tracker = Tracker(sweep.tracking_uri, sweep.experiment, run_name=sweep.study_name,
                       tags={"mnist_diff.role": "study", "mnist_diff.study": sweep.study_name})
-    existing = find_study_run(tracker.client, tracker.uri, sweep.experiment, sweep.study_name)
+    known = study.user_attrs.get("mlflow_parent_run_id")  # set by whichever sweep command came first
+    existing = (tracker.client.get_run(known) if known else
+                find_study_run(tracker.client, tracker.uri, sweep.experiment, sweep.study_name))
     if existing is not None:
         tracker.run_id, tracker.experiment_id = existing.info.run_id, existing.info.experiment_id
         tracker.client.update_run(tracker.run_id, status="RUNNING")
@@ -271,7 +265,7 @@ def open_points(study: optuna.Study, sweep: Sweep) -> int:
 def work(sweep: Sweep, parent_run_id: str) -> None:
     """One worker: take open grid points until there are none."""
     from .data import load_mnist
-    from .train import Interrupted, resolve_device
+    from .train import resolve_device
 
     device = resolve_device(sweep.device)
     study = open_study(sweep)
@@ -325,8 +319,8 @@ def run_sweep(sweep: Sweep, workers: int = 1) -> dict:
 
     from .tracking import reconcile_orphans
 
+    study = open_study(sweep)  # first: a study with another grid is refused before anything is written
     sweep.out_dir.mkdir(parents=True, exist_ok=True)
-    study = open_study(sweep)
     optuna.storages.fail_stale_trials(study)  # workers killed -9: their heartbeats stopped
     _retry_interrupted(study)
     parent = parent_run(sweep, study)

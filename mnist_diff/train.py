@@ -305,16 +305,21 @@ class Trainer:
             {"format_version": checkpoint.FORMAT_VERSION, "config": c.to_dict(), "epoch": epoch,
              "step": self.step, "ema": self.sampling_model.state_dict()},
             self.ckpt_dir / f"ema-epoch-{epoch:03d}.pt")
-        images = generate(self.sampling_model, self.schedule, num=GRID_IMAGES, seed=GRID_SEED,
-                          sampler=c.sampler, ddim_steps=c.ddim_steps, eta=c.eta, batch_size=GRID_IMAGES,
-                          precision=c.precision, progress=False)
-        grid_path = save_grid(images, self.grid_dir / f"epoch-{epoch:03d}.png")
+        grid_path = sample_grid(self.sampling_model, self.schedule, c, self.grid_dir / f"epoch-{epoch:03d}.png")
         end = EpochEnd(epoch, self.step, loss, ips, self.sampling_model, ema_path, grid_path)
         for cb in self.callbacks:
             cb.on_epoch_end(end)
         self.history.append({"epoch": epoch, "step": self.step, "loss": loss, "images_per_sec": ips, **end.metrics})
         self.save()
         self.model.train()
+
+
+def sample_grid(model, schedule, config: Config, path) -> Path:
+    """The 8x8 grid of an epoch, drawn with the config's sampler from fixed seeds so epochs compare."""
+    images = generate(model, schedule, num=GRID_IMAGES, seed=GRID_SEED, sampler=config.sampler,
+                      ddim_steps=config.ddim_steps, eta=config.eta, batch_size=GRID_IMAGES,
+                      precision=config.precision, progress=False)
+    return save_grid(images, path)
 
 
 def load_sampling_model(path, device) -> tuple[UNet, Config, dict]:

@@ -125,3 +125,49 @@ def test_bench_runs_on_cpu(tmp_path):
     import json
     r = json.loads(out.read_text())
     assert r["train_images_per_s"] > 0 and r["ddpm_image_steps_per_s"] > 0 and r["precision"] == "fp32"
+
+
+def unavailable_device():
+    import torch
+    return "cuda" if not torch.cuda.is_available() else "mps"
+
+
+MORE_BAD = [
+    (["train", "--device", "DEVICE"], "is not available"),
+    (["sample", "--checkpoint", "MISSING"], "does not exist"),
+    (["evaluate", "--no-tracking"], "give exactly one of --checkpoint and --images"),
+    (["evaluate", "--images", "GARBAGE", "--no-tracking"], "unreadable"),
+    (["report"], "give exactly one of --study and --results"),
+    (["report", "--study", "nope", "--tracking-uri", "sqlite:///TMP/m.db"], "no MLflow run tagged as study"),
+    (["report", "--results", "GARBAGE"], "not a grid_search_results.json"),
+    (["sweep", "--no-tracking"], "drop --no-tracking"),
+    (["sweep", "--seeds", "0"], "--seeds"),
+    (["bench", "--channels", "12"], "multiple of 8"),
+]
+
+
+@pytest.mark.parametrize("args,message", MORE_BAD)
+def test_every_command_rejects_bad_input_with_one_line(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in").mkdir()
+    garbage = tmp_path / "in" / "garbage.json"
+    garbage.write_text("{not json")
+    subst = {"DEVICE": unavailable_device(), "MISSING": str(tmp_path / "in" / "none.pt"), "GARBAGE": str(garbage)}
+    args = [subst.get(a, a.replace("TMP", str(tmp_path))) for a in args]
+    result = run(*args, *(["--out", tmp_path / "out"] if args[0] in ("train", "sample", "report", "sweep") else []))
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error:") and message in lines[0], result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # nothing created: no out, store or study
+
+
+def test_sweep_refuses_an_existing_study_with_another_grid(tmp_path, monkeypatch):
+    import optuna
+    monkeypatch.chdir(tmp_path)
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    optuna.create_study(study_name="s", storage=storage).set_user_attr("grid", {"schedule": ["linear"]})
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = run("sweep", "--study-name", "s", "--storage", storage, "--out", tmp_path / "out")
+    assert result.exit_code == 2 and "exists with another grid" in result.output, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert len(optuna.load_study(study_name="s", storage=storage).get_trials()) == 0

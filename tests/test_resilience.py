@@ -105,3 +105,34 @@ def test_non_finite_loss_fails_one_trial_and_the_others_go_on(tmp_path):
         run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(t.user_attrs["mlflow_run_id"])
         assert run.info.status == "FAILED" and run.data.tags["error_type"] == "NonFiniteLoss"
     assert len(trials) == 2  # the other grid point still ran
+
+
+def test_parallel_workers_and_separate_commands_share_the_grid(tmp_path):
+    """Two `sweep` commands with --workers 2 each: 4 processes on one SQLite storage, 4 grid points, 2 trainings."""
+    env = {**os.environ, "MNIST_DIFF_FID_CACHE": str(tmp_path / "fid-cache")}
+    cmd = sweep_cmd(tmp_path, "--workers", "2")
+    for flag, value in (("--schedule", "linear"), ("--sampler", "ddpm")):
+        del cmd[cmd.index(flag):cmd.index(flag) + 2]
+    cmd += ["--schedule", "linear", "--schedule", "cosine"]
+    cmd[cmd.index("--epochs") + 1] = "1"
+    first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(3)  # so the first command has made the study's parent run
+    second = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    outputs = [p.communicate(timeout=600)[0] for p in (first, second)]
+    assert first.returncode == 0 and second.returncode == 0, outputs
+    assert not any("database is locked" in o for o in outputs)
+    log = (tmp_path / "out" / "training.log").read_text()
+    assert "database is locked" not in log
+    assert len({line.split("[pid ")[1].split("]")[0] for line in log.splitlines() if "[pid " in line}) >= 4
+
+    study = optuna.load_study(study_name="r", storage=f"sqlite:///{tmp_path}/optuna.db")
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [STATE.COMPLETE] * 4  # each grid point once, nothing duplicated
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 4
+    for schedule in ("linear", "cosine"):  # one training per training config: never trained twice at once
+        pair = [t for t in trials if t.params["schedule"] == schedule]
+        assert len({t.user_attrs["trained_by_run_id"] for t in pair}) == 1
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len([r for r in runs if r.data.tags.get("mnist_diff.role") == "study"]) == 1
+    assert sorted(r.info.status for r in runs if r.data.tags.get("mnist_diff.role") == "trial") == ["FINISHED"] * 4

@@ -107,3 +107,23 @@ def test_evaluate_command_scores_a_samples_file(tmp_path, data_dir, fid_weights,
     assert run.info.status == "FINISHED" and run.data.metrics["fid"] > 0
     bad = CliRunner().invoke(cli.cli, ["evaluate", "--no-tracking"])
     assert bad.exit_code == 2 and "exactly one of" in bad.output
+
+
+def test_failed_artifact_uploads_are_recorded_and_training_goes_on(tmp_path, mnist_small, data_dir, fid_weights):
+    """A real failure: the experiment's artifact store is a path under a regular file."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    MlflowClient(uri).create_experiment("broken", artifact_location=(blocker / "artifacts").as_uri())
+    tracker = Tracker(uri, "broken")
+    config = Config(**{**TINY, "epochs": 2, "fid_every": 0, "fid_samples": 0})
+    with tracker.run():
+        result = run_experiment(config, mnist_small[:128], tmp_path / "run", tracker=tracker, progress=False,
+                                reference=Reference("train", 16, data_dir, fid_weights))
+    run = MlflowClient(uri).get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and result["epochs_done"] == 2
+    assert int(run.data.tags["artifact_upload_errors"]) >= 3
+    assert "samples step" in run.data.tags["artifact_upload_last_error"] or "pt" in run.data.tags[
+        "artifact_upload_last_error"]
+    assert [m.step for m in MlflowClient(uri).get_metric_history(tracker.run_id, "epoch_loss")] == [1, 2]
+    assert (tmp_path / "run" / "checkpoints" / "ema-epoch-002.pt").exists()  # the local copies are kept

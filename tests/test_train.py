@@ -104,3 +104,31 @@ def test_training_key_ignores_sampler_and_fid_settings():
     assert a.training_key() != tiny(schedule="cosine").training_key()
     assert a.training_key() != tiny(seed=1).training_key()
     assert len(a.training_key()) == 12
+
+
+def test_resume_skips_a_truncated_newest_checkpoint(tmp_path, mnist_small):
+    images = mnist_small[:128]
+    Trainer(tiny(epochs=2), images, tmp_path, progress=False).fit()
+    newest = checkpoint.list_steps(tmp_path / "checkpoints")[0]
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 3])
+    again = Trainer(tiny(epochs=2), images, tmp_path, progress=False)
+    assert again.resume() and again.step == 4  # the epoch-1 checkpoint, not the torn epoch-2 one
+    again.fit()
+    reference = Trainer(tiny(epochs=2), images, tmp_path / "ref", progress=False)
+    reference.fit()
+    assert_same(weights(reference), weights(again))
+
+
+def test_same_seed_same_loss_curve_and_samples(tmp_path, mnist_small):
+    from mnist_diff.generate import generate
+    runs = []
+    for name in ("a", "b"):
+        t = Trainer(tiny(epochs=2), mnist_small[:128], tmp_path / name, progress=False)
+        t.fit()
+        runs.append(t)
+    assert [h["loss"] for h in runs[0].history] == [h["loss"] for h in runs[1].history]
+    draw = lambda t: generate(t.sampling_model, t.schedule, num=6, seed=1, sampler="ddpm", progress=False)  # noqa: E731
+    assert torch.equal(draw(runs[0]), draw(runs[1]))
+    other = Trainer(tiny(epochs=2, seed=1), mnist_small[:128], tmp_path / "c", progress=False)
+    other.fit()
+    assert [h["loss"] for h in other.history] != [h["loss"] for h in runs[0].history]
