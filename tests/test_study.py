@@ -143,3 +143,29 @@ def test_mlflow_run_local(tmp_path):
     assert {r.info.status for r in runs} == {"FINISHED"}
     parent = [r for r in runs if r.data.tags.get("mnist_diff.role") == "study"]
     assert len(parent) == 1  # the run `mlflow run` made is adopted as the study's parent run
+
+
+def test_seeds_repeat_each_point_and_the_report_gives_the_spread(tmp_path, monkeypatch):
+    monkeypatch.setenv("MNIST_DIFF_FID_CACHE", str(tmp_path / "fid-cache"))
+    args = sweep_args(tmp_path, "--schedule", "linear", "--timesteps", "200", "--seeds", "2")
+    args[args.index("--epochs") + 1] = "1"
+    result = CliRunner().invoke(cli.cli, args)
+    assert result.exit_code == 0, result.output
+    assert "4/4 grid points complete" in result.output
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/optuna.db")
+    assert sorted((t.params["sampler"], t.params["seed"]) for t in study.get_trials()) == \
+        [("ddim", 0), ("ddim", 1), ("ddpm", 0), ("ddpm", 1)]
+    trainings = [p for p in (tmp_path / "out" / "trainings").iterdir() if p.is_dir()]
+    assert len(trainings) == 2  # one per seed, shared by the two samplers
+    out = tmp_path / "report"
+    result = CliRunner().invoke(cli.cli, ["report", "--results", str(tmp_path / "out" / "grid_search_results.json"),
+                                          "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["multi_seed"] is True
+    by_sampler = {c["sampler"]: c for c in report["configs"]}
+    for sampler in ("ddpm", "ddim"):
+        values = by_sampler[sampler]["best_fid"]
+        assert len(values) == 2 and by_sampler[sampler]["best_fid_std"] is not None
+        assert by_sampler[sampler]["best_fid_mean"] == pytest.approx(sum(values) / 2)
+    assert "bootstrap" in (out / "report.md").read_text()
