@@ -82,9 +82,9 @@ def run_experiment(config: Config, images: torch.Tensor, out_dir, *, reference: 
         trainer.resume()
     t0 = time.perf_counter()
     trainer.fit()
-    train_seconds = time.perf_counter() - t0
+    fit_seconds = time.perf_counter() - t0
     result = {"steps": trainer.step, "epochs_done": trainer.step // trainer.steps_per_epoch,
-              "train_seconds": train_seconds}
+              "train_seconds": trainer.train_seconds, "fit_seconds": fit_seconds}
     last = next(iter(sorted(trainer.ckpt_dir.glob("ckpt-*.pt"), reverse=True)), None)
     return finalize(config, trainer.history, trainer.ckpt_dir, out_dir, result, reference=reference,
                     device=trainer.device, tracker=tracker, progress=progress, fid_cache=fid_cache,

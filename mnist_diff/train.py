@@ -154,6 +154,7 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self.epoch_loss = (0.0, 0)  # (sum, steps) of the current epoch's losses; kept across a mid-epoch resume
+        self.train_seconds = 0.0    # optimizer steps only (not sampling, FID or checkpoints), across resumes
         self.num_parameters = count_parameters(self.model)
 
     # -- state ---------------------------------------------------------------------------------
@@ -175,6 +176,7 @@ class Trainer:
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "history": self.history,
             "epoch_loss": self.epoch_loss,
+            "train_seconds": self.train_seconds,
         }
 
     def load_state_dict(self, ckpt: dict) -> None:
@@ -194,6 +196,7 @@ class Trainer:
         self.step = int(ckpt["step"])
         self.history = list(ckpt.get("history", []))
         self.epoch_loss = tuple(ckpt.get("epoch_loss", (0.0, 0)))
+        self.train_seconds = float(ckpt.get("train_seconds", 0.0))
 
     def resume(self) -> bool:
         """Load the newest good checkpoint in out_dir; False when there is none."""
@@ -276,6 +279,7 @@ class Trainer:
                     mean = self._check_losses(window, window_start)
                     now = time.perf_counter()
                     ips = len(window) * bs / max(now - t_window, 1e-9)
+                    self.train_seconds += now - t_window
                     self.epoch_loss = (self.epoch_loss[0] + mean * len(window), self.epoch_loss[1] + len(window))
                     bar.update(len(window))
                     bar.set_postfix(loss=f"{mean:.4f}", img_s=f"{ips:.0f}", epoch=epoch + 1)
