@@ -294,9 +294,12 @@ def work(sweep: Sweep, parent_run_id: str) -> None:
         write_results(study, sweep)
 
 
-def _worker_process(sweep: Sweep, parent_run_id: str, gpu: int | None) -> None:
+def _worker_process(sweep: Sweep, parent_run_id: str, gpu: int | None, workers: int) -> None:
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    import torch
+    # Share the CPU cores: N workers each using every core oversubscribe them (OpenMP threads spin).
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     _setup_logging(sweep.out_dir)
     from .train import StopSignals
     with StopSignals():
@@ -338,7 +341,8 @@ def run_sweep(sweep: Sweep, workers: int = 1) -> dict:
             import torch
             gpus = torch.cuda.device_count()
             ctx = mp.get_context("spawn")
-            procs = [ctx.Process(target=_worker_process, args=(sweep, parent.run_id, i % gpus if gpus > 1 else None))
+            procs = [ctx.Process(target=_worker_process,
+                                 args=(sweep, parent.run_id, i % gpus if gpus > 1 else None, workers))
                      for i in range(workers)]
             for p in procs:
                 p.start()

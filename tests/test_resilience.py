@@ -115,6 +115,7 @@ def test_parallel_workers_and_separate_commands_share_the_grid(tmp_path):
         del cmd[cmd.index(flag):cmd.index(flag) + 2]
     cmd += ["--schedule", "linear", "--schedule", "cosine"]
     cmd[cmd.index("--epochs") + 1] = "1"
+    cmd[cmd.index("--train-samples") + 1] = "64"
     first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     time.sleep(3)  # so the first command has made the study's parent run
     second = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
