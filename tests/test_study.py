@@ -27,7 +27,8 @@ def sweep_args(tmp_path, *extra):
 def finished_sweep(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("sweep")
     os.environ["MNIST_DIFF_FID_CACHE"] = str(tmp_path / "fid-cache")
-    args = sweep_args(tmp_path, "--schedule", "linear", "--schedule", "cosine", "--timesteps", "200")
+    # 1 schedule x 1 (T, beta_end) x 2 samplers x 2 seeds: 4 grid points, 2 trainings
+    args = sweep_args(tmp_path, "--schedule", "cosine", "--timesteps", "200", "--seeds", "2")
     result = CliRunner().invoke(cli.cli, args)
     assert result.exit_code == 0, result.output
     return tmp_path, args, result
@@ -39,9 +40,9 @@ def test_every_grid_point_completes_once(finished_sweep):
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/optuna.db")
     trials = study.get_trials()
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 4
-    points = {(t.params["schedule"], t.params["timesteps_beta_end"], t.params["sampler"]) for t in trials}
-    assert points == {(s, "200:0.08", m) for s in ("linear", "cosine") for m in ("ddpm", "ddim")}
-    assert isinstance(study.sampler, optuna.samplers.GridSampler) or True  # sampler is not persisted
+    points = {(t.params["schedule"], t.params["timesteps_beta_end"], t.params["sampler"], t.params["seed"])
+              for t in trials}
+    assert points == {("cosine", "200:0.08", m, seed) for m in ("ddpm", "ddim") for seed in (0, 1)}
     assert all(t.value == t.user_attrs["best_fid"] for t in trials)
 
 
@@ -65,6 +66,7 @@ def test_mlflow_parent_and_children(finished_sweep):
         trial = by_run[child.info.run_id]  # trial -> run and run -> trial agree
         assert tags["mnist_diff.trial"] == str(trial.number) and tags["mnist_diff.study"] == "s"
         assert params["schedule"] == trial.params["schedule"] and params["sampler"] == trial.params["sampler"]
+        assert params["seed"] == str(trial.params["seed"])
         assert params["timesteps"] == "200" and params["beta_end"] == "0.08"
         assert [m.step for m in client.get_metric_history(child.info.run_id, "fid")] == [1, 2]
         assert child.data.metrics["best_fid"] > 0
@@ -73,10 +75,10 @@ def test_mlflow_parent_and_children(finished_sweep):
 def test_training_is_shared_between_samplers(finished_sweep):
     tmp_path, _, _ = finished_sweep
     trainings = [p for p in (tmp_path / "out" / "trainings").iterdir() if p.is_dir()]
-    assert len(trainings) == 2  # linear and cosine; each trained once for both samplers
+    assert len(trainings) == 2  # one per seed, each trained once for both samplers
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/optuna.db")
-    for schedule in ("linear", "cosine"):
-        pair = [t for t in study.get_trials() if t.params["schedule"] == schedule]
+    for seed in (0, 1):
+        pair = [t for t in study.get_trials() if t.params["seed"] == seed]
         trained_by = {t.user_attrs["trained_by_run_id"] for t in pair}
         assert len(trained_by) == 1 and trained_by <= {t.user_attrs["mlflow_run_id"] for t in pair}
 
@@ -93,6 +95,7 @@ def test_results_json(finished_sweep):
         assert rec["best_fid"] == t.value and rec["run_id"] == t.user_attrs["mlflow_run_id"]
         assert set(rec["epoch_fids"]) == {"1", "2"} and rec["best_epoch"] in (1, 2)
         assert rec["params"]["timesteps"] == 200 and rec["params"]["beta_end"] == 0.08
+        assert rec["params"]["seed"] == t.params["seed"]
     assert doc["best"]["best_fid"] == min(r["best_fid"] for r in doc["results"])
     assert (tmp_path / "out" / "training.log").read_text().count("done: best_fid") == 4
 
@@ -145,19 +148,9 @@ def test_mlflow_run_local(tmp_path):
     assert len(parent) == 1  # the run `mlflow run` made is adopted as the study's parent run
 
 
-def test_seeds_repeat_each_point_and_the_report_gives_the_spread(tmp_path, monkeypatch):
-    monkeypatch.setenv("MNIST_DIFF_FID_CACHE", str(tmp_path / "fid-cache"))
-    args = sweep_args(tmp_path, "--schedule", "linear", "--timesteps", "200", "--seeds", "2")
-    args[args.index("--epochs") + 1] = "1"
-    result = CliRunner().invoke(cli.cli, args)
-    assert result.exit_code == 0, result.output
-    assert "4/4 grid points complete" in result.output
-    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/optuna.db")
-    assert sorted((t.params["sampler"], t.params["seed"]) for t in study.get_trials()) == \
-        [("ddim", 0), ("ddim", 1), ("ddpm", 0), ("ddpm", 1)]
-    trainings = [p for p in (tmp_path / "out" / "trainings").iterdir() if p.is_dir()]
-    assert len(trainings) == 2  # one per seed, shared by the two samplers
-    out = tmp_path / "report"
+def test_report_gives_the_seed_spread(finished_sweep):
+    tmp_path, _, _ = finished_sweep
+    out = tmp_path / "report-json"
     result = CliRunner().invoke(cli.cli, ["report", "--results", str(tmp_path / "out" / "grid_search_results.json"),
                                           "--out", str(out)])
     assert result.exit_code == 0, result.output
