@@ -68,6 +68,9 @@ sampler_options = _apply([
                  help="DDIM steps (<= --timesteps)."),
     click.option("--eta", type=click.FloatRange(0, 1), default=0.0, show_default=True,
                  help="DDIM noise: 0 is deterministic given x_T, 1 matches DDPM's variance."),
+    click.option("--clip-x0/--no-clip-x0", default=True, show_default=True,
+                 help="Clip each step's predicted x_0 to [-1, 1] (both samplers). It changes DDPM and DDIM "
+                      "differently, so it is part of any comparison of the two."),
 ])
 
 device_option = click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
@@ -253,12 +256,14 @@ def summary_line(result: dict) -> str:
               help="Default: the checkpoint's own sampler.")
 @click.option("--ddim-steps", type=click.IntRange(min=1), default=None, help="Default: the checkpoint's.")
 @click.option("--eta", type=click.FloatRange(0, 1), default=None, help="Default: the checkpoint's.")
+@click.option("--clip-x0/--no-clip-x0", default=None,
+              help="Clip the predicted x_0 to [-1, 1]. Default: the checkpoint's.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Image i depends on (seed, i) only.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=500, show_default=True)
 @device_option
 @out_option("runs/samples")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def sample(checkpoint_path, num_samples, sampler, ddim_steps, eta, seed, batch_size, device, out, quiet):
+def sample(checkpoint_path, num_samples, sampler, ddim_steps, eta, clip_x0, seed, batch_size, device, out, quiet):
     """Draw images from a checkpoint: a grid PNG and all images as uint8 (samples.npz) into --out."""
     out_path = check_writable_dir(out)
     dev = pick_device(device)
@@ -266,19 +271,19 @@ def sample(checkpoint_path, num_samples, sampler, ddim_steps, eta, seed, batch_s
     from mnist_diff.schedules import make_schedule
 
     model, trained, _ = _load_checkpoint(checkpoint_path, dev)
-    config = with_sampling(trained, sampler, ddim_steps, eta)
+    config = with_sampling(trained, sampler, ddim_steps, eta, clip_x0=clip_x0)
     schedule = make_schedule(config.schedule, config.timesteps, config.beta_start, config.beta_end)
     images = generate(model, schedule, num=num_samples, seed=seed, sampler=config.sampler,
-                      ddim_steps=config.ddim_steps, eta=config.eta, batch_size=batch_size,
+                      ddim_steps=config.ddim_steps, eta=config.eta, clip_x0=config.clip_x0, batch_size=batch_size,
                       precision=config.precision, progress=not quiet)
     npz, grid = _save_samples(images, out_path, config, seed, checkpoint_path)
     click.echo(f"{num_samples} images ({config.sampler}) -> {npz}, {grid}")
 
 
-def with_sampling(trained, sampler, ddim_steps, eta, **more):
+def with_sampling(trained, sampler, ddim_steps, eta, clip_x0=None, **more):
     """A checkpoint's config with the sampling options the user gave (None keeps the checkpoint's), validated:
     e.g. --ddim-steps above the checkpoint's --timesteps is exit 2."""
-    given = {"sampler": sampler, "ddim_steps": ddim_steps, "eta": eta}
+    given = {"sampler": sampler, "ddim_steps": ddim_steps, "eta": eta, "clip_x0": clip_x0}
     return make_config(**{**trained.to_dict(), **{k: v for k, v in given.items() if v is not None}, **more})
 
 
@@ -299,7 +304,8 @@ def _save_samples(images, out_path: Path, config, seed: int, source) -> tuple[Pa
     npz = out_path / "samples.npz"
     tmp = out_path / ".samples.tmp.npz"
     np.savez_compressed(tmp, images=images.cpu().numpy(), seed=seed, sampler=config.sampler,
-                        ddim_steps=config.ddim_steps, eta=config.eta, checkpoint=str(source))
+                        ddim_steps=config.ddim_steps, eta=config.eta, clip_x0=config.clip_x0,
+                        checkpoint=str(source))
     os.replace(tmp, npz)
     shown = images[:100]
     grid = save_grid(shown, out_path / "samples.png", nrow=math.ceil(math.sqrt(len(shown))))
@@ -327,6 +333,8 @@ SMOKE = {"epochs": 2, "batch_size": 32, "train_samples": 256, "channels": 8, "wa
 @click.option("--beta-start", type=float, default=1e-4, show_default=True)
 @click.option("--ddim-steps", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--eta", type=click.FloatRange(0, 1), default=0.0, show_default=True)
+@click.option("--clip-x0/--no-clip-x0", default=True, show_default=True,
+              help="Clip each step's predicted x_0 to [-1, 1] (both samplers); the report names the setting.")
 @training_options
 @fid_options
 @fid_weights_option
@@ -453,6 +461,8 @@ def report(study_name, results_path, storage, tracking_uri, no_tracking, out):
 @click.option("--sampler", type=click.Choice(SAMPLERS), default=None, help="Default: the checkpoint's.")
 @click.option("--ddim-steps", type=click.IntRange(min=1), default=None, help="Default: the checkpoint's.")
 @click.option("--eta", type=click.FloatRange(0, 1), default=None, help="Default: the checkpoint's.")
+@click.option("--clip-x0/--no-clip-x0", default=None,
+              help="Clip the predicted x_0 to [-1, 1]. Default: the checkpoint's.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--fid-ref", type=click.Choice(("train", "test")), default="train", show_default=True)
 @click.option("--fid-ref-samples", type=click.IntRange(min=2), default=None)
@@ -463,8 +473,9 @@ def report(study_name, results_path, storage, tracking_uri, no_tracking, out):
 @device_option
 @data_dir_option
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def evaluate(checkpoint_path, images_path, num_samples, sampler, ddim_steps, eta, seed, fid_ref, fid_ref_samples,
-             fid_batch_size, kid, fid_weights, tracking_uri, experiment, no_tracking, device, data_dir, quiet):
+def evaluate(checkpoint_path, images_path, num_samples, sampler, ddim_steps, eta, clip_x0, seed, fid_ref,
+             fid_ref_samples, fid_batch_size, kid, fid_weights, tracking_uri, experiment, no_tracking, device,
+             data_dir, quiet):
     """FID of a checkpoint (sampled with the chosen sampler) or of a samples.npz, printed and tracked."""
     if (checkpoint_path is None) == (images_path is None):
         raise BadInput("give exactly one of --checkpoint and --images")
@@ -481,7 +492,7 @@ def evaluate(checkpoint_path, images_path, num_samples, sampler, ddim_steps, eta
         params = {"images": images_path, "num_samples": images.shape[0]}
     else:
         model, trained, _ = _load_checkpoint(checkpoint_path, dev)
-        config = with_sampling(trained, sampler, ddim_steps, eta, fid_batch_size=fid_batch_size, seed=seed)
+        config = with_sampling(trained, sampler, ddim_steps, eta, clip_x0, fid_batch_size=fid_batch_size, seed=seed)
         params = {**config.to_dict(), "checkpoint": checkpoint_path, "num_samples": num_samples}
     tracker = open_tracker(tracking_uri, experiment, no_tracking, run_name="evaluate",
                            tags={"mnist_diff.command": "evaluate"})

@@ -25,6 +25,7 @@ class Config:
     sampler: str = "ddpm"
     ddim_steps: int = 50
     eta: float = 0.0
+    clip_x0: bool = True      # clip each step's predicted x_0 to [-1, 1] (both samplers)
     # training (defaults: the reference study's batch and epochs)
     epochs: int = 20
     batch_size: int = 128
@@ -81,7 +82,7 @@ class Config:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-SAMPLING_FIELDS = ("sampler", "ddim_steps", "eta")
+SAMPLING_FIELDS = ("sampler", "ddim_steps", "eta", "clip_x0")
 EVAL_FIELDS = ("fid_every", "fid_select_samples", "fid_samples", "fid_ref", "fid_ref_samples",
                "fid_batch_size", "kid")
 
@@ -102,6 +103,7 @@ def validate(c: Config) -> None:
     need(c.ddim_steps >= 1, f"--ddim-steps must be >= 1, got {c.ddim_steps}")
     need(c.ddim_steps <= c.timesteps, f"--ddim-steps ({c.ddim_steps}) cannot exceed --timesteps ({c.timesteps})")
     need(0 <= c.eta <= 1, f"--eta must be in [0, 1], got {c.eta}")
+    need(isinstance(c.clip_x0, bool), f"clip_x0 must be True or False, got {c.clip_x0!r}")
     need(c.epochs >= 1, f"--epochs must be >= 1, got {c.epochs}")
     need(c.batch_size >= 1, f"--batch-size must be >= 1, got {c.batch_size}")
     need(c.lr > 0, f"--lr must be > 0, got {c.lr}")

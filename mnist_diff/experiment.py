@@ -28,7 +28,8 @@ def score_model(model, config: Config, reference: Reference, num: int, *, progre
     schedule = make_schedule(config.schedule, config.timesteps, config.beta_start, config.beta_end)
     t0 = time.perf_counter()
     images = generate(model, schedule, num=num, seed=config.seed, sampler=config.sampler,
-                      ddim_steps=config.ddim_steps, eta=config.eta, batch_size=config.fid_batch_size,
+                      ddim_steps=config.ddim_steps, eta=config.eta, clip_x0=config.clip_x0,
+                      batch_size=config.fid_batch_size,
                       precision=config.precision, progress=progress, desc=desc)
     if device.type == "cuda":
         torch.cuda.synchronize(device)

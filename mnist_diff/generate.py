@@ -26,8 +26,8 @@ def autocast(device, precision: str):
 
 @torch.no_grad()
 def generate(model, schedule: Schedule, *, num: int, seed: int, sampler: str = "ddpm", ddim_steps: int = 50,
-             eta: float = 0.0, batch_size: int = 500, start: int = 0, precision: str = "auto",
-             progress: bool = True, desc: str = "sampling") -> torch.Tensor:
+             eta: float = 0.0, clip_x0: bool = True, batch_size: int = 500, start: int = 0,
+             precision: str = "auto", progress: bool = True, desc: str = "sampling") -> torch.Tensor:
     """`num` images as uint8 [num, 1, 28, 28] on the model's device. Image i (counting from `start`) depends
     only on (seed, i): the batch size changes speed, never the pictures."""
     from tqdm.auto import tqdm  # imported here so that `bench` needs torch alone
@@ -45,7 +45,7 @@ def generate(model, schedule: Schedule, *, num: int, seed: int, sampler: str = "
             rng = samplers.StackedRandomGenerator(device, samplers.image_seeds(seed, count, first))
             with autocast(device, precision):
                 x = samplers.sample(model, schedule, rng, sampler, ddim_steps, eta,
-                                    progress=lambda k: bar.update(k * count))
+                                    progress=lambda k: bar.update(k * count), clip_x0=clip_x0)
             out.append(to_uint8(x))
     model.train(was_training)
     return torch.cat(out)

@@ -1,6 +1,9 @@
 """DDPM and DDIM samplers: plain functions of (model, schedule, random source). No I/O, no state.
 
-`model(x_t, t)` predicts the noise eps. Both samplers clip the predicted x_0 to [-1, 1].
+`model(x_t, t)` predicts the noise eps. With `clip_x0` (the default) both samplers clip the predicted x_0 to
+[-1, 1] at every step, the data range; without it they follow the closed-form updates unchanged. Clipping
+changes DDPM (T clipped steps) and DDIM (`steps` clipped steps, eps recomputed) differently, so it is part of
+any DDPM-vs-DDIM comparison.
 Random numbers come from a `StackedRandomGenerator`: one generator per image, so an image depends on
 its seed only, never on the batch it was drawn in (as in NVlabs/edm).
 """
@@ -66,15 +69,19 @@ Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @torch.no_grad()
 def ddpm_sample(model: Model, schedule: Schedule, rng: StackedRandomGenerator,
-                shape=(1, 28, 28), progress: Callable[[int], None] | None = None) -> torch.Tensor:
+                shape=(1, 28, 28), progress: Callable[[int], None] | None = None,
+                clip_x0: bool = True) -> torch.Tensor:
     """Ancestral sampling over all T steps: x_{t-1} = mu_tilde(x_t, x0_hat) + sqrt(beta_tilde_t) z  (eqs. 6-7),
-    with x0_hat = clip(predict_x0(x_t, eps_theta(x_t, t))). No noise is added at the last step."""
+    with x0_hat = predict_x0(x_t, eps_theta(x_t, t)), clipped to [-1, 1] when `clip_x0`. Unclipped, mu_tilde
+    is exactly Ho et al.'s eq. (11) mean. No noise is added at the last step."""
     x = rng.randn(shape)
     cache: dict = {}
     T = schedule.timesteps
     for i, t_int in enumerate(range(T - 1, -1, -1)):
         t = torch.full((len(rng),), t_int, device=x.device, dtype=torch.long)
-        x0 = predict_x0(schedule, x, t, model(x, t).float()).clamp(-1, 1)
+        x0 = predict_x0(schedule, x, t, model(x, t).float())
+        if clip_x0:
+            x0 = x0.clamp(-1, 1)
         mean, var = q_posterior(schedule, x0, x, t)
         x = mean + var.sqrt() * _noise_at(rng, shape, i, T, cache) if t_int > 0 else mean
         if progress:
@@ -85,24 +92,30 @@ def ddpm_sample(model: Model, schedule: Schedule, rng: StackedRandomGenerator,
 @torch.no_grad()
 def ddim_sample(model: Model, schedule: Schedule, rng: StackedRandomGenerator, steps: int = 50,
                 eta: float = 0.0, shape=(1, 28, 28),
-                progress: Callable[[int], None] | None = None) -> torch.Tensor:
+                progress: Callable[[int], None] | None = None, clip_x0: bool = True) -> torch.Tensor:
     """DDIM (Song et al. 2021), eq. (12): from timestep t to the next one s < t,
         x_s = sqrt(a_s) x0_hat + sqrt(1 - a_s - sigma^2) eps_hat + sigma z,
         sigma = eta sqrt((1 - a_s) / (1 - a_t)) sqrt(1 - a_t / a_s)            (eq. 16)
     where a = alpha_bar of the timestep actually moved to (a_s = 1 after the final step at t=0).
-    eps_hat is recomputed from the clipped x0_hat so the update stays consistent with it."""
+    With `clip_x0`, x0_hat is clipped to [-1, 1] and eps_hat is recomputed from the clipped x0_hat, so that
+    x0_hat and eps_hat still add up to x_t (x_t = sqrt(a_t) x0_hat + sqrt(1 - a_t) eps_hat). Without it, eps_hat
+    is the model's own prediction (which the recomputation would only reproduce up to rounding)."""
     seq = ddim_timesteps(schedule.timesteps, steps)
     x = rng.randn(shape)
     cache: dict = {}
     ac = schedule.alphas_cumprod
     for i, t_int in enumerate(seq):
         t = torch.full((len(rng),), t_int, device=x.device, dtype=torch.long)
-        x0 = predict_x0(schedule, x, t, model(x, t).float()).clamp(-1, 1)
+        eps = model(x, t).float()
+        x0 = predict_x0(schedule, x, t, eps)
+        if clip_x0:
+            x0 = x0.clamp(-1, 1)
         if i == len(seq) - 1:
             x = x0
         else:
             a_t, a_s = ac[t_int], ac[seq[i + 1]]
-            eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+            if clip_x0:
+                eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
             sigma = eta * ((1 - a_s) / (1 - a_t) * (1 - a_t / a_s)).sqrt()
             x = a_s.sqrt() * x0 + (1 - a_s - sigma ** 2).clamp(min=0).sqrt() * eps
             if eta > 0:
@@ -114,12 +127,12 @@ def ddim_sample(model: Model, schedule: Schedule, rng: StackedRandomGenerator, s
 
 def sample(model: Model, schedule: Schedule, rng: StackedRandomGenerator, sampler: str = "ddpm",
            ddim_steps: int = 50, eta: float = 0.0, shape=(1, 28, 28),
-           progress: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Images in [-1, 1] from the named sampler."""
+           progress: Callable[[int], None] | None = None, clip_x0: bool = True) -> torch.Tensor:
+    """Images from the named sampler: in [-1, 1] with `clip_x0`, possibly a little outside without it."""
     if sampler == "ddpm":
-        return ddpm_sample(model, schedule, rng, shape, progress)
+        return ddpm_sample(model, schedule, rng, shape, progress, clip_x0)
     if sampler == "ddim":
-        return ddim_sample(model, schedule, rng, ddim_steps, eta, shape, progress)
+        return ddim_sample(model, schedule, rng, ddim_steps, eta, shape, progress, clip_x0)
     raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
 
 

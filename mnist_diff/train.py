@@ -321,7 +321,7 @@ class Trainer:
 def sample_grid(model, schedule, config: Config, path) -> Path:
     """The 8x8 grid of an epoch, drawn with the config's sampler from fixed seeds so epochs compare."""
     images = generate(model, schedule, num=GRID_IMAGES, seed=GRID_SEED, sampler=config.sampler,
-                      ddim_steps=config.ddim_steps, eta=config.eta, batch_size=GRID_IMAGES,
+                      ddim_steps=config.ddim_steps, eta=config.eta, clip_x0=config.clip_x0, batch_size=GRID_IMAGES,
                       precision=config.precision, progress=False)
     return save_grid(images, path)
 

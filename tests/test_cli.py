@@ -107,13 +107,15 @@ def test_train_then_sample_end_to_end(tmp_path, data_dir):
     assert too_many.exit_code == 2 and "cannot exceed --timesteps (20)" in too_many.output
     assert not (tmp_path / "s0").exists()
 
-    for sampler in ("ddpm", "ddim"):
+    for sampler, clip in (("ddpm", []), ("ddim", ["--no-clip-x0"])):
         s_out = tmp_path / f"s-{sampler}"
         result = run("sample", "--checkpoint", ckpt, "--num-samples", 10, "--sampler", sampler,
-                     "--batch-size", 4, "--out", s_out, "--quiet")
+                     "--batch-size", 4, "--out", s_out, "--quiet", *clip)
         assert result.exit_code == 0, result.output
-        images = np.load(s_out / "samples.npz")["images"]
+        npz = np.load(s_out / "samples.npz")
+        images = npz["images"]
         assert images.shape == (10, 1, 28, 28) and images.dtype == np.uint8
+        assert bool(npz["clip_x0"]) is not clip  # the checkpoint's setting (on) unless --no-clip-x0
         assert (s_out / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

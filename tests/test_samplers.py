@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from mnist_diff.data import to_uint8
 from mnist_diff.diffusion import extract
 from mnist_diff.generate import generate
 from mnist_diff.model import UNet
@@ -26,13 +27,24 @@ def digits(n, seed=0):
     return (torch.rand(n, 1, 28, 28, generator=gen) * 1.8 - 0.9).double()
 
 
+@pytest.mark.parametrize("clip_x0", [True, False])
 @pytest.mark.parametrize("T,steps", [(1000, 50), (1000, 37), (200, 200), (200, 3), (7, 2)])
-def test_ddim_eta0_recovers_x0_with_oracle(T, steps):
+def test_ddim_eta0_recovers_x0_with_oracle(T, steps, clip_x0):
     s = make_schedule("cosine", T).to("cpu", torch.float64)
     x0 = digits(4)
     rng = StackedRandomGenerator("cpu", image_seeds(0, 4))
-    out = ddim_sample(Oracle(s, x0), s, rng, steps=steps, eta=0.0)
+    out = ddim_sample(Oracle(s, x0), s, rng, steps=steps, eta=0.0, clip_x0=clip_x0)
     assert torch.allclose(out.double(), x0, atol=1e-6)
+
+
+def test_unclipped_ddim_recovers_x0_outside_the_data_range_and_clipped_does_not():
+    s = make_schedule("cosine", 200).to("cpu", torch.float64)
+    x0 = digits(3) * 1.5  # values up to 1.35: the oracle's x0 prediction leaves [-1, 1]
+    rng = lambda: StackedRandomGenerator("cpu", image_seeds(2, 3))  # noqa: E731
+    free = ddim_sample(Oracle(s, x0), s, rng(), steps=20, clip_x0=False)
+    assert torch.allclose(free.double(), x0, atol=1e-6)
+    clipped = ddim_sample(Oracle(s, x0), s, rng(), steps=20, clip_x0=True)
+    assert clipped.abs().max() <= 1 and (clipped.double() - x0).abs().max() > 0.3
 
 
 def test_ddim_intermediate_state_lies_on_the_forward_marginal():
@@ -58,12 +70,104 @@ def test_ddim_intermediate_state_lies_on_the_forward_marginal():
         assert torch.allclose(x.double(), ab.sqrt() * x0 + (1 - ab).sqrt() * eps, atol=1e-6)
 
 
-def test_ddpm_with_oracle_ends_at_x0():
+@pytest.mark.parametrize("clip_x0", [True, False])
+def test_ddpm_with_oracle_ends_at_x0(clip_x0):
     """At t=0 the posterior mean is exactly x0 (coef1 = 1, coef2 = 0) and no noise is added."""
     s = make_schedule("linear", 50, 1e-4, 0.2).to("cpu", torch.float64)
     x0 = digits(1)
-    out = ddpm_sample(Oracle(s, x0), s, StackedRandomGenerator("cpu", [5]))
+    out = ddpm_sample(Oracle(s, x0), s, StackedRandomGenerator("cpu", [5]), clip_x0=clip_x0)
     assert torch.allclose(out.double(), x0, atol=1e-9)
+
+
+class Overshoot(torch.nn.Module):
+    """eps = -k x', x' = x with each row shifted by a pixel: the x0 prediction (x_t + k sqrt(1 - ab_t) x'_t) /
+    sqrt(ab_t) leaves [-1, 1] for many pixels, and the shift lets a clipped pixel change its neighbours."""
+
+    def __init__(self, k=0.5):
+        super().__init__()
+        self.k = k
+        self.unused = torch.nn.Parameter(torch.zeros(1))  # so `generate` can find the device
+
+    def forward(self, x, t):
+        return -self.k * x.roll(1, dims=-1)
+
+
+class NoiseFreeAfterXT(StackedRandomGenerator):
+    """x_T as usual, then zero noise: DDPM follows its posterior means, which a test can recompute."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.calls = 0
+
+    def randn(self, size, dtype=torch.float32):
+        self.calls += 1
+        out = super().randn(size, dtype)
+        return out if self.calls == 1 else torch.zeros_like(out)
+
+
+def independent_ddpm(model, s, x, clip):
+    """Ho et al. 2020 from scratch, no schedule buffers but betas: unclipped, the eq. (11) mean
+    (x_t - beta_t / sqrt(1 - ab_t) eps) / sqrt(alpha_t); clipped, the eq. (7) posterior mean of the clipped x0."""
+    betas = s.betas.double()
+    alphas = 1 - betas
+    ab = torch.cumprod(alphas, 0)
+    for t in range(len(betas) - 1, -1, -1):
+        eps = model(x, t)
+        if not clip:
+            x = (x - betas[t] / (1 - ab[t]).sqrt() * eps) / alphas[t].sqrt()
+            continue
+        x0 = ((x - (1 - ab[t]).sqrt() * eps) / ab[t].sqrt()).clamp(-1, 1)
+        ab_prev = ab[t - 1] if t > 0 else torch.tensor(1.0, dtype=torch.float64)
+        x = (ab_prev.sqrt() * betas[t] / (1 - ab[t]) * x0 + alphas[t].sqrt() * (1 - ab_prev) / (1 - ab[t]) * x)
+    return x
+
+
+def independent_ddim(model, s, x, steps, clip):
+    """DDIM eq. (12) with eta = 0 from scratch: x_s = sqrt(ab_s) x0 + sqrt(1 - ab_s) eps; clipped, eps is the
+    one the clipped x0 implies; the last step returns x0."""
+    ab = s.alphas_cumprod.double()
+    seq = ddim_timesteps(s.timesteps, steps)
+    for i, t in enumerate(seq):
+        eps = model(x, t)
+        x0 = (x - (1 - ab[t]).sqrt() * eps) / ab[t].sqrt()
+        if clip:
+            x0 = x0.clamp(-1, 1)
+            eps = (x - ab[t].sqrt() * x0) / (1 - ab[t]).sqrt()
+        x = x0 if i == len(seq) - 1 else ab[seq[i + 1]].sqrt() * x0 + (1 - ab[seq[i + 1]]).sqrt() * eps
+    return x
+
+
+@pytest.mark.parametrize("clip_x0", [True, False])
+def test_ddpm_matches_the_closed_form_means_clipped_or_not(clip_x0):
+    s = make_schedule("linear", 20, 1e-4, 0.2).to("cpu", torch.float64)
+    rng = NoiseFreeAfterXT("cpu", image_seeds(1, 3))
+    xT = StackedRandomGenerator("cpu", image_seeds(1, 3)).randn((1, 28, 28)).double()
+    out = ddpm_sample(Overshoot(), s, rng, clip_x0=clip_x0).double()
+    assert torch.allclose(out, independent_ddpm(Overshoot(), s, xT, clip_x0), rtol=1e-5, atol=1e-6)
+    other = ddpm_sample(Overshoot(), s, NoiseFreeAfterXT("cpu", image_seeds(1, 3)), clip_x0=not clip_x0).double()
+    assert (out - other).abs().max() > 0.1  # the x0 predictions leave [-1, 1]: clipping matters
+    assert (out.abs().max() <= 1 + 1e-6) == clip_x0  # the last step returns x0 itself
+
+
+@pytest.mark.parametrize("clip_x0", [True, False])
+def test_ddim_matches_the_closed_form_update_clipped_or_not(clip_x0):
+    s = make_schedule("linear", 20, 1e-4, 0.2).to("cpu", torch.float64)
+    rng = lambda: StackedRandomGenerator("cpu", image_seeds(4, 3))  # noqa: E731
+    xT = rng().randn((1, 28, 28)).double()
+    out = ddim_sample(Overshoot(), s, rng(), steps=7, clip_x0=clip_x0).double()
+    assert torch.allclose(out, independent_ddim(Overshoot(), s, xT, 7, clip_x0), rtol=1e-5, atol=1e-6)
+    other = ddim_sample(Overshoot(), s, rng(), steps=7, clip_x0=not clip_x0).double()
+    assert (out - other).abs().max() > 0.1
+
+
+def test_generate_passes_clip_x0_through():
+    s = make_schedule("linear", 20, 1e-4, 0.2)
+    model = Overshoot(0.1)  # mild: clipping changes the path, yet the unclipped images are not all saturated
+    kwargs = dict(num=3, seed=4, sampler="ddim", ddim_steps=7, batch_size=3, progress=False)
+    direct = ddim_sample(model, s, StackedRandomGenerator("cpu", image_seeds(4, 3)), steps=7, clip_x0=False)
+    unclipped = generate(model, s, clip_x0=False, **kwargs)
+    assert torch.equal(unclipped, to_uint8(direct))
+    assert not torch.equal(unclipped, generate(model, s, **kwargs))  # clipping is on by default
 
 
 def test_ddim_timesteps_spacing():
