@@ -117,6 +117,9 @@ training_options = _apply([
     click.option("--warmup-steps", type=click.IntRange(min=0), default=500, show_default=True),
     click.option("--ema-decay", type=click.FloatRange(0, 1, max_open=True), default=0.999, show_default=True,
                  help="EMA of the weights used for sampling; 0 turns it off."),
+    click.option("--ema-warmup-steps", type=click.IntRange(min=0), default=400, show_default=True,
+                 help="The EMA decay ramps linearly from 0 to --ema-decay over these optimizer steps "
+                      "(0: --ema-decay from the start); logged as the metric ema_decay."),
     click.option("--channels", type=click.IntRange(min=8), default=64, show_default=True,
                  help="UNet base width (multiple of 8); 64 is 2.9M parameters."),
     click.option("--precision", type=click.Choice(("auto", "fp32", "bf16")), default="auto", show_default=True,

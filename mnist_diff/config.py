@@ -34,6 +34,7 @@ class Config:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999  # 0 turns EMA off (sampling then uses the raw weights)
+    ema_warmup_steps: int = 400  # the EMA decay ramps linearly from 0 to ema_decay over these steps (train.py)
     channels: int = 64
     seed: int = 0
     precision: str = "auto"   # auto: bf16 autocast on CUDA, fp32 elsewhere
@@ -108,6 +109,7 @@ def validate(c: Config) -> None:
     need(c.batch_size >= 1, f"--batch-size must be >= 1, got {c.batch_size}")
     need(c.lr > 0, f"--lr must be > 0, got {c.lr}")
     need(0 <= c.ema_decay < 1, f"--ema-decay must be in [0, 1), got {c.ema_decay}")
+    need(c.ema_warmup_steps >= 0, f"--ema-warmup-steps must be >= 0, got {c.ema_warmup_steps}")
     need(c.channels >= 8 and c.channels % 8 == 0, f"--channels must be a positive multiple of 8, got {c.channels}")
     need(c.precision in PRECISIONS, f"unknown precision {c.precision!r}; choose one of {', '.join(PRECISIONS)}")
     need(c.train_samples is None or c.train_samples >= c.batch_size,

@@ -20,7 +20,7 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from .train import Callback, EpochEnd
+from .train import Callback, EpochEnd, ema_decay_at, ema_nominal_step
 
 log = logging.getLogger(__name__)
 DEFAULT_URI = "sqlite:///mlflow.db"  # MLflow 3's own default store, in the working directory
@@ -234,19 +234,21 @@ class TrackingCallback(Callback):
     def __init__(self, tracker: Tracker, extra_params: dict | None = None):
         self.tracker = tracker
         self.extra_params = extra_params or {}
+        self.config = None
 
     def on_train_start(self, trainer) -> None:
         import torch
         from . import plots
 
-        c = trainer.config
+        c = self.config = trainer.config
         device = trainer.device
         params = {**c.to_dict(), **self.extra_params,
                   "alpha_bar_T": trainer.schedule.alpha_bar_T, "parameters": trainer.num_parameters,
                   "training_key": c.training_key(), "steps_per_epoch": trainer.steps_per_epoch,
                   "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
                   "torch_version": torch.__version__, "cuda_version": torch.version.cuda,
-                  "git_commit": git_commit(), "resumed_from_step": trainer.step}
+                  "git_commit": git_commit(), "resumed_from_step": trainer.step,
+                  "ema_nominal_step": ema_nominal_step(c) if c.ema_decay > 0 else None}
         self.tracker.log_params(params)
         self.tracker.log_dict(c.to_dict(), "config.json")
         fig = plots.schedule_figure([(c.schedule, c.timesteps, c.beta_start, c.beta_end)])
@@ -254,7 +256,10 @@ class TrackingCallback(Callback):
         plots.plt.close(fig)
 
     def on_log(self, step: int, loss: float, images_per_sec: float) -> None:
-        self.tracker.log_metrics({"train_loss": loss}, step=step)
+        metrics = {"train_loss": loss}
+        if self.config.ema_decay > 0:  # the decay of the latest EMA update (after step `step` - 1)
+            metrics["ema_decay"] = ema_decay_at(self.config, step - 1)
+        self.tracker.log_metrics(metrics, step=step)
 
     def on_epoch_end(self, end: EpochEnd) -> None:
         self.tracker.log_metrics({"epoch_loss": end.loss, "train_images_per_sec": end.images_per_sec,

@@ -1,4 +1,5 @@
 """The command line, through click's runner (fast) and one real subprocess (exit code, stderr)."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,7 @@ BAD_TRAIN = [
     (["--timesteps", "40", "--ddim-steps", "50"], "--ddim-steps (50) cannot exceed --timesteps (40)"),
     (["--data-dir", "/nonexistent/mnist"], "--data-dir"),
     (["--channels", "12"], "multiple of 8"),
+    (["--ema-warmup-steps", "-1"], "--ema-warmup-steps"),
 ]
 
 
@@ -173,3 +175,12 @@ def test_sweep_refuses_an_existing_study_with_another_grid(tmp_path, monkeypatch
     assert result.exit_code == 2 and "exists with another grid" in result.output, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     assert len(optuna.load_study(study_name="s", storage=storage).get_trials()) == 0
+
+
+def test_dry_run_shows_clip_x0_and_ema_warmup(tmp_path):
+    result = run("train", "--dry-run", "--out", tmp_path / "o")
+    config = json.loads(result.output)
+    assert result.exit_code == 0 and config["clip_x0"] is True and config["ema_warmup_steps"] == 400
+    result = run("train", "--dry-run", "--no-clip-x0", "--ema-warmup-steps", "0", "--out", tmp_path / "o")
+    config = json.loads(result.output)
+    assert config["clip_x0"] is False and config["ema_warmup_steps"] == 0

@@ -20,7 +20,7 @@ def test_train_is_tracked_end_to_end(tmp_path, data_dir, fid_weights, monkeypatc
     args = ["train", "--timesteps", "20", "--beta-end", "0.2", "--channels", "8", "--batch-size", "32",
             "--train-samples", "64", "--warmup-steps", "2", "--sampler", "ddim", "--ddim-steps", "5",
             "--epochs", "2", "--quiet", "--tracking-uri", uri, "--experiment", "t", "--out", str(tmp_path / "run"),
-            *FID_ARGS]
+            "--no-clip-x0", "--ema-warmup-steps", "3", *FID_ARGS]
     if data_dir:
         args += ["--data-dir", data_dir]
     result = CliRunner().invoke(cli.cli, args)
@@ -35,6 +35,10 @@ def test_train_is_tracked_end_to_end(tmp_path, data_dir, fid_weights, monkeypatc
     assert p["schedule"] == "linear" and p["timesteps"] == "20" and p["sampler"] == "ddim"
     assert p["fid_select_samples"] == "8" and p["channels"] == "8" and p["seed"] == "0"
     assert float(p["alpha_bar_T"]) > 0 and int(p["parameters"]) > 0 and p["torch_version"]
+    assert p["clip_x0"] == "False" and p["ema_warmup_steps"] == "3" and p["ema_nominal_step"] == "3"
+    # 2 steps per epoch, logged at each epoch's end: the decay of the updates after steps 1 and 3 (0-based)
+    ema = client.get_metric_history(run.info.run_id, "ema_decay")
+    assert sorted((m.step, m.value) for m in ema) == [(2, pytest.approx(0.999 / 3)), (4, 0.999)]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "fid")] == [1, 2]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "epoch_loss")] == [1, 2]
     assert client.get_metric_history(run.info.run_id, "train_loss")

@@ -4,7 +4,7 @@ import torch
 from conftest import TINY
 from mnist_diff import checkpoint
 from mnist_diff.config import Config
-from mnist_diff.train import NonFiniteLoss, Trainer
+from mnist_diff.train import NonFiniteLoss, Trainer, ema_decay_at, ema_nominal_step
 
 
 def tiny(**kw):
@@ -100,7 +100,8 @@ def test_prune_keeps_two_newest(tmp_path):
 
 def test_training_key_ignores_sampler_and_fid_settings():
     a = tiny()
-    assert a.training_key() == tiny(sampler="ddpm", eta=0.5, fid_samples=50).training_key()
+    assert a.training_key() == tiny(sampler="ddpm", eta=0.5, fid_samples=50, clip_x0=False).training_key()
+    assert a.training_key() != tiny(ema_warmup_steps=7).training_key()
     assert a.training_key() != tiny(schedule="cosine").training_key()
     assert a.training_key() != tiny(seed=1).training_key()
     assert len(a.training_key()) == 12
@@ -132,3 +133,28 @@ def test_same_seed_same_loss_curve_and_samples(tmp_path, mnist_small):
     other = Trainer(tiny(epochs=2, seed=1), mnist_small[:128], tmp_path / "c", progress=False)
     other.fit()
     assert [h["loss"] for h in other.history] != [h["loss"] for h in runs[0].history]
+
+
+def test_ema_warmup_ramp_golden_values():
+    c = Config(ema_decay=0.999, ema_warmup_steps=400)
+    assert Config().ema_warmup_steps == 400  # the documented default
+    golden = {0: 0.0, 1: 0.0024975, 100: 0.24975, 200: 0.4995, 399: 0.9965025, 400: 0.999, 9000: 0.999}
+    assert {s: ema_decay_at(c, s) for s in golden} == pytest.approx(golden, abs=1e-12)
+    assert ema_nominal_step(c) == 400
+    assert ema_decay_at(c, ema_nominal_step(c)) == 0.999 and ema_decay_at(c, ema_nominal_step(c) - 1) < 0.999
+    none = Config(ema_decay=0.99, ema_warmup_steps=0)  # no warm-up: the nominal decay from the first update
+    assert ema_nominal_step(none) == 0 and ema_decay_at(none, 0) == 0.99
+
+
+@pytest.mark.parametrize("warmup", [0, 5])
+def test_first_ema_update_forgets_the_random_init_only_with_a_warmup(tmp_path, mnist_small, warmup):
+    t = Trainer(tiny(epochs=1, ema_warmup_steps=warmup), mnist_small[:128], tmp_path, progress=False)
+    init = {k: v.clone() for k, v in t.ema.state_dict().items()}
+    x0 = mnist_small[:32].float() / 127.5 - 1
+    t._train_step(x0)
+    ema, model = t.ema.state_dict(), t.model.state_dict()
+    for k in ema:
+        if warmup:  # decay 0 at step 0: the average is the trained weights, none of the init
+            assert torch.equal(ema[k], model[k]), k
+        elif ema[k].is_floating_point() and not torch.equal(model[k], init[k]):
+            assert torch.allclose(ema[k], 0.999 * init[k] + 0.001 * model[k], atol=1e-7), k
