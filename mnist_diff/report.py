@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -16,10 +17,16 @@ from typing import NamedTuple
 import numpy as np
 
 HOLDS, NOT_HOLDS, UNDETERMINED = "holds", "does not hold", "undetermined (missing data)"
-BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED = 10_000, 0
-SPREAD_METHOD = (f"paired bootstrap 95% percentile CI of the mean difference (pairs matched on all other grid "
-                 f"parameters and seed; {BOOTSTRAP_RESAMPLES:,} resamples; numpy default_rng({BOOTSTRAP_SEED})); "
-                 f"a difference exceeds the seed spread iff its CI excludes 0")
+MIN_SEEDS, CONFIDENCE = 3, 0.95
+NOT_ENOUGH_SEEDS = "not enough seeds to tell"
+SPREAD_METHOD = (
+    "paired t-interval (95%) over seeds: A and B are paired on every other grid parameter and the seed, and "
+    "each seed's mean A − B difference is one observation (seeds are the independent replicates: each reruns "
+    "the grid from its own initial weights, data order and noise), so n = seeds, df = seeds − 1; a DDPM and a "
+    "DDIM result of one grid point and seed share a training (the same weights, sampled two ways): paired, not "
+    "independent. A difference exceeds the seed spread iff its interval excludes 0. Also given: the exact "
+    f"two-sided sign test over seeds (p < 0.05 needs 6 seeds or more). Below {MIN_SEEDS} seeds: "
+    f"{NOT_ENOUGH_SEEDS}")
 FIGURES = ("fid_vs_epoch.png", "mean_fid_bars.png", "samples_montage.png", "schedules.png")
 
 
@@ -123,13 +130,25 @@ def stats(values: list) -> dict:
     return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else None, "n": int(len(v))}
 
 
-def paired_bootstrap_ci(diffs) -> tuple[float, float]:
-    """95% percentile CI of the mean of paired differences (fixed seed, so the report is reproducible)."""
+def t_interval(diffs, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Student's t confidence interval of the mean of paired differences: mean ± t_{(1+c)/2, n-1} s / sqrt(n),
+    s the sample std (ddof=1). Exact when the differences are independent and normal, at any n >= 2."""
+    from scipy.stats import t  # imported here: report.py is imported by tracking, and only this needs scipy
+
     d = np.asarray(diffs, dtype=float)
-    rng = np.random.default_rng(BOOTSTRAP_SEED)
-    means = d[rng.integers(0, len(d), size=(BOOTSTRAP_RESAMPLES, len(d)))].mean(axis=1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return float(lo), float(hi)
+    if len(d) < 2:
+        raise ValueError("a t-interval needs at least 2 differences")
+    half = float(t.ppf((1 + confidence) / 2, len(d) - 1)) * float(d.std(ddof=1)) / math.sqrt(len(d))
+    return float(d.mean()) - half, float(d.mean()) + half
+
+
+def sign_test(diffs) -> tuple[int, int, float]:
+    """(positives, non-zero differences, exact two-sided p) of the sign test: under H0 the sign of each
+    non-zero difference is a fair coin; p = P(a count at least as far from n/2), ties (zeros) dropped."""
+    d = [x for x in diffs if x != 0]
+    n, k = len(d), sum(x > 0 for x in d)
+    tail = sum(math.comb(n, i) for i in range(min(k, n - k) + 1)) / 2 ** n
+    return k, n, min(1.0, 2 * tail)
 
 
 def config_table(complete: dict) -> list[dict]:
@@ -191,21 +210,34 @@ def _need(means: dict, *groups) -> None:
         raise _NoData(f"no results for {', '.join(lacking)}")
 
 
-def _spread(data: dict, in_a, in_b, match, label: str, multi_seed: bool) -> dict:
-    """Is the A − B difference larger than seed-to-seed spread? (Paired bootstrap; see SPREAD_METHOD.)"""
-    if not multi_seed:
-        return {"exceeds_seed_spread": None, "text": "n/a: one seed per config, no seed spread can be estimated"}
-    a = {match(p): v for p, v in data.items() if in_a(p)}
+def _spread(data: dict, in_a, in_b, match, label: str, shared_training: bool = False) -> dict:
+    """Is the A − B difference larger than the seed-to-seed spread? A paired t-interval over the per-seed mean
+    differences (see SPREAD_METHOD); `match(p)` must include the seed. `shared_training`: the pairs are the
+    DDPM and DDIM results of one training."""
+    a = {match(p): (p.seed, v) for p, v in data.items() if in_a(p)}
     b = {match(p): v for p, v in data.items() if in_b(p)}
     keys = sorted(a.keys() & b.keys())
     if not keys:
         return {"exceeds_seed_spread": None, "text": "n/a: no matched pairs"}
-    d = [a[k] - b[k] for k in keys]
-    lo, hi = paired_bootstrap_ci(d)
+    by_seed = defaultdict(list)
+    for k in keys:
+        by_seed[a[k][0]].append(a[k][1] - b[k])
+    per_seed = [float(np.mean(v)) for _, v in sorted(by_seed.items())]
+    mean, n = float(np.mean(per_seed)), len(per_seed)
+    out = {"difference": label, "mean_diff": mean, "per_seed_diffs": per_seed, "n_seeds": n,
+           "n_pairs": len(keys), "shared_training": shared_training}
+    pairs = f"{len(keys)} pairs" + (", each pair sharing a training" if shared_training else "")
+    if n < MIN_SEEDS:
+        return {**out, "exceeds_seed_spread": None,
+                "text": f"{label} = {mean:+.2f} ({n} seed{'s' * (n != 1)}, {pairs}): {NOT_ENOUGH_SEEDS} "
+                        f"(needs {MIN_SEEDS} seeds or more)"}
+    lo, hi = t_interval(per_seed)
+    k, n_signs, p = sign_test(per_seed)
     exceeds = lo > 0 or hi < 0
-    return {"difference": label, "mean_diff": float(np.mean(d)), "ci95": [lo, hi], "n_pairs": len(keys),
+    return {**out, "ci95": [lo, hi], "sign_test": {"positive": k, "n": n_signs, "p": p},
             "exceeds_seed_spread": exceeds,
-            "text": f"{label} = {np.mean(d):+.2f}, 95% CI [{lo:+.2f}, {hi:+.2f}] over {len(keys)} pairs: "
+            "text": f"{label} = {mean:+.2f}, paired 95% t-interval [{lo:+.2f}, {hi:+.2f}] over {n} seeds ({pairs}); "
+                    f"sign test {k} of {n_signs} seeds > 0, p = {p:.2g}: "
                     + ("exceeds seed spread" if exceeds else "within seed spread")}
 
 
@@ -214,7 +246,7 @@ A_PAIR, B_PAIR = (200, _f(0.08)), (1000, _f(0.02))
 CLAIM_CONFIG = ("cosine", 200, "ddpm")
 
 
-def _claim1(data, ms):
+def _claim1(data):
     means = _means(data, lambda p: p.schedule)
     _need(means, "quadratic")
     others = {s: m for s, m in means.items() if s != "quadratic"}
@@ -224,10 +256,10 @@ def _claim1(data, ms):
     numbers = "mean best FID: " + ", ".join(f"{s} {m:.2f}" for s, m in sorted(means.items(), key=lambda x: x[1]))
     return means["quadratic"] < means[rival], numbers, _spread(
         data, lambda p: p.schedule == "quadratic", lambda p: p.schedule == rival,
-        lambda p: (p.timesteps, p.beta_end, p.sampler, p.seed), f"quadratic − {rival}", ms)
+        lambda p: (p.timesteps, p.beta_end, p.sampler, p.seed), f"quadratic − {rival}")
 
 
-def _claim2(data, ms):
+def _claim2(data):
     if not any(p.schedule == "cosine" for p in data):
         raise _NoData("no cosine results")
     best = min(data, key=data.get)
@@ -242,7 +274,7 @@ def _claim2(data, ms):
     return best.schedule == "cosine", numbers, EXTREME
 
 
-def _claim3(data, ms):
+def _claim3(data):
     means = _means(data, lambda p: (p.timesteps, p.beta_end))
     _need(means, A_PAIR, B_PAIR)
     numbers = (f"mean best FID: T=200, β_end=0.08 {means[A_PAIR]:.2f}; T=1000, β_end=0.02 {means[B_PAIR]:.2f}; "
@@ -250,20 +282,20 @@ def _claim3(data, ms):
     pair = lambda p: (p.timesteps, p.beta_end)  # noqa: E731
     return means[A_PAIR] < means[B_PAIR], numbers, _spread(
         data, lambda p: pair(p) == A_PAIR, lambda p: pair(p) == B_PAIR, lambda p: (p.schedule, p.sampler, p.seed),
-        "(T=200, β_end=0.08) − (T=1000, β_end=0.02)", ms)
+        "(T=200, β_end=0.08) − (T=1000, β_end=0.02)")
 
 
-def _claim4(data, ms):
+def _claim4(data):
     means = _means(data, lambda p: p.sampler)
     _need(means, "ddpm", "ddim")
     numbers = f"mean best FID: ddpm {means['ddpm']:.2f}, ddim {means['ddim']:.2f}; " \
               f"difference {means['ddpm'] - means['ddim']:+.2f}"
     return means["ddpm"] < means["ddim"], numbers, _spread(
         data, lambda p: p.sampler == "ddpm", lambda p: p.sampler == "ddim",
-        lambda p: (p.schedule, p.timesteps, p.beta_end, p.seed), "ddpm − ddim", ms)
+        lambda p: (p.schedule, p.timesteps, p.beta_end, p.seed), "ddpm − ddim", shared_training=True)
 
 
-def _claim5(data, ms):
+def _claim5(data):
     mins = {m: min((p for p in data if p.sampler == m), key=data.get) for m in ("ddpm", "ddim")
             if any(p.sampler == m for p in data)}
     _need(mins, "ddpm", "ddim")
@@ -271,7 +303,7 @@ def _claim5(data, ms):
     return data[mins["ddpm"]] < data[mins["ddim"]], numbers, EXTREME
 
 
-def _claim6(data, ms):
+def _claim6(data):
     configs = _means(data, lambda p: p.config)
     claimed = {c: v for c, v in configs.items() if (c[0], c[1], c[3]) == CLAIM_CONFIG}
     if not claimed:
@@ -289,7 +321,7 @@ def _claim6(data, ms):
     else:
         numbers += f"; best cosine/T=200/ddpm {_label(a)} {configs[a]:.2f}"
     return holds, numbers, _spread(data, lambda p: p.config == a, lambda p: p.config == b, lambda p: p.seed,
-                                   f"({_label(a)}) − ({_label(b)})", ms)
+                                   f"({_label(a)}) − ({_label(b)})")
 
 
 CLAIMS = [
@@ -303,7 +335,7 @@ CLAIMS = [
 ]
 
 
-def check_claims(complete: dict, expected: list[Point], multi_seed: bool) -> list[dict]:
+def check_claims(complete: dict, expected: list[Point]) -> list[dict]:
     """Each claim needs every grid point it is about to be COMPLETE; otherwise it is undetermined, and
     the numbers so far are shown anyway."""
     fid = {p: r["best_fid"] for p, r in complete.items()}
@@ -312,7 +344,7 @@ def check_claims(complete: dict, expected: list[Point], multi_seed: bool) -> lis
         relevant = [p for p in expected if about(p)]
         lacking = [p for p in relevant if p not in fid]
         try:
-            holds, numbers, spread = evaluate({p: fid[p] for p in relevant if p in fid}, multi_seed)
+            holds, numbers, spread = evaluate({p: fid[p] for p in relevant if p in fid})
         except _NoData as err:
             holds, numbers, spread = None, str(err), {"exceeds_seed_spread": None, "text": "n/a"}
         if holds is None or lacking:
@@ -338,12 +370,14 @@ def analyse(records: list[dict], study: dict) -> dict:
     records, expected, complete, missing, off_grid = _prepare(records, study)
     seeds = sorted({p.seed for p in complete})
     table = config_table(complete)
-    return {"study_name": study.get("study_name"), "grid": study.get("grid"), "fixed": study.get("fixed") or {},
+    fixed = study.get("fixed") or {}
+    return {"study_name": study.get("study_name"), "grid": study.get("grid"), "fixed": fixed,
+            "clip_x0": fixed.get("clip_x0"),  # None: a study from before the option (its samplers clipped)
             "points_expected": len(expected), "points_complete": len(complete), "partial": bool(missing),
             "seeds": seeds, "multi_seed": len(seeds) > 1, "spread_method": SPREAD_METHOD,
             "configs": table, "best": table[0] if table else None,
             "means": group_means(complete, expected),
-            "claims": check_claims(complete, expected, len(seeds) > 1),
+            "claims": check_claims(complete, expected),
             "missing": missing, "off_grid_runs": [r["run_id"] or r["trial"] for r in off_grid]}
 
 
@@ -371,11 +405,20 @@ def report_blocks(a: dict, montage_missing: list[str]) -> list[tuple]:
     dims = "; ".join(f"{key} = {v}" for key, v in grid.items())
     fixed = ", ".join(f"{key}={v}" for key, v in a["fixed"].items())
     b.append(("p", f"Grid: {dims}." + (f" Fixed: {fixed}." if fixed else "")))
+    clip = {True: "on (clip_x0=True): both samplers clip the predicted x0 to [-1, 1] at every step",
+            False: "off (clip_x0=False): the samplers follow the closed-form updates unclipped",
+            None: "not recorded (studies from before the clip_x0 option always clipped)"}[a["clip_x0"]]
+    b.append(("p", f"**x0 clipping: {clip}.** Clipping changes DDPM (clipped at each of its T steps) and DDIM "
+                   "(clipped at each of its ddim_steps steps, eps recomputed from the clipped x0) differently, "
+                   "so the DDPM-vs-DDIM comparison (claims 4 and 5) holds for this setting only."))
     b.append(("p", "best FID = the final FID of each config's best epoch; the best epoch is chosen by the per-epoch "
                    "selection FID (best_fid_select, fewer samples). Lower is better."))
     if a["multi_seed"]:
+        few = len(a["seeds"]) < MIN_SEEDS
         b.append(("p", f"Seeds {a['seeds']}: values are mean ± std (sample std, ddof=1) over seeds. "
-                       f"Seed spread method: {a['spread_method']}."))
+                       f"Seed spread method: {a['spread_method']}."
+                       + (f" With {len(a['seeds'])} seeds the seed-spread column says {NOT_ENOUGH_SEEDS}: "
+                          "no difference below can yet be told apart from seed noise." if few else "")))
     else:
         b.append(("p", f"One seed ({a['seeds'] or 'none'}): no seed-to-seed spread can be estimated, so no "
                        "difference below can be told apart from seed noise."))

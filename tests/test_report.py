@@ -7,8 +7,8 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from mnist_diff.report import (HOLDS, NOT_HOLDS, UNDETERMINED, analyse, load_records_from_json, report_blocks,
-                               to_markdown, write_report)
+from mnist_diff.report import (HOLDS, NOT_ENOUGH_SEEDS, NOT_HOLDS, UNDETERMINED, analyse, load_records_from_json,
+                               report_blocks, sign_test, t_interval, to_markdown, write_report)
 from mnist_diff.tracking import Tracker, load_study_from_mlflow
 
 GRID = {"schedule": ["linear", "cosine", "quadratic", "sigmoid"], "timesteps_beta_end": [[200, 0.08], [1000, 0.02]],
@@ -84,6 +84,7 @@ def test_one_seed_tables_claims_and_files(tmp_path):
     assert [r["best_fid_mean"] for r in a["configs"]] == sorted(FID.values())
     assert by_claim(a) == EXPECTED_VERDICTS
     assert all(c["spread"]["exceeds_seed_spread"] is None for c in a["claims"])
+    assert all(NOT_ENOUGH_SEEDS in a["claims"][i]["spread"]["text"] for i in (0, 2, 3, 5))  # 1 seed
     assert a["points_complete"] == a["points_expected"] == 16 and not a["partial"]
 
     out = tmp_path / "report"
@@ -97,6 +98,7 @@ def test_one_seed_tables_claims_and_files(tmp_path):
     md = (out / "report.md").read_text()
     assert "Complete: all 16 grid points" in md and "PARTIAL" not in md
     assert "no seed-to-seed spread can be estimated" in md and "cosine schedule ignores beta_start/beta_end" in md
+    assert "x0 clipping: not recorded" in md and "DDPM-vs-DDIM comparison (claims 4 and 5)" in md
     assert "| cosine | 200 | 0.08 | ddim | 1 | 8.00 | 3 | 9.00 | 105 | 2.0 |" in md
     # the four sigmoid configs have no grid file here: left out of the montage, and said so
     assert len(a["montage_missing"]) == 4 and all(m.startswith("sigmoid") for m in a["montage_missing"])
@@ -165,8 +167,8 @@ def two_seed_records():
     return out
 
 
-def test_two_seeds_mean_std_and_bootstrap():
-    a = analyse(two_seed_records(), study({**GRID, "seed": [0, 1]}))
+def test_two_seeds_mean_std_and_not_enough_seeds_to_tell():
+    a = analyse(two_seed_records(), {**study({**GRID, "seed": [0, 1]}), "fixed": {**FIXED, "clip_x0": False}})
     assert a["multi_seed"] and a["points_complete"] == 32
     best = a["best"]  # quadratic T=200 ddpm: 8.8 and 11.0
     assert (best["schedule"], best["timesteps"], best["sampler"]) == ("quadratic", 200, "ddpm")
@@ -177,18 +179,78 @@ def test_two_seeds_mean_std_and_bootstrap():
 
     c = {x["claim"]: x for x in a["claims"]}
     assert by_claim(a) == [HOLDS, NOT_HOLDS, HOLDS, HOLDS, HOLDS, NOT_HOLDS]
-    assert c[1]["spread"]["exceeds_seed_spread"] is True  # quadratic − cosine = -2 in every pair
-    assert c[3]["spread"]["exceeds_seed_spread"] is False  # holds on the mean, but within seed spread
-    lo, hi = c[3]["spread"]["ci95"]
-    assert lo < 0 < hi and c[3]["spread"]["mean_diff"] == pytest.approx(-0.1)
-    assert c[4]["spread"]["exceeds_seed_spread"] is True and c[4]["spread"]["ci95"][1] < -4.9
-    assert c[4]["spread"]["n_pairs"] == 16
-    assert c[6]["spread"]["exceeds_seed_spread"] is True  # cosine T=200 ddpm is 2 worse than the best, both seeds
-    assert c[2]["spread"]["exceeds_seed_spread"] is None and c[5]["spread"]["exceeds_seed_spread"] is None
+    # two seeds: the differences are computed per seed, but no verdict on the seed spread is given
+    assert all(x["spread"]["exceeds_seed_spread"] is None and "ci95" not in x["spread"] for x in a["claims"])
+    assert c[4]["spread"]["per_seed_diffs"] == pytest.approx([-5.0, -5.4]) and c[4]["spread"]["n_pairs"] == 16
+    assert c[4]["spread"]["shared_training"] and "each pair sharing a training" in c[4]["spread"]["text"]
+    assert c[3]["spread"]["per_seed_diffs"] == pytest.approx([-1.2, 1.0])
+    assert c[3]["spread"]["mean_diff"] == pytest.approx(-0.1) and not c[3]["spread"]["shared_training"]
+    assert c[3]["spread"]["text"].endswith(f"2 seeds, 16 pairs): {NOT_ENOUGH_SEEDS} (needs 3 seeds or more)")
 
     md = to_markdown(report_blocks(a, []))
     assert "| quadratic | 200 | 0.08 | ddpm | 2 | 9.90 ± 1.56 | 3, 3 |" in md
-    assert "paired bootstrap 95% percentile CI" in md and "within seed spread" in md and "exceeds seed spread" in md
+    assert "paired t-interval (95%) over seeds" in md and "paired, not independent" in md
+    assert f"With 2 seeds the seed-spread column says {NOT_ENOUGH_SEEDS}" in md
+    assert "exceeds seed spread" not in md and "within seed spread" not in md
+    assert "x0 clipping: off (clip_x0=False)" in md and "clip_x0=False" in md
+
+
+T_975 = {1: 12.706204736174698, 2: 4.302652729749464, 4: 2.7764451051977934}  # Student t 97.5% quantiles
+
+
+def test_t_interval_and_sign_test_golden_values():
+    # d = [1, 2, 3]: mean 2, s = 1, n = 3 -> 2 ± t(0.975, 2) / sqrt(3)
+    assert t_interval([1, 2, 3]) == pytest.approx((2 - T_975[2] / 3 ** 0.5, 2 + T_975[2] / 3 ** 0.5))
+    assert t_interval([1, 2, 3]) == pytest.approx((-0.484138, 4.484138), abs=1e-6)
+    # d = [0, 2]: mean 1, s = sqrt(2), n = 2 -> 1 ± t(0.975, 1)
+    assert t_interval([0, 2]) == pytest.approx((1 - T_975[1], 1 + T_975[1]))
+    # d = [2, 4, 4, 5, 7]: mean 4.4, s^2 = 13.2 / 4 = 3.3
+    half = T_975[4] * (3.3 / 5) ** 0.5
+    assert t_interval([2, 4, 4, 5, 7]) == pytest.approx((4.4 - half, 4.4 + half))
+    with pytest.raises(ValueError):
+        t_interval([1.0])
+    # exact two-sided sign test: p = 2 P(Bin(n, 1/2) <= min(k, n - k)), zeros dropped
+    assert sign_test([1, 2, 3]) == (3, 3, 0.25)
+    assert sign_test([-1, -2, -3, -4, -5, -6]) == (0, 6, 0.03125)
+    assert sign_test([1, 1, 1, 1, -1, 0]) == (4, 5, pytest.approx(0.375))
+    assert sign_test([1, -1]) == (1, 2, 1.0)
+
+
+def three_seed_records():
+    """As two_seed_records, with a third seed: DDIM is 5, 5.4 and 6.2 worse; T=200/0.08 is -1.2, +1.0, +0.5."""
+    base = {"linear": 20, "cosine": 12, "quadratic": 10, "sigmoid": 30}
+    ddim, short = (5.0, 5.4, 6.2), (-1.2, 1.0, 0.5)
+    out = []
+    for s in base:
+        for T in (200, 1000):
+            for m in ("ddpm", "ddim"):
+                for seed in (0, 1, 2):
+                    fid = base[s] + (ddim[seed] if m == "ddim" else 0) + (short[seed] if T == 200 else 0)
+                    out.append(record(len(out), s, T, m, fid, seed=seed))
+    return out
+
+
+def test_three_seeds_paired_t_interval_over_seeds():
+    a = analyse(three_seed_records(), study({**GRID, "seed": [0, 1, 2]}))
+    c = {x["claim"]: x["spread"] for x in a["claims"]}
+    # ddpm − ddim per seed: -5, -5.4, -6.2; mean -5.5333, s^2 = (0.5333^2 + 0.1333^2 + 0.6667^2) / 2 = 0.37333
+    mean, s = -16.6 / 3, (0.746666666 / 2) ** 0.5
+    half = T_975[2] * s / 3 ** 0.5
+    assert c[4]["per_seed_diffs"] == pytest.approx([-5.0, -5.4, -6.2]) and c[4]["n_seeds"] == 3
+    assert c[4]["ci95"] == pytest.approx([mean - half, mean + half])
+    assert c[4]["ci95"] == pytest.approx([-7.05117, -4.01550], abs=1e-4)
+    assert c[4]["exceeds_seed_spread"] is True and c[4]["n_pairs"] == 24
+    assert c[4]["sign_test"] == {"positive": 0, "n": 3, "p": 0.25}
+    assert "paired 95% t-interval [-7.05, -4.02] over 3 seeds (24 pairs, each pair sharing a training)" \
+        in c[4]["text"] and "p = 0.25: exceeds seed spread" in c[4]["text"]
+    # (T=200) − (T=1000) per seed: -1.2, 1.0, 0.5: mean 0.1, within the spread
+    assert c[3]["per_seed_diffs"] == pytest.approx([-1.2, 1.0, 0.5]) and c[3]["exceeds_seed_spread"] is False
+    lo, hi = c[3]["ci95"]
+    assert lo < 0 < hi and (lo + hi) / 2 == pytest.approx(0.1)
+    assert c[1]["exceeds_seed_spread"] is True  # quadratic − cosine = -2 in every pair of every seed
+    md = to_markdown(report_blocks(a, []))
+    assert md.count(NOT_ENOUGH_SEEDS) == 1  # in the method's description only
+    assert "exceeds seed spread" in md and "within seed spread" in md
 
 
 def test_partial_study(tmp_path):
