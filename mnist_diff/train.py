@@ -274,6 +274,7 @@ class Trainer:
                     perm = epoch_permutation(c.seed, epoch, n, self.device)
                 x0 = to_model_range(self.images[perm[b * bs:(b + 1) * bs]])
                 window.append(self._train_step(x0))
+                bar.update(1)  # per step, so the bar moves and shows an ETA at once; no host sync (loss stays batched)
                 epoch_done = self.step % self.steps_per_epoch == 0
                 if len(window) == LOG_EVERY or epoch_done or self.step == self.total_steps:
                     mean = self._check_losses(window, window_start)
@@ -281,7 +282,6 @@ class Trainer:
                     ips = len(window) * bs / max(now - t_window, 1e-9)
                     self.train_seconds += now - t_window
                     self.epoch_loss = (self.epoch_loss[0] + mean * len(window), self.epoch_loss[1] + len(window))
-                    bar.update(len(window))
                     bar.set_postfix(loss=f"{mean:.4f}", img_s=f"{ips:.0f}", epoch=epoch + 1)
                     for cb in self.callbacks:
                         cb.on_log(self.step, mean, ips)

@@ -132,3 +132,12 @@ def test_same_seed_same_loss_curve_and_samples(tmp_path, mnist_small):
     other = Trainer(tiny(epochs=2, seed=1), mnist_small[:128], tmp_path / "c", progress=False)
     other.fit()
     assert [h["loss"] for h in other.history] != [h["loss"] for h in runs[0].history]
+
+
+def test_progress_bar_moves_every_step(tmp_path, mnist_small, capsys, monkeypatch):
+    # every refresh printed (tqdm reads TQDM_* defaults from the environment), so the counts it showed are seen
+    monkeypatch.setenv("TQDM_MININTERVAL", "0")
+    monkeypatch.setenv("TQDM_MINITERS", "1")
+    Trainer(tiny(epochs=1), mnist_small[:128], tmp_path / "run", progress=True).fit()  # 4 steps, one loss sync
+    shown = capsys.readouterr().err
+    assert all(f"{k}/4" in shown for k in (1, 2, 3)), shown  # not only 0/4 then 4/4 at the loss readout
