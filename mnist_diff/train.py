@@ -309,7 +309,8 @@ class Trainer:
             {"format_version": checkpoint.FORMAT_VERSION, "config": c.to_dict(), "epoch": epoch,
              "step": self.step, "ema": self.sampling_model.state_dict()},
             self.ckpt_dir / f"ema-epoch-{epoch:03d}.pt")
-        grid_path = sample_grid(self.sampling_model, self.schedule, c, self.grid_dir / f"epoch-{epoch:03d}.png")
+        grid_path = sample_grid(self.sampling_model, self.schedule, c, self.grid_dir / f"epoch-{epoch:03d}.png",
+                                progress=self.progress)
         end = EpochEnd(epoch, self.step, loss, ips, self.sampling_model, ema_path, grid_path)
         for cb in self.callbacks:
             cb.on_epoch_end(end)
@@ -318,11 +319,12 @@ class Trainer:
         self.model.train()
 
 
-def sample_grid(model, schedule, config: Config, path) -> Path:
-    """The 8x8 grid of an epoch, drawn with the config's sampler from fixed seeds so epochs compare."""
+def sample_grid(model, schedule, config: Config, path, progress: bool = False) -> Path:
+    """The 8x8 grid of an epoch, drawn with the config's sampler from fixed seeds so epochs compare. With
+    `progress`, a bar: on a CPU a DDPM grid at T=1000 takes minutes."""
     images = generate(model, schedule, num=GRID_IMAGES, seed=GRID_SEED, sampler=config.sampler,
                       ddim_steps=config.ddim_steps, eta=config.eta, batch_size=GRID_IMAGES,
-                      precision=config.precision, progress=False)
+                      precision=config.precision, progress=progress, desc=f"grid {Path(path).stem}")
     return save_grid(images, path)
 
 
