@@ -349,13 +349,16 @@ SMOKE = {"epochs": 2, "batch_size": 32, "train_samples": 256, "channels": 8, "wa
               help="Worker processes on this machine (with several GPUs, one GPU each).")
 @click.option("--heartbeat", type=click.IntRange(min=1), default=60, show_default=True,
               help="Seconds between trial heartbeats; a trial silent for twice this is retried.")
+@click.option("--dry-run", is_flag=True,
+              help="Print the study's work per phase and its projected time on this device, then exit: "
+                   "creates no study, run or folder.")
 @device_option
 @data_dir_option
 @out_option("runs/sweep")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
 def sweep(ctx, study_name, storage, schedules, timesteps_list, samplers, seeds, preset, workers, heartbeat,
-          fid_weights, tracking_uri, experiment, no_tracking, device, data_dir, out, quiet, **fields):
+          dry_run, fid_weights, tracking_uri, experiment, no_tracking, device, data_dir, out, quiet, **fields):
     """Run (or resume) the reference study as an Optuna grid, every trial tracked in MLflow."""
     if no_tracking:
         raise BadInput("sweep always tracks in MLflow: drop --no-tracking")
@@ -370,9 +373,9 @@ def sweep(ctx, study_name, storage, schedules, timesteps_list, samplers, seeds, 
     out_path = check_writable_dir(out)
     check_storage(storage)
     tracking_uri = checked_tracking_uri(tracking_uri)
-    pick_device(device)
+    dev = pick_device(device)
 
-    from mnist_diff.study import Sweep, run_sweep
+    from mnist_diff.study import Sweep, open_study, run_sweep
     from mnist_diff.train import StopSignals
 
     fixed = {k: v for k, v in base.to_dict().items() if k not in ("schedule", "timesteps", "beta_end", "sampler", "seed")}
@@ -380,6 +383,14 @@ def sweep(ctx, study_name, storage, schedules, timesteps_list, samplers, seeds, 
                  pairs=pairs, samplers=samplers or SAMPLERS, seeds=tuple(range(seeds)), storage=storage,
                  tracking_uri=tracking_uri, experiment=experiment, data_dir=data_dir, fid_weights=fid_weights,
                  device=device, progress=not quiet, heartbeat=heartbeat, fixed={**fixed, "preset": preset})
+    if not dry_run:
+        try:  # run_sweep opens it first too; here so a study with another grid is refused before the projection
+            open_study(spec)
+        except ValueError as err:
+            raise BadInput(str(err))
+    print_projection(spec, dev)
+    if dry_run:
+        return
     try:
         with StopSignals():
             doc = run_sweep(spec, workers=workers)
@@ -392,6 +403,34 @@ def sweep(ctx, study_name, storage, schedules, timesteps_list, samplers, seeds, 
         click.echo(f"best: {b['params']} FID {b['best_fid']:.2f} (epoch {b['best_epoch']})")
     from mnist_diff import tracking
     click.echo(f"browse: {tracking.ui_command(tracking_uri)}  (experiment {experiment!r})")
+
+
+def print_projection(spec, dev) -> None:
+    """The study's work per phase and its projected time at this device's bench rates (measured and cached
+    on first use); one line more when that exceeds an hour. The full grid, whatever a resumed study has done."""
+    from itertools import product
+
+    from mnist_diff import bench_cache, workload
+
+    space = spec.search_space()
+    work = workload.count([spec.config_for(dict(zip(space, values))) for values in product(*space.values())])
+    c, name = spec.base, bench_cache.device_name(dev)
+    rates = None
+    try:
+        bench = bench_cache.load(dev, c.channels, c.batch_size, c.precision)
+        if bench is None:
+            click.echo("measuring this device for the projection (a few seconds, then cached)...")
+            bench = bench_cache.measure(dev, c.channels, c.batch_size, c.precision)
+        how = "quick bench" if bench.get("quick") else "bench"
+        rates = workload.rates_from_bench(
+            bench, dev.type, source=f"{how} of {name}, cached in {bench_cache.cache_path(dev)}")
+    except Exception as err:  # a projection is advice: it never stops the study
+        click.echo(f"no time projection: measuring this device failed ({type(err).__name__}: {err})")
+    click.echo(workload.format_table(work, rates))
+    line = workload.long_study_warning(work, rates, f"{dev.type} ({name})",
+                                       suggest_smoke=spec.fixed.get("preset") != "smoke")
+    if line:
+        click.echo(line)
 
 
 def check_storage(url: str) -> None:
@@ -560,6 +599,8 @@ def bench(device, channels, batch_size, sample_batch, train_steps, sample_steps,
     click.echo(text)
     if json_path:
         Path(json_path).write_text(text + "\n")
+    from mnist_diff.bench_cache import save
+    click.echo(f"cached for `sweep` projections: {save(result, dev, precision)}")
 
 
 if __name__ == "__main__":

@@ -133,7 +133,7 @@ def score_saved_training(config: Config, train_dir, out_dir, *, reference: Refer
     for h in trained["history"]:
         epoch = h["epoch"]
         model, _, _ = load_sampling_model(train_dir / "checkpoints" / f"ema-epoch-{epoch:03d}.pt", device)
-        grid = sample_grid(model, schedule, config, out_dir / "samples" / f"epoch-{epoch:03d}.png")
+        grid = sample_grid(model, schedule, config, out_dir / "samples" / f"epoch-{epoch:03d}.png", progress=progress)
         entry = {"epoch": epoch, "step": h["step"], "loss": h["loss"]}
         every = config.fid_every
         if every > 0 and (epoch % every == 0 or epoch == trained["history"][-1]["epoch"]):

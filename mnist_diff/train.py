@@ -291,6 +291,7 @@ class Trainer:
                     perm = epoch_permutation(c.seed, epoch, n, self.device)
                 x0 = to_model_range(self.images[perm[b * bs:(b + 1) * bs]])
                 window.append(self._train_step(x0))
+                bar.update(1)  # per step, so the bar moves and shows an ETA at once; no host sync (loss stays batched)
                 epoch_done = self.step % self.steps_per_epoch == 0
                 if len(window) == LOG_EVERY or epoch_done or self.step == self.total_steps:
                     mean = self._check_losses(window, window_start)
@@ -298,7 +299,6 @@ class Trainer:
                     ips = len(window) * bs / max(now - t_window, 1e-9)
                     self.train_seconds += now - t_window
                     self.epoch_loss = (self.epoch_loss[0] + mean * len(window), self.epoch_loss[1] + len(window))
-                    bar.update(len(window))
                     bar.set_postfix(loss=f"{mean:.4f}", img_s=f"{ips:.0f}", epoch=epoch + 1)
                     for cb in self.callbacks:
                         cb.on_log(self.step, mean, ips)
@@ -326,7 +326,8 @@ class Trainer:
             {"format_version": checkpoint.FORMAT_VERSION, "config": c.to_dict(), "epoch": epoch,
              "step": self.step, "ema": self.sampling_model.state_dict()},
             self.ckpt_dir / f"ema-epoch-{epoch:03d}.pt")
-        grid_path = sample_grid(self.sampling_model, self.schedule, c, self.grid_dir / f"epoch-{epoch:03d}.png")
+        grid_path = sample_grid(self.sampling_model, self.schedule, c, self.grid_dir / f"epoch-{epoch:03d}.png",
+                                progress=self.progress)
         end = EpochEnd(epoch, self.step, loss, ips, self.sampling_model, ema_path, grid_path)
         for cb in self.callbacks:
             cb.on_epoch_end(end)
@@ -335,11 +336,12 @@ class Trainer:
         self.model.train()
 
 
-def sample_grid(model, schedule, config: Config, path) -> Path:
-    """The 8x8 grid of an epoch, drawn with the config's sampler from fixed seeds so epochs compare."""
+def sample_grid(model, schedule, config: Config, path, progress: bool = False) -> Path:
+    """The 8x8 grid of an epoch, drawn with the config's sampler from fixed seeds so epochs compare. With
+    `progress`, a bar: on a CPU a DDPM grid at T=1000 takes minutes."""
     images = generate(model, schedule, num=GRID_IMAGES, seed=GRID_SEED, sampler=config.sampler,
                       ddim_steps=config.ddim_steps, eta=config.eta, clip_x0=config.clip_x0, batch_size=GRID_IMAGES,
-                      precision=config.precision, progress=False)
+                      precision=config.precision, progress=progress, desc=f"grid {Path(path).stem}")
     return save_grid(images, path)
 
 

@@ -6,6 +6,14 @@ import torch
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def bench_cache_dir(tmp_path_factory):
+    """`sweep` caches this device's bench rates: tests keep theirs in a temporary folder, not the user's."""
+    path = tmp_path_factory.mktemp("bench-cache")
+    os.environ["MNIST_DIFF_BENCH_CACHE"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def data_dir():
     """A torchvision root with MNIST. CI sets MNIST_DIFF_DATA_DIR (../shared/offline_assets.py); without

@@ -158,3 +158,12 @@ def test_first_ema_update_forgets_the_random_init_only_with_a_warmup(tmp_path, m
             assert torch.equal(ema[k], model[k]), k
         elif ema[k].is_floating_point() and not torch.equal(model[k], init[k]):
             assert torch.allclose(ema[k], 0.999 * init[k] + 0.001 * model[k], atol=1e-7), k
+
+
+def test_progress_bar_moves_every_step(tmp_path, mnist_small, capsys, monkeypatch):
+    # every refresh printed (tqdm reads TQDM_* defaults from the environment), so the counts it showed are seen
+    monkeypatch.setenv("TQDM_MININTERVAL", "0")
+    monkeypatch.setenv("TQDM_MINITERS", "1")
+    Trainer(tiny(epochs=1), mnist_small[:128], tmp_path / "run", progress=True).fit()  # 4 steps, one loss sync
+    shown = capsys.readouterr().err
+    assert all(f"{k}/4" in shown for k in (1, 2, 3)), shown  # not only 0/4 then 4/4 at the loss readout

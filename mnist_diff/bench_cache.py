@@ -1,0 +1,91 @@
+"""`bench` results cached per device, so `sweep` projects a study's time from this device's own rates.
+
+One JSON file per device under `~/.cache/mnist-diff/bench/` (or `MNIST_DIFF_BENCH_CACHE`), holding one entry
+per (channels, training batch, requested precision, torch version[, CPU threads]): the things a rate depends
+on. `bench` writes its full result there; without one, `sweep` runs a short bench (seconds) and caches that.
+Needs only torch, like `bench`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+from pathlib import Path
+
+import torch
+
+from .data import DEFAULT_DATA_DIR
+
+ENV = "MNIST_DIFF_BENCH_CACHE"
+
+
+def device_name(device) -> str:
+    """The GPU's name, or the CPU's model (two CPUs of one architecture differ a lot in speed)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or device.type
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(ENV) or DEFAULT_DATA_DIR.parent / "bench")
+
+
+def cache_path(device) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{torch.device(device).type}-{device_name(device)}").strip("-")
+    return cache_dir() / f"{slug}.json"
+
+
+def entry_key(device, channels: int, batch_size: int, precision: str) -> str:
+    key = f"channels={channels} batch={batch_size} precision={precision} torch={torch.__version__}"
+    if torch.device(device).type == "cpu":  # CPU rates scale with the threads torch uses
+        key += f" threads={torch.get_num_threads()}"
+    return key
+
+
+def _read(path: Path) -> dict:
+    try:
+        doc = json.loads(path.read_text())
+        return doc if isinstance(doc.get("entries"), dict) else {}
+    except (OSError, ValueError, AttributeError):  # missing or damaged: measure again
+        return {}
+
+
+def load(device, channels: int, batch_size: int, precision: str) -> dict | None:
+    """The cached bench result for this device and model, or None."""
+    return _read(cache_path(device)).get("entries", {}).get(entry_key(device, channels, batch_size, precision))
+
+
+def save(result: dict, device, precision: str) -> Path:
+    """Cache a `run_bench` result under the precision asked for ('auto' stays 'auto', as `sweep` asks)."""
+    path = cache_path(device)
+    doc = _read(path) or {"device": device_name(device), "entries": {}}
+    doc["entries"][entry_key(device, result["channels"], result["train_batch"], precision)] = result
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # written in place of experiment.write_json, whose module needs more than torch (bench runs on torch alone)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(doc, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def measure(device, channels: int, batch_size: int, precision: str) -> dict:
+    """A short bench (seconds: few steps, one timed repeat), cached; marked `quick` in the result."""
+    from .bench import run_bench
+
+    device = torch.device(device)
+    gpu = device.type != "cpu"
+    result = run_bench(device, channels=channels, batch_size=batch_size, precision=precision,
+                       train_steps=20 if gpu else 2, sample_batch=500 if gpu else 64,
+                       sample_steps=20 if gpu else 2, repeats=2 if gpu else 1)
+    result["quick"] = True
+    save(result, device, precision)
+    return result

@@ -1,0 +1,211 @@
+"""How much work a study is, phase by phase, and how long it should take at given rates.
+
+Pure: counts follow from the grid's `Config`s exactly as `experiment` and `train` spend them; times follow
+from rates passed in (`bench_cache` reads and writes the measured ones). No I/O, no mlflow/optuna/click.
+
+A DDPM and a DDIM trial with the same `training_key()` share one training, but each samples its own grids
+and FID images with its own sampler.
+"""
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from .config import Config
+from .samplers import network_calls
+from .train import GRID_IMAGES
+
+MNIST_SIZES = {"train": 60_000, "test": 10_000}
+HOUR = 3600.0
+
+TRAINING, SELECTION, FINAL, GRIDS, INCEPTION = (
+    "training", "selection sampling", "final sampling", "grids", "Inception")
+PHASES = (TRAINING, SELECTION, FINAL, GRIDS, INCEPTION)
+
+# Fallbacks while `bench` has no Inception figure for the device: estimates, and labelled so wherever shown.
+INCEPTION_IMAGES_PER_S_ESTIMATE = {"cpu": 4.0, "gpu": 2000.0}  # CPU: ~0.25 s/image on the 2-core dev machine
+FID_FIXED_SECONDS_ESTIMATE = 3.0  # per score: torch-fidelity rebuilds Inception, eigvals 2048x2048 on the CPU
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    images: int        # training: images trained on; sampling: images drawn; Inception: images scored
+    evaluations: int   # network evaluations: UNet calls (training: one forward+backward per image),
+                       # Inception forwards for the Inception phase
+
+
+@dataclass(frozen=True)
+class Workload:
+    phases: tuple[Phase, ...]
+    trials: int
+    trainings: int
+    fid_scores: int          # calls of the FID metric (each has a fixed cost besides its images)
+    reference_images: int    # real images through Inception once per reference; cached on disk afterwards
+
+    def phase(self, name: str) -> Phase:
+        return next(p for p in self.phases if p.name == name)
+
+    @property
+    def sampling_evaluations(self) -> int:
+        """UNet evaluations of all sampling: selection, final and grids."""
+        return sum(self.phase(n).evaluations for n in (SELECTION, FINAL, GRIDS))
+
+
+def steps_per_epoch(c: Config) -> int:
+    """Optimizer steps per epoch: the last partial batch is dropped (train.Trainer)."""
+    n = min(c.train_samples or MNIST_SIZES["train"], MNIST_SIZES["train"])
+    return n // c.batch_size
+
+
+def total_steps(c: Config) -> int:
+    steps = c.epochs * steps_per_epoch(c)
+    return steps if c.max_steps is None else min(steps, c.max_steps)
+
+
+def epochs_done(c: Config) -> int:
+    """Complete epochs: each gets a grid and is a candidate for FID selection."""
+    return total_steps(c) // steps_per_epoch(c)
+
+
+def scored_epochs(c: Config) -> list[int]:
+    """The epochs scored for selection: every `fid_every`-th and the last (experiment.FidSelection)."""
+    last = epochs_done(c)
+    if c.fid_every <= 0:
+        return []
+    return [e for e in range(1, last + 1) if e % c.fid_every == 0 or e == last]
+
+
+def count(configs: Sequence[Config]) -> Workload:
+    """The work of running every config once (one trial each), trainings shared by `training_key()`."""
+    train_by_key: dict[str, int] = {}  # training images per shared training
+    sel_images = sel_evals = final_images = final_evals = grid_images = grid_evals = 0
+    scores = 0
+    references = set()
+    for c in configs:
+        key = c.training_key()
+        train_by_key[key] = max(train_by_key.get(key, 0), total_steps(c) * c.batch_size)
+        calls = network_calls(c.sampler, c.timesteps, c.ddim_steps)
+        scored = scored_epochs(c)
+        final = c.fid_samples if c.fid_samples > 0 and epochs_done(c) >= 1 else 0
+        sel_images += c.fid_select_samples * len(scored)
+        sel_evals += c.fid_select_samples * len(scored) * calls
+        final_images += final
+        final_evals += final * calls
+        grid_images += GRID_IMAGES * epochs_done(c)
+        grid_evals += GRID_IMAGES * epochs_done(c) * calls
+        trial_scores = len(scored) + (1 if final else 0)
+        scores += trial_scores
+        if trial_scores:
+            size = MNIST_SIZES[c.fid_ref]
+            references.add((c.fid_ref, min(c.fid_ref_samples or size, size)))
+    train_images = sum(train_by_key.values())
+    scored_images = sel_images + final_images
+    phases = (Phase(TRAINING, train_images, train_images), Phase(SELECTION, sel_images, sel_evals),
+              Phase(FINAL, final_images, final_evals), Phase(GRIDS, grid_images, grid_evals),
+              Phase(INCEPTION, scored_images, scored_images))
+    return Workload(phases, trials=len(configs), trainings=len(train_by_key), fid_scores=scores,
+                    reference_images=sum(n for _, n in references))
+
+
+@dataclass(frozen=True)
+class Rates:
+    train_images_per_s: float
+    sample_evaluations_per_s: float      # UNet evaluations per second while sampling (DDPM = DDIM per call)
+    inception_images_per_s: float
+    fid_fixed_seconds: float             # per FID score, besides its images
+    estimated: tuple[str, ...] = ()      # names of the fields above that are estimates, not measurements
+    source: str = ""                     # where the measured ones come from
+
+
+def rates_from_bench(result: dict, device_type: str, source: str = "") -> Rates:
+    """Rates from a `bench` result; what it lacks (Inception, the FID fixed cost) is a stated estimate."""
+    if "sample_image_steps_per_s" in result:
+        sampling = result["sample_image_steps_per_s"]
+    else:  # one network call costs the same in either sampler: their mean is one rate, less noisy
+        sampling = statistics.mean([result["ddpm_image_steps_per_s"], result["ddim_image_steps_per_s"]])
+    estimated = []
+    inception = result.get("inception_images_per_s")
+    if not inception:
+        inception = INCEPTION_IMAGES_PER_S_ESTIMATE["cpu" if device_type == "cpu" else "gpu"]
+        estimated.append("inception_images_per_s")
+    fixed = result.get("fid_fixed_seconds")
+    if fixed is None:
+        fixed = FID_FIXED_SECONDS_ESTIMATE
+        estimated.append("fid_fixed_seconds")
+    return Rates(result["train_images_per_s"], sampling, inception, fixed, tuple(estimated), source)
+
+
+def project(w: Workload, r: Rates) -> dict[str, float]:
+    """Seconds per phase."""
+    return {
+        TRAINING: w.phase(TRAINING).images / r.train_images_per_s,
+        SELECTION: w.phase(SELECTION).evaluations / r.sample_evaluations_per_s,
+        FINAL: w.phase(FINAL).evaluations / r.sample_evaluations_per_s,
+        GRIDS: w.phase(GRIDS).evaluations / r.sample_evaluations_per_s,
+        INCEPTION: w.phase(INCEPTION).images / r.inception_images_per_s + w.fid_scores * r.fid_fixed_seconds,
+    }
+
+
+def format_duration(seconds: float) -> str:
+    """e.g. '45 s', '6 min 30 s', '21 h 38 min'."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+def _table(rows: Iterable[Sequence[str]], right: Sequence[bool]) -> list[str]:
+    rows = [list(r) for r in rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.rjust(w) if right[i] else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths))
+                      ).rstrip() for r in rows]
+
+
+def format_table(w: Workload, r: Rates | None) -> str:
+    """The study's work per phase and, with rates, its projected time: the text `sweep` prints."""
+    seconds = project(w, r) if r is not None else {}
+
+    def est(*names):
+        return " (estimate)" if r is not None and any(n in r.estimated for n in names) else ""
+
+    basis = {}
+    if r is not None:
+        basis = {TRAINING: f"{r.train_images_per_s:,.0f} images/s",
+                 SELECTION: f"{r.sample_evaluations_per_s:,.0f} evaluations/s",
+                 INCEPTION: f"{r.inception_images_per_s:,.0f} images/s{est('inception_images_per_s')} + "
+                            f"{r.fid_fixed_seconds:g} s x {w.fid_scores} scores{est('fid_fixed_seconds')}"}
+        basis[FINAL] = basis[GRIDS] = basis[SELECTION]
+    rows = [("phase", "images", "network evals", "projected", "at")]
+    for p in w.phases:
+        rows.append((p.name, f"{p.images:,}", f"{p.evaluations:,}",
+                     format_duration(seconds[p.name]) if seconds else "?", basis.get(p.name, "")))
+    rows.append(("total", "", "", format_duration(sum(seconds.values())) if seconds else "?", ""))
+    head = (f"Study work: {w.trials} trials, {w.trainings} trainings, {w.fid_scores} FID scores; "
+            f"{w.sampling_evaluations:,} UNet evaluations for sampling.")
+    lines = [head, *_table(rows, right=(False, True, True, True, False))]
+    if r is not None and r.source:
+        lines.append(f"rates: {r.source}")
+    if w.reference_images:
+        ref = ""
+        if r is not None:
+            note = ", estimate" if "inception_images_per_s" in r.estimated else ""
+            ref = f" (~{format_duration(w.reference_images / r.inception_images_per_s)}{note})"
+        lines.append(f"not in the total: the FID reference statistics, {w.reference_images:,} real images through "
+                     f"Inception{ref}, computed once and then cached on disk.")
+    return "\n".join(lines)
+
+
+def long_study_warning(w: Workload, r: Rates | None, device: str, suggest_smoke: bool = True) -> str | None:
+    """One line when the projection exceeds an hour (pointing at the smoke preset); None otherwise."""
+    if r is None:
+        return None
+    total = sum(project(w, r).values())
+    if total <= HOUR:
+        return None
+    line = f"This study is projected to take {format_duration(total)} on {device}"
+    return line + (": to see the whole pipeline in minutes first, try `sweep --preset smoke`." if suggest_smoke
+                   else ".")

@@ -1,0 +1,177 @@
+"""The study's work per phase (counted by hand here), its projection, the bench cache and `sweep --dry-run`."""
+import json
+from itertools import product
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import cli
+from mnist_diff import bench_cache, workload
+from mnist_diff.config import Config
+from mnist_diff.workload import FINAL, GRIDS, INCEPTION, SELECTION, TRAINING, Rates
+
+
+def reference_study() -> list:
+    """The 16 grid points of `sweep` with no options."""
+    return [Config(schedule=s, timesteps=t, beta_end=b, sampler=m)
+            for s, (t, b), m in product(("linear", "cosine", "quadratic", "sigmoid"), ((200, 0.08), (1000, 0.02)),
+                                        ("ddpm", "ddim"))]
+
+
+def test_reference_study_counts():
+    w = workload.count(reference_study())
+    assert (w.trials, w.trainings, w.fid_scores, w.reference_images) == (16, 8, 16 * (20 + 1), 60_000)
+    # 8 trainings x 20 epochs x (60,000 // 128 = 468 steps) x 128 images
+    assert w.phase(TRAINING).images == w.phase(TRAINING).evaluations == 8 * 20 * 468 * 128 == 9_584_640
+    # UNet calls per image summed over the 16 trials: 4 x 1000 (DDPM T=1000) + 4 x 200 + 8 x 50 (DDIM)
+    calls = 4 * 1000 + 4 * 200 + 8 * 50
+    assert calls == 5200
+    assert (w.phase(SELECTION).images, w.phase(SELECTION).evaluations) == (16 * 20 * 2000, 20 * 2000 * calls)
+    assert (w.phase(FINAL).images, w.phase(FINAL).evaluations) == (16 * 10_000, 10_000 * calls)
+    assert (w.phase(GRIDS).images, w.phase(GRIDS).evaluations) == (16 * 20 * 64, 20 * 64 * calls)
+    assert w.phase(INCEPTION).images == 16 * (20 * 2000 + 10_000) == 800_000
+    # issue 10 says "about 267 million, DDPM at T=1000 77% of them, ~9.6 million training images": exact
+    # figures are 266,656,000 and 4000/5200 = 76.9%, since every phase spends the same draws per trial
+    assert w.sampling_evaluations == (20 * 2000 + 10_000 + 20 * 64) * calls == 266_656_000
+    ddpm_1000 = workload.count([c for c in reference_study() if c.sampler == "ddpm" and c.timesteps == 1000])
+    assert ddpm_1000.sampling_evaluations / w.sampling_evaluations == pytest.approx(4000 / 5200)
+    assert ddpm_1000.trainings == 4 and ddpm_1000.phase(TRAINING).images == 4 * 20 * 468 * 128
+
+
+def test_small_grid_counts():
+    base = Config(timesteps=20, beta_end=0.2, ddim_steps=5, epochs=5, batch_size=32, train_samples=100, fid_every=2,
+                  fid_select_samples=10, fid_samples=30, fid_ref="test")
+    # DDPM and DDIM share seed 0's training; seed 1 trains again. 100 // 32 = 3 steps per epoch, 15 steps.
+    w = workload.count([base, base.replace(sampler="ddim"), base.replace(seed=1)])
+    assert (w.trials, w.trainings) == (3, 2)
+    assert w.phase(TRAINING).images == 2 * 15 * 32
+    calls = 20 + 5 + 20
+    assert workload.scored_epochs(base) == [2, 4, 5]  # every 2nd, and the last
+    assert (w.phase(SELECTION).images, w.phase(SELECTION).evaluations) == (3 * 3 * 10, 3 * 10 * calls)
+    assert (w.phase(FINAL).images, w.phase(FINAL).evaluations) == (3 * 30, 30 * calls)
+    assert (w.phase(GRIDS).images, w.phase(GRIDS).evaluations) == (3 * 5 * 64, 5 * 64 * calls)
+    assert (w.phase(INCEPTION).images, w.fid_scores, w.reference_images) == (3 * (30 + 30), 3 * 4, 10_000)
+
+    # --max-steps 7 ends inside epoch 3: 2 complete epochs, the last of them scored
+    short = workload.count([base.replace(max_steps=7)])
+    assert (short.phase(TRAINING).images, short.phase(GRIDS).images, short.fid_scores) == (7 * 32, 2 * 64, 2)
+    assert workload.scored_epochs(base.replace(max_steps=7)) == [2]
+    # no FID at all: no scores, no reference
+    none = workload.count([base.replace(fid_every=0, fid_samples=0, fid_ref_samples=50)])
+    assert (none.phase(INCEPTION).images, none.fid_scores, none.reference_images) == (0, 0, 0)
+    assert workload.count([base.replace(fid_every=0, fid_ref_samples=50)]).reference_images == 50
+
+
+def test_projection_and_warning():
+    base = Config(timesteps=20, beta_end=0.2, ddim_steps=5, epochs=5, batch_size=32, train_samples=100, fid_every=2,
+                  fid_select_samples=10, fid_samples=30, fid_ref="test")
+    w = workload.count([base, base.replace(sampler="ddim")])
+    r = Rates(train_images_per_s=96, sample_evaluations_per_s=50, inception_images_per_s=4, fid_fixed_seconds=3)
+    s = workload.project(w, r)
+    assert s[TRAINING] == pytest.approx(480 / 96)
+    assert s[SELECTION] == pytest.approx(3 * 10 * 25 / 50) and s[FINAL] == pytest.approx(30 * 25 / 50)
+    assert s[GRIDS] == pytest.approx(5 * 64 * 25 / 50)
+    assert s[INCEPTION] == pytest.approx(2 * 60 / 4 + 8 * 3)
+    assert workload.long_study_warning(w, r, "cpu") is None  # about 4 min
+    slow = Rates(1, 1, 4, 3)
+    line = workload.long_study_warning(w, slow, "cpu")
+    assert line.startswith("This study is projected to take 2 h ") and "--preset smoke" in line
+    assert "--preset smoke" not in workload.long_study_warning(w, slow, "cpu", suggest_smoke=False)
+    assert [workload.format_duration(x) for x in (44.6, 390, 77_890)] == ["45 s", "6 min 30 s", "21 h 38 min"]
+
+
+def test_rates_from_bench_label_estimates():
+    bench = {"train_images_per_s": 123.0, "ddpm_image_steps_per_s": 441.0, "ddim_image_steps_per_s": 457.0}
+    r = workload.rates_from_bench(bench, "cpu")
+    assert (r.train_images_per_s, r.sample_evaluations_per_s, r.inception_images_per_s) == (123, 449, 4)
+    assert set(r.estimated) == {"inception_images_per_s", "fid_fixed_seconds"}
+    assert "4 images/s (estimate)" in workload.format_table(workload.count(reference_study()), r)
+    measured = workload.rates_from_bench({**bench, "inception_images_per_s": 1500.0}, "cuda")
+    assert measured.inception_images_per_s == 1500 and measured.estimated == ("fid_fixed_seconds",)
+    assert workload.rates_from_bench(bench, "cuda").inception_images_per_s == 2000
+
+
+def test_bench_cache_round_trip(tmp_path, monkeypatch):
+    monkeypatch.setenv(bench_cache.ENV, str(tmp_path / "bench"))
+    cpu = torch.device("cpu")
+    assert bench_cache.load(cpu, 8, 32, "auto") is None
+    result = {"channels": 8, "train_batch": 32, "train_images_per_s": 114.0}
+    path = bench_cache.save(result, cpu, "auto")
+    assert path.parent == tmp_path / "bench" and path.name.startswith("cpu-")
+    assert bench_cache.load(cpu, 8, 32, "auto") == result
+    assert bench_cache.load(cpu, 64, 32, "auto") is None and bench_cache.load(cpu, 8, 32, "fp32") is None
+    bench_cache.save({**result, "train_batch": 128}, cpu, "auto")  # a second entry keeps the first
+    assert len(json.loads(path.read_text())["entries"]) == 2 and bench_cache.load(cpu, 8, 32, "auto") == result
+    path.write_text("{damaged")
+    assert bench_cache.load(cpu, 8, 32, "auto") is None
+
+
+# Real `bench` results of this project's CPU machine (2 cores): channels 64 from docs/BENCHMARKS.md
+# (`bench --device cpu --repeats 3`); channels 8 at the smoke preset's batch 32 from `bench --device cpu
+# --channels 8 --batch-size 32 --sample-batch 64 --train-steps 10 --sample-steps 10 --repeats 3`, run with
+# one thread while the machine was shared (so slower than it can be).
+BENCH_CPU = [
+    {"channels": 64, "train_batch": 128, "train_images_per_s": 123.0, "ddpm_image_steps_per_s": 441.0,
+     "ddim_image_steps_per_s": 457.0},
+    {"channels": 8, "train_batch": 32, "train_images_per_s": 114.4, "ddpm_image_steps_per_s": 354.0,
+     "ddim_image_steps_per_s": 381.7},
+]
+
+
+@pytest.fixture
+def cached_cpu_bench(tmp_path, monkeypatch):
+    monkeypatch.setenv(bench_cache.ENV, str(tmp_path / "bench"))
+    for result in BENCH_CPU:
+        bench_cache.save(result, torch.device("cpu"), "auto")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    return cwd
+
+
+def test_sweep_dry_run_prints_the_work_and_creates_nothing(cached_cpu_bench):
+    result = CliRunner().invoke(cli.cli, ["sweep", "--dry-run", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "16 trials, 8 trainings, 336 FID scores; 266,656,000 UNet evaluations for sampling" in out
+    for phase in workload.PHASES:
+        assert f"\n{phase} " in out
+    assert "9,584,640" in out and "total" in out and "measuring" not in out  # the cached rates were used
+    assert "123 images/s" in out and "449 evaluations/s" in out and "(estimate)" in out
+    warnings = [line for line in out.splitlines() if line.startswith("This study is projected to take")]
+    assert len(warnings) == 1 and "--preset smoke" in warnings[0]
+    assert list(cached_cpu_bench.iterdir()) == []  # no study, run, store or folder
+
+
+def test_smoke_preset_is_not_warned_about(cached_cpu_bench):
+    result = CliRunner().invoke(cli.cli, ["sweep", "--dry-run", "--device", "cpu", "--preset", "smoke"])
+    assert result.exit_code == 0, result.output
+    assert "16 trials, 8 trainings, 48 FID scores" in result.output and "measuring" not in result.output
+    assert "projected to take" not in result.output
+    assert list(cached_cpu_bench.iterdir()) == []
+
+
+def test_bench_fills_the_cache_that_sweep_reads(tmp_path, monkeypatch):
+    monkeypatch.setenv(bench_cache.ENV, str(tmp_path / "bench"))
+    monkeypatch.chdir(tmp_path)
+    smoke_model = ["--channels", "8", "--batch-size", "32"]  # the smoke preset's
+    result = CliRunner().invoke(cli.cli, ["bench", "--device", "cpu", *smoke_model, "--sample-batch", "4",
+                                          "--train-steps", "1", "--sample-steps", "2", "--repeats", "1"])
+    assert result.exit_code == 0, result.output
+    assert bench_cache.load(torch.device("cpu"), 8, 32, "auto")["train_images_per_s"] > 0
+    result = CliRunner().invoke(cli.cli, ["sweep", "--dry-run", "--device", "cpu", "--preset", "smoke"])
+    assert result.exit_code == 0 and "measuring" not in result.output and "rates: bench of " in result.output
+
+
+def test_sweep_measures_once_without_a_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv(bench_cache.ENV, str(tmp_path / "bench"))
+    monkeypatch.chdir(tmp_path)
+    args = ["sweep", "--dry-run", "--device", "cpu", "--preset", "smoke", "--schedule", "cosine"]
+    first = CliRunner().invoke(cli.cli, args)
+    assert first.exit_code == 0 and "measuring this device" in first.output, first.output
+    assert "rates: quick bench of " in first.output and "4 trials, 2 trainings" in first.output
+    assert bench_cache.load(torch.device("cpu"), 8, 32, "auto")["quick"] is True
+    second = CliRunner().invoke(cli.cli, args)
+    assert second.exit_code == 0 and "measuring" not in second.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench"]
