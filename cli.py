@@ -93,7 +93,7 @@ fid_options = _apply([
     click.option("--fid-ref-samples", type=click.IntRange(min=2), default=None,
                  help="Use only the first N reference images (default: the whole split)."),
     click.option("--fid-batch-size", type=click.IntRange(min=1), default=500, show_default=True,
-                 help="Batch for sampling and for the Inception network."),
+                 help="Batch for sampling FID images (Inception takes the device's own batch)."),
     click.option("--kid", is_flag=True, help="Also compute KID."),
 ])
 
@@ -548,7 +548,7 @@ def evaluate(checkpoint_path, images_path, num_samples, sampler, ddim_steps, eta
 
     def score():
         if images_path is not None:
-            return compute_fid(images.to(dev), reference, device=dev, batch_size=fid_batch_size, kid=kid)
+            return compute_fid(images.to(dev), reference, device=dev, kid=kid)
         return score_model(model, config.replace(kid=kid), reference, num_samples, progress=not quiet)
 
     with StopSignals():

@@ -34,8 +34,8 @@ def score_model(model, config: Config, reference: Reference, num: int, *, progre
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     sampling_seconds = time.perf_counter() - t0
-    metrics = compute_fid(images, reference, device=device, batch_size=config.fid_batch_size, kid=config.kid,
-                          cache_dir=fid_cache)
+    # the Inception batch is the device's own (evaluate.default_batch_size), not the sampling batch
+    metrics = compute_fid(images, reference, device=device, kid=config.kid, cache_dir=fid_cache)
     return {**metrics, "sampling_seconds": sampling_seconds}
 
 
