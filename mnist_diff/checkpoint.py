@@ -47,6 +47,11 @@ def step_path(folder: str | os.PathLike, step: int) -> Path:
     return Path(folder) / f"ckpt-{step:08d}.pt"
 
 
+def ema_path(folder: str | os.PathLike, epoch: int) -> Path:
+    """An epoch's sampling (EMA) weights, kept for every epoch so any sampler can score it later."""
+    return Path(folder) / f"ema-epoch-{epoch:03d}.pt"
+
+
 def list_steps(folder: str | os.PathLike) -> list[Path]:
     """Training checkpoints in `folder`, newest first."""
     folder = Path(folder)

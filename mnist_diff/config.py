@@ -1,5 +1,6 @@
-"""Run configuration: one frozen, validated dataclass, a flat dict for tracking, and a stable hash of the
-fields that decide what model gets trained (so a DDPM and a DDIM trial can share one training)."""
+"""Run configuration: one frozen, validated dataclass, a flat dict for tracking, and stable hashes of the
+fields that decide what model gets trained (so a DDPM and a DDIM trial can share one training) and of those
+that decide how it is sampled (so each keeps its own per-epoch FIDs of that training)."""
 from __future__ import annotations
 
 import dataclasses
@@ -79,8 +80,20 @@ class Config:
 
     def training_key(self) -> str:
         """A stable 12-hex-digit hash of `training_dict()`."""
-        blob = json.dumps(self.training_dict(), sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+        return _stable_hash(self.training_dict())
+
+    def sampling_dict(self) -> dict:
+        """The fields that decide how trained weights are sampled (SAMPLING_FIELDS)."""
+        return {k: getattr(self, k) for k in SAMPLING_FIELDS}
+
+    def sampling_key(self) -> str:
+        """A stable 12-hex-digit hash of `sampling_dict()`."""
+        return _stable_hash(self.sampling_dict())
+
+
+def _stable_hash(d: dict) -> str:
+    blob = json.dumps(d, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 SAMPLING_FIELDS = ("sampler", "ddim_steps", "eta", "clip_x0")

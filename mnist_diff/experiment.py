@@ -4,6 +4,17 @@ The reference study took each config's best FID over its epochs. Scoring 10,000 
 make sampling, not training, the cost of a study, so: every `fid_every` epochs the EMA model is scored with
 `fid_select_samples` images; the best epoch's weights are then scored once with `fid_samples` images, and
 that is `best_fid`. `fid_select_samples = fid_samples` reproduces the per-epoch protocol exactly.
+
+Which images: image i is drawn from seed (config.seed, i) (see `generate`). The selection scores images
+0 .. fid_select_samples-1 (`selection_images`); the final FID scores the next fid_samples images
+(`final_images`), which the selection never saw, so `best_fid` does not reward the images that picked the
+epoch. The per-epoch grids have their own fixed seed (`train.GRID_SEED`).
+
+Per-epoch FIDs belong to (training, sampling config). A DDPM and a DDIM run can share one training folder,
+whose checkpoints and loss history they share, but each keeps its selection FIDs in its own file there
+(`EpochFids`), every entry tied to the content hash of the EMA weights it scored; any `fid` that another
+sampler's run left in the shared history is dropped. A run that resumes or inherits a training scores, with
+its own sampler, every saved epoch it has no FID for, and draws its own grids of them into its `out_dir`.
 """
 from __future__ import annotations
 
@@ -14,23 +25,37 @@ from pathlib import Path
 
 import torch
 
+from . import checkpoint
 from .config import Config
-from .evaluate import Reference, compute_fid
+from .evaluate import Reference, compute_fid, weights_fingerprint
 from .generate import generate
 from .schedules import make_schedule
 from .train import Callback, EpochEnd, Trainer, load_sampling_model, sample_grid
 
+SCORE_KEYS = ("fid", "sampling_seconds", "fid_seconds")  # per-epoch values that belong to one sampling config
 
-def score_model(model, config: Config, reference: Reference, num: int, *, progress: bool = True,
+
+def selection_images(config: Config) -> range:
+    """Indices of the images (of seed config.seed) every per-epoch selection FID scores."""
+    return range(0, config.fid_select_samples)
+
+
+def final_images(config: Config) -> range:
+    """Indices of the images the final FID scores: the ones right after the selection's, never seen by it."""
+    start = selection_images(config).stop
+    return range(start, start + config.fid_samples)
+
+
+def score_model(model, config: Config, reference: Reference, num: int, *, start: int = 0, progress: bool = True,
                 fid_cache=None, desc: str = "FID sampling") -> dict:
-    """Sample `num` images with the config's sampler (seed = config.seed) and score them."""
+    """Sample images start..start+num-1 with the config's sampler (seed = config.seed) and score them."""
     device = next(model.parameters()).device
     schedule = make_schedule(config.schedule, config.timesteps, config.beta_start, config.beta_end)
     t0 = time.perf_counter()
     images = generate(model, schedule, num=num, seed=config.seed, sampler=config.sampler,
                       ddim_steps=config.ddim_steps, eta=config.eta, clip_x0=config.clip_x0,
-                      batch_size=config.fid_batch_size,
-                      precision=config.precision, progress=progress, desc=desc)
+                      batch_size=config.fid_batch_size, start=start, precision=config.precision,
+                      progress=progress, desc=desc)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     sampling_seconds = time.perf_counter() - t0
@@ -39,25 +64,100 @@ def score_model(model, config: Config, reference: Reference, num: int, *, progre
     return {**metrics, "sampling_seconds": sampling_seconds}
 
 
-class FidSelection(Callback):
-    """Scores the EMA model every `fid_every` epochs (and at the last epoch); the scores land in the
-    epoch's metrics, hence in the training history and checkpoint."""
+def score_selection(model, config: Config, reference: Reference, epoch: int, *, progress=True, fid_cache=None) -> dict:
+    """An epoch's selection FID: the selection images only."""
+    images = selection_images(config)
+    m = score_model(model, config, reference, len(images), start=images.start, progress=progress,
+                    fid_cache=fid_cache, desc=f"FID epoch {epoch}")
+    return {k: m[k] for k in SCORE_KEYS}
 
-    def __init__(self, config: Config, reference: Reference, *, progress: bool = True, fid_cache=None):
-        self.config, self.reference, self.progress, self.fid_cache = config, reference, progress, fid_cache
+
+class EpochFids:
+    """One sampling config's selection FIDs of one training's epochs, in
+    `<train_dir>/fids/<sampling key>-n<selection images>-<reference>.json`. Each entry records the content
+    hash of the EMA weights it scored, and is not used once those weights have been rewritten (an epoch
+    trained again after a crash)."""
+
+    def __init__(self, train_dir, config: Config, reference: Reference):
+        self.train_dir = Path(train_dir)
+        name = f"{config.sampling_key()}-n{config.fid_select_samples}-{reference.cache_name()}"
+        self.path = self.train_dir / "fids" / f"{name}.json"
+        self.header = {"sampling": config.sampling_dict(), "fid_select_samples": config.fid_select_samples,
+                       "reference": reference.cache_name()}
+        doc = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.epochs = {int(e): m for e, m in doc.get("epochs", {}).items()}
+
+    def ema_path(self, epoch: int) -> Path:
+        return checkpoint.ema_path(self.train_dir / "checkpoints", epoch)
+
+    def get(self, epoch: int) -> dict | None:
+        m = self.epochs.get(epoch)
+        path = self.ema_path(epoch)
+        if m is None or not path.exists() or m.get("weights") != weights_fingerprint(path):
+            return None
+        return {k: m[k] for k in SCORE_KEYS}
+
+    def put(self, epoch: int, metrics: dict) -> None:
+        self.epochs[epoch] = {**{k: metrics[k] for k in SCORE_KEYS},
+                              "weights": weights_fingerprint(self.ema_path(epoch))}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(self.path, {**self.header, "epochs": dict(sorted(self.epochs.items()))})
+
+    def history(self, shared: list[dict]) -> list[dict]:
+        """The shared training history (losses) with this sampling config's FIDs, and no one else's."""
+        out = []
+        for h in shared:
+            entry = {k: v for k, v in h.items() if k not in SCORE_KEYS}
+            entry.update(self.get(h["epoch"]) or {})
+            out.append(entry)
+        return out
+
+
+def fid_due(config: Config, epoch: int, last_epoch: int) -> bool:
+    """Whether an epoch gets a selection FID: every `fid_every` epochs, and the last one."""
+    every = config.fid_every
+    return every > 0 and (epoch % every == 0 or epoch == last_epoch)
+
+
+class FidSelection(Callback):
+    """Scores the EMA model every `fid_every` epochs (and at the last epoch); the scores go to `fids` and
+    to the epoch's metrics (hence to tracking)."""
+
+    def __init__(self, config: Config, reference: Reference, fids: EpochFids, *, progress: bool = True,
+                 fid_cache=None):
+        self.config, self.reference, self.fids = config, reference, fids
+        self.progress, self.fid_cache = progress, fid_cache
         self.last_epoch = config.epochs
 
     def on_train_start(self, trainer) -> None:
         self.last_epoch = trainer.total_steps // trainer.steps_per_epoch
 
     def on_epoch_end(self, end: EpochEnd) -> None:
-        every = self.config.fid_every
-        if every <= 0 or not (end.epoch % every == 0 or end.epoch == self.last_epoch):
+        if not fid_due(self.config, end.epoch, self.last_epoch):
             return
-        m = score_model(end.sampling_model, self.config, self.reference, self.config.fid_select_samples,
-                        progress=self.progress, fid_cache=self.fid_cache, desc=f"FID epoch {end.epoch}")
-        end.metrics.update({"fid": m["fid"], "sampling_seconds": m["sampling_seconds"],
-                            "fid_seconds": m["fid_seconds"]})
+        m = score_selection(end.sampling_model, self.config, self.reference, end.epoch, progress=self.progress,
+                            fid_cache=self.fid_cache)
+        self.fids.put(end.epoch, m)
+        end.metrics.update(m)
+
+
+def score_past_epochs(config: Config, history: list[dict], fids: EpochFids, out_dir, *, last_epoch: int,
+                      reference: Reference, device, tracker=None, progress=True, fid_cache=None) -> None:
+    """Epochs trained before this run, maybe under another sampling config: draw this config's grid of each
+    into `out_dir/samples`, score the due ones `fids` lacks, from the saved per-epoch EMA weights, and log
+    them to this run's tracker, which has not seen them."""
+    schedule = make_schedule(config.schedule, config.timesteps, config.beta_start, config.beta_end)
+    grid_dir = Path(out_dir) / "samples"
+    grid_dir.mkdir(parents=True, exist_ok=True)
+    for h in history:
+        epoch = h["epoch"]
+        model, _, _ = load_sampling_model(fids.ema_path(epoch), device)
+        grid = sample_grid(model, schedule, config, grid_dir / f"epoch-{epoch:03d}.png", progress=progress)
+        if fid_due(config, epoch, last_epoch) and fids.get(epoch) is None:
+            fids.put(epoch, score_selection(model, config, reference, epoch, progress=progress, fid_cache=fid_cache))
+        if tracker is not None:
+            tracker.log_metrics({"epoch_loss": h["loss"], **(fids.get(epoch) or {})}, step=epoch)
+            tracker.log_image(grid, key="samples", step=epoch)
 
 
 def best_epoch(history: list[dict]) -> tuple[int, float | None] | None:
@@ -69,25 +169,32 @@ def best_epoch(history: list[dict]) -> tuple[int, float | None] | None:
     return (history[-1]["epoch"], None) if history else None
 
 
-def run_experiment(config: Config, images: torch.Tensor, out_dir, *, reference: Reference, tracker=None,
-                   resume: bool = False, progress: bool = True, fid_cache=None, extra_params: dict | None = None,
-                   callbacks: list | None = None) -> dict:
-    """Train (or resume), select the best epoch, score it; returns and writes `result.json`."""
-    out_dir = Path(out_dir)
-    cbs = [FidSelection(config, reference, progress=progress, fid_cache=fid_cache)]
+def run_experiment(config: Config, images: torch.Tensor, train_dir, *, reference: Reference, out_dir=None,
+                   tracker=None, resume: bool = False, progress: bool = True, fid_cache=None,
+                   extra_params: dict | None = None, callbacks: list | None = None) -> dict:
+    """Train (or resume) in `train_dir`, select the best epoch by this config's FIDs, score it. The grids and
+    `result.json` go to `out_dir` (default `train_dir`). A resumed training may have been started under
+    another sampling config: its past epochs are scored again with this one (`score_past_epochs`)."""
+    train_dir = Path(train_dir)
+    out_dir = Path(out_dir) if out_dir is not None else train_dir
+    fids = EpochFids(train_dir, config, reference)
+    cbs = [FidSelection(config, reference, fids, progress=progress, fid_cache=fid_cache)]
     if tracker is not None:
         from .tracking import TrackingCallback
         cbs.append(TrackingCallback(tracker, extra_params))
-    trainer = Trainer(config, images, out_dir, callbacks=cbs + list(callbacks or []), progress=progress)
-    if resume:
-        trainer.resume()
+    trainer = Trainer(config, images, train_dir, callbacks=cbs + list(callbacks or []), progress=progress,
+                      grid_dir=out_dir / "samples", run_id=tracker.run_id if tracker is not None else None)
+    if resume and trainer.resume():
+        score_past_epochs(config, trainer.history, fids, out_dir,
+                          last_epoch=trainer.total_steps // trainer.steps_per_epoch, reference=reference,
+                          device=trainer.device, tracker=tracker, progress=progress, fid_cache=fid_cache)
     t0 = time.perf_counter()
     trainer.fit()
     fit_seconds = time.perf_counter() - t0
     result = {"steps": trainer.step, "epochs_done": trainer.step // trainer.steps_per_epoch,
-              "train_seconds": trainer.train_seconds, "fit_seconds": fit_seconds}
+              "train_seconds": trainer.train_seconds, "fit_seconds": fit_seconds, "trained_by": trainer.trained_by}
     last = next(iter(sorted(trainer.ckpt_dir.glob("ckpt-*.pt"), reverse=True)), None)
-    return finalize(config, trainer.history, trainer.ckpt_dir, out_dir, result, reference=reference,
+    return finalize(config, fids.history(trainer.history), trainer.ckpt_dir, out_dir, result, reference=reference,
                     device=trainer.device, tracker=tracker, progress=progress, fid_cache=fid_cache,
                     last_checkpoint=last)
 
@@ -95,22 +202,27 @@ def run_experiment(config: Config, images: torch.Tensor, out_dir, *, reference: 
 def finalize(config: Config, history: list[dict], ckpt_dir: Path, out_dir: Path, result: dict, *,
              reference: Reference, device, tracker=None, progress=True, fid_cache=None,
              last_checkpoint: Path | None = None) -> dict:
-    """Score the best epoch with `fid_samples` images; write result.json; log the final record."""
-    result = {"config": config.to_dict(), "training_key": config.training_key(), "out_dir": str(out_dir),
-              **result, "history": history,
+    """Score the best epoch with the `final_images`; write result.json; log the final record. `history`
+    holds this sampling config's FIDs only."""
+    select, final = selection_images(config), final_images(config)
+    result = {"config": config.to_dict(), "training_key": config.training_key(),
+              "sampling_key": config.sampling_key(), "out_dir": str(out_dir), **result, "history": history,
               "epoch_fids": {h["epoch"]: h["fid"] for h in history if h.get("fid") is not None},
-              "final_loss": history[-1]["loss"] if history else None}
+              "final_loss": history[-1]["loss"] if history else None,
+              "fid_images": {"seed": config.seed, "selection": [select.start, select.stop],
+                             "final": [final.start, final.stop]}}
     best = best_epoch(history)
     best_path = None
     if best is not None:
         result["best_epoch"], result["best_fid_select"] = best
-        best_path = Path(ckpt_dir) / f"ema-epoch-{best[0]:03d}.pt"
+        best_path = checkpoint.ema_path(ckpt_dir, best[0])
         if config.fid_samples > 0:
             model, _, _ = load_sampling_model(best_path, device)
-            m = score_model(model, config, reference, config.fid_samples, progress=progress, fid_cache=fid_cache,
-                            desc=f"final FID (epoch {best[0]})")
+            m = score_model(model, config, reference, len(final), start=final.start, progress=progress,
+                            fid_cache=fid_cache, desc=f"final FID (epoch {best[0]})")
             result.update(best_fid=m["fid"], final_sampling_seconds=m["sampling_seconds"],
                           final_fid_seconds=m["fid_seconds"], **{k: m[k] for k in ("kid", "kid_std") if k in m})
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     write_json(Path(out_dir) / "result.json", result)
     if tracker is not None:
         from .tracking import log_final
@@ -120,33 +232,24 @@ def finalize(config: Config, history: list[dict], ckpt_dir: Path, out_dir: Path,
 
 def score_saved_training(config: Config, train_dir, out_dir, *, reference: Reference, device, tracker=None,
                          progress: bool = True, fid_cache=None) -> dict:
-    """Score a model another run trained (same training config, other sampler): per-epoch grids and FIDs
-    from its saved EMA weights, then the final FID of the best epoch. Nothing is trained."""
+    """Score a finished training another run did (same training config, maybe another sampler): this config's
+    grids and FIDs of every epoch it lacks, from the saved EMA weights, then the final FID. Nothing is trained."""
     train_dir, out_dir = Path(train_dir), Path(out_dir)
-    trained = json.loads((train_dir / "result.json").read_text())
-    (out_dir / "samples").mkdir(parents=True, exist_ok=True)
-    schedule = make_schedule(config.schedule, config.timesteps, config.beta_start, config.beta_end)
+    ckpt_dir = train_dir / "checkpoints"
+    trained = checkpoint.load_latest(ckpt_dir)
+    if trained is None:
+        raise FileNotFoundError(f"no training checkpoint in {ckpt_dir}")
+    history = trained["history"]
     if tracker is not None:
+        schedule = make_schedule(config.schedule, config.timesteps, config.beta_start, config.beta_end)
         tracker.log_params({**config.to_dict(), "training_key": config.training_key(),
                             "alpha_bar_T": schedule.alpha_bar_T, "trained_in": str(train_dir)})
-    history = []
-    for h in trained["history"]:
-        epoch = h["epoch"]
-        model, _, _ = load_sampling_model(train_dir / "checkpoints" / f"ema-epoch-{epoch:03d}.pt", device)
-        grid = sample_grid(model, schedule, config, out_dir / "samples" / f"epoch-{epoch:03d}.png", progress=progress)
-        entry = {"epoch": epoch, "step": h["step"], "loss": h["loss"]}
-        every = config.fid_every
-        if every > 0 and (epoch % every == 0 or epoch == trained["history"][-1]["epoch"]):
-            m = score_model(model, config, reference, config.fid_select_samples, progress=progress,
-                            fid_cache=fid_cache, desc=f"FID epoch {epoch}")
-            entry.update(fid=m["fid"], sampling_seconds=m["sampling_seconds"], fid_seconds=m["fid_seconds"])
-        history.append(entry)
-        if tracker is not None:
-            tracker.log_metrics({k: v for k, v in entry.items() if k not in ("epoch", "step")}, step=epoch)
-            tracker.log_image(grid, key="samples", step=epoch)
-    result = {"steps": trained["steps"], "epochs_done": trained["epochs_done"],
-              "train_seconds": trained.get("train_seconds"), "trained_in": str(train_dir)}
-    return finalize(config, history, train_dir / "checkpoints", out_dir, result, reference=reference,
+    fids = EpochFids(train_dir, config, reference)
+    score_past_epochs(config, history, fids, out_dir, last_epoch=history[-1]["epoch"], reference=reference,
+                      device=device, tracker=tracker, progress=progress, fid_cache=fid_cache)
+    result = {"steps": trained["step"], "epochs_done": trained["epoch"], "train_seconds": trained.get("train_seconds"),
+              "trained_in": str(train_dir), "trained_by": trained.get("trained_by")}
+    return finalize(config, fids.history(history), ckpt_dir, out_dir, result, reference=reference,
                     device=device, tracker=tracker, progress=progress, fid_cache=fid_cache)
 
 

@@ -2,8 +2,12 @@
 trial under one parent run per study. The only module that imports optuna.
 
 Training is shared: a DDPM and a DDIM trial of the same training config (same `Config.training_key()`)
-train one model. The first trains it in `OUT/trainings/<key>/`, keeping every epoch's EMA weights; the
-other finds them and only samples and scores.
+train one model in `OUT/trainings/<key>/`, keeping every epoch's EMA weights. Whichever trial holds the
+training's lock and finds no `training_done.json` trains (resuming what an interrupted trial of either
+sampler left); once it is done the other only samples and scores. Per-epoch FIDs are never shared: each
+trial scores every epoch with its own sampler (see `experiment`), and draws its grids and writes its
+`result.json` in its own folder `OUT/trials/<number>/`. `training_done.json` and the `mnist_diff.trained_by`
+tags name the run that made the training's last optimizer step.
 """
 from __future__ import annotations
 
@@ -150,25 +154,24 @@ class Objective:
                           run_name=f"{trial.number:03d}-{config.short_name()}-s{config.seed}", parent_run_id=self.parent_run_id)
         reference = Reference(config.fid_ref, config.fid_ref_samples, s.data_dir, s.fid_weights)
         log.info("trial %d: %s", trial.number, params)
+        samples_dir = trial_dir / "samples"  # this trial's own grids, whoever trained
         with tracker.run():
             trial.set_user_attr("mlflow_run_id", tracker.run_id)
+            tracker.set_tags({"mnist_diff.samples_dir": samples_dir})
             with training_lock(s.out_dir / "trainings" / f"{key}.lock"):
                 done_marker = train_dir / "training_done.json"
                 if done_marker.exists():
                     trained_by = json.loads(done_marker.read_text())["run_id"]
-                    tracker.set_tags({"mnist_diff.trained_by": trained_by,
-                                      "mnist_diff.samples_dir": trial_dir / "samples"})
                     result = score_saved_training(config, train_dir, trial_dir, reference=reference,
                                                   device=self.images_loader().device, tracker=tracker,
                                                   progress=s.progress)
-                else:
-                    trained_by = tracker.run_id
-                    tracker.set_tags({"mnist_diff.trained_by": trained_by,
-                                      "mnist_diff.samples_dir": train_dir / "samples"})
-                    result = run_experiment(config, self.images_loader(), train_dir, reference=reference,
-                                            tracker=tracker, resume=True, progress=s.progress)
-                    write_json(done_marker, {"run_id": trained_by, "trial": trial.number})
-            samples_dir = train_dir / "samples" if trained_by == tracker.run_id else trial_dir / "samples"
+                else:  # train, or finish what an interrupted trial (of either sampler) left
+                    result = run_experiment(config, self.images_loader(), train_dir, out_dir=trial_dir,
+                                            reference=reference, tracker=tracker, resume=True, progress=s.progress)
+                    trained_by = result["trained_by"]  # whoever made the last optimizer step
+                    write_json(done_marker, {"run_id": trained_by})
+            if trained_by is not None:
+                tracker.set_tags({"mnist_diff.trained_by": trained_by})
             attrs = {"best_fid": result.get("best_fid"), "best_epoch": result.get("best_epoch"),
                      "best_fid_select": result.get("best_fid_select"), "epoch_fids": result["epoch_fids"],
                      "trained_by_run_id": trained_by, "train_seconds": result.get("train_seconds"),

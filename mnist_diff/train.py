@@ -150,13 +150,15 @@ class Trainer:
     out_dir: Path
     callbacks: list = field(default_factory=list)
     progress: bool = True
+    grid_dir: Path | None = None    # the per-epoch sample grids (default out_dir/samples)
+    run_id: str | None = None       # who trains (e.g. an MLflow run id), saved in checkpoints as `trained_by`
 
     def __post_init__(self):
         c = self.config
         self.out_dir = Path(self.out_dir)
         self.device = self.images.device
         self.ckpt_dir = self.out_dir / "checkpoints"
-        self.grid_dir = self.out_dir / "samples"
+        self.grid_dir = Path(self.grid_dir) if self.grid_dir is not None else self.out_dir / "samples"
         self.schedule = make_schedule(c.schedule, c.timesteps, c.beta_start, c.beta_end).to(self.device)
         self.model = build_model(c, self.device)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False) if c.ema_decay > 0 else None
@@ -172,6 +174,7 @@ class Trainer:
         self.history: list[dict] = []
         self.epoch_loss = (0.0, 0)  # (sum, steps) of the current epoch's losses; kept across a mid-epoch resume
         self.train_seconds = 0.0    # optimizer steps only (not sampling, FID or checkpoints), across resumes
+        self.trained_by: str | None = None  # run_id of whoever made the latest optimizer step, across resumes
         self.num_parameters = count_parameters(self.model)
 
     # -- state ---------------------------------------------------------------------------------
@@ -194,6 +197,7 @@ class Trainer:
             "history": self.history,
             "epoch_loss": self.epoch_loss,
             "train_seconds": self.train_seconds,
+            "trained_by": self.trained_by,
         }
 
     def load_state_dict(self, ckpt: dict) -> None:
@@ -214,6 +218,7 @@ class Trainer:
         self.history = list(ckpt.get("history", []))
         self.epoch_loss = tuple(ckpt.get("epoch_loss", (0.0, 0)))
         self.train_seconds = float(ckpt.get("train_seconds", 0.0))
+        self.trained_by = ckpt.get("trained_by")
 
     def resume(self) -> bool:
         """Load the newest good checkpoint in out_dir; False when there is none."""
@@ -251,6 +256,7 @@ class Trainer:
         if self.ema is not None:
             self._update_ema()
         self.step += 1
+        self.trained_by = self.run_id
         return loss.detach()
 
     def _check_losses(self, losses: list[torch.Tensor], first_step: int) -> float:
@@ -325,7 +331,7 @@ class Trainer:
         ema_path = checkpoint.atomic_save(
             {"format_version": checkpoint.FORMAT_VERSION, "config": c.to_dict(), "epoch": epoch,
              "step": self.step, "ema": self.sampling_model.state_dict()},
-            self.ckpt_dir / f"ema-epoch-{epoch:03d}.pt")
+            checkpoint.ema_path(self.ckpt_dir, epoch))
         grid_path = sample_grid(self.sampling_model, self.schedule, c, self.grid_dir / f"epoch-{epoch:03d}.png",
                                 progress=self.progress)
         end = EpochEnd(epoch, self.step, loss, ips, self.sampling_model, ema_path, grid_path)

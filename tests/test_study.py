@@ -1,15 +1,28 @@
 """`cli.py sweep` end to end on CPU: real SQLite Optuna and MLflow stores in a temporary folder."""
 import json
 import os
+import signal
 import subprocess
+import threading
+import time
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 import cli
+from conftest import TINY as TINY_CONFIG
+from mnist_diff import checkpoint
+from mnist_diff.config import Config
+from mnist_diff.evaluate import Reference
+from mnist_diff.experiment import score_selection
+from mnist_diff.schedules import make_schedule
+from mnist_diff.study import Objective, Sweep, open_study, parent_run
+from mnist_diff.train import Interrupted, StopSignals, load_sampling_model, sample_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--epochs", "2", "--batch-size", "32", "--train-samples", "64", "--channels", "8", "--warmup-steps", "2",
@@ -164,3 +177,82 @@ def test_report_gives_the_seed_spread(finished_sweep):
     ddpm_ddim = report["claims"][3]["spread"]  # 2 seeds: the difference, but no verdict on the seed spread
     assert ddpm_ddim["n_seeds"] == 2 and ddpm_ddim["shared_training"] and ddpm_ddim["exceeds_seed_spread"] is None
     assert "not enough seeds to tell (needs 3 seeds or more)" in (out / "report.md").read_text()
+
+
+def test_a_takeover_scores_every_epoch_with_its_own_sampler(tmp_path, monkeypatch, mnist_small, data_dir, fid_weights):
+    """The DDPM trial is stopped by a real SIGTERM after epoch 1 of 2; the DDIM trial takes the training over
+    and finishes it; the DDPM retry inherits it. Each trial's per-epoch FIDs and grids must be its own
+    sampler's, and the run that finished the training is named. (Few FIDs: each costs seconds on CPU.)"""
+    monkeypatch.setenv("MNIST_DIFF_FID_CACHE", str(tmp_path / "fid-cache"))
+    base = Config(**{**TINY_CONFIG, "epochs": 2, "fid_select_samples": 8, "fid_samples": 0, "fid_ref_samples": 16,
+                     "fid_batch_size": 16})
+    sweep = Sweep(study_name="takeover", out_dir=tmp_path / "out", base=base, schedules=("linear",), pairs=((20, 0.2),),
+                  samplers=("ddpm", "ddim"), storage=f"sqlite:///{tmp_path}/optuna.db",
+                  tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="e", data_dir=data_dir,
+                  fid_weights=fid_weights, progress=False, heartbeat=0)
+    sweep.out_dir.mkdir()
+    study = open_study(sweep)
+    objective = Objective(sweep, parent_run(sweep, study).run_id, lambda: mnist_small[:128])
+    train_dir = sweep.out_dir / "trainings" / base.training_key()
+    ckpt_dir = train_dir / "checkpoints"
+
+    def run(sampler):
+        study.enqueue_trial({"schedule": "linear", "timesteps_beta_end": "20:0.2", "sampler": sampler, "seed": 0})
+        study.optimize(objective, n_trials=1)
+        return study.get_trials()[-1]
+
+    def sigterm_after_epoch_1():  # arrives during epoch 1's FID: the loop saves and stops at the next step
+        while not checkpoint.ema_path(ckpt_dir, 1).exists():
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with StopSignals():
+        threading.Thread(target=sigterm_after_epoch_1, daemon=True).start()
+        with pytest.raises(Interrupted):
+            run("ddpm")
+    assert checkpoint.load_latest(ckpt_dir)["step"] == 4  # stopped after epoch 1 of 2
+    killed = study.get_trials()[-1]
+    ddim = run("ddim")  # finds no training_done.json: resumes the DDPM trial's checkpoint, finishes the training
+    ddpm = run("ddpm")  # the retry: inherits the finished training
+    assert [t.state for t in (killed, ddim, ddpm)] == [optuna.trial.TrialState.FAIL] + [optuna.trial.TrialState.COMPLETE] * 2
+
+    # the run that finished the training is named, not the one that started it
+    finisher = ddim.user_attrs["mlflow_run_id"]
+    assert json.loads((train_dir / "training_done.json").read_text())["run_id"] == finisher
+    client = MlflowClient(sweep.tracking_uri)
+    assert "mnist_diff.trained_by" not in client.get_run(killed.user_attrs["mlflow_run_id"]).data.tags
+    for t in (ddim, ddpm):
+        assert t.user_attrs["trained_by_run_id"] == finisher
+        assert client.get_run(t.user_attrs["mlflow_run_id"]).data.tags["mnist_diff.trained_by"] == finisher
+
+    fids = {sampler: {int(e): v for e, v in t.user_attrs["epoch_fids"].items()} for sampler, t in
+            (("ddim", ddim), ("ddpm", ddpm))}
+    assert set(fids["ddim"]) == set(fids["ddpm"]) == {1, 2}
+    # computed while training, by the trial of that sampler: DDPM's epoch 1, DDIM's epoch 2
+    scored_by_killed = {m.step: m.value for m in client.get_metric_history(killed.user_attrs["mlflow_run_id"], "fid")}
+    assert fids["ddpm"][1] == pytest.approx(scored_by_killed[1])
+    # scored again from the saved EMA weights: DDIM's epoch 1 (trained by the DDPM trial), DDPM's epoch 2
+    reference = Reference("train", 16, data_dir, fid_weights)
+    for sampler, epoch in (("ddim", 1), ("ddpm", 2)):
+        model, _, _ = load_sampling_model(checkpoint.ema_path(ckpt_dir, epoch), "cpu")
+        expected = score_selection(model, base.replace(sampler=sampler), reference, epoch, progress=False)["fid"]
+        assert fids[sampler][epoch] == pytest.approx(expected, rel=1e-4), (sampler, epoch)
+    for epoch in (1, 2):
+        assert fids["ddim"][epoch] != pytest.approx(fids["ddpm"][epoch], rel=1e-3)  # the samplers' FIDs differ
+    schedule = make_schedule("linear", 20, base.beta_start, 0.2)
+    for sampler, t in (("ddim", ddim), ("ddpm", ddpm)):
+        logged = client.get_metric_history(t.user_attrs["mlflow_run_id"], "fid")  # what `report --study` reads
+        assert {m.step: m.value for m in logged} == pytest.approx(fids[sampler])
+        samples = Path(t.user_attrs["samples_dir"])
+        assert samples.parent.name == f"{t.number:04d}"  # the trial's own folder
+        for epoch in (1, 2):
+            model, _, _ = load_sampling_model(checkpoint.ema_path(ckpt_dir, epoch), "cpu")
+            fresh = sample_grid(model, schedule, base.replace(sampler=sampler), tmp_path / f"{sampler}-{epoch}.png")
+            assert (np.asarray(Image.open(samples / f"epoch-{epoch:03d}.png")) == np.asarray(Image.open(fresh))).all()
+
+    # a run that trains nothing is never named: as if the finisher had died before writing training_done.json
+    (train_dir / "training_done.json").unlink()
+    again = run("ddpm")
+    assert again.user_attrs["trained_by_run_id"] == finisher
+    assert json.loads((train_dir / "training_done.json").read_text())["run_id"] == finisher
+    assert {int(e): v for e, v in again.user_attrs["epoch_fids"].items()} == pytest.approx(fids["ddpm"])

@@ -1,0 +1,37 @@
+"""The FID protocol of one experiment: which images the selection and the final FID score."""
+import pytest
+import torch
+
+from conftest import TINY
+from mnist_diff import checkpoint
+from mnist_diff.config import Config
+from mnist_diff.evaluate import Reference, compute_fid
+from mnist_diff.experiment import final_images, run_experiment, selection_images
+from mnist_diff.generate import generate
+from mnist_diff.samplers import image_seeds
+from mnist_diff.schedules import make_schedule
+from mnist_diff.train import GRID_IMAGES, GRID_SEED, load_sampling_model
+
+
+def test_final_fid_never_scores_the_selection_images(tmp_path, mnist_small, data_dir, fid_weights, monkeypatch):
+    monkeypatch.setenv("MNIST_DIFF_FID_CACHE", str(tmp_path / "fid-cache"))
+    config = Config(**{**TINY, "epochs": 1, "fid_select_samples": 6, "fid_samples": 8, "fid_ref_samples": 16,
+                       "fid_batch_size": 16})
+    select, final = selection_images(config), final_images(config)
+    assert (len(select), len(final)) == (6, 8) and not set(select) & set(final)
+    seeds = {name: set(image_seeds(config.seed, len(r), r.start)) for name, r in (("select", select), ("final", final))}
+    seeds["grid"] = set(image_seeds(GRID_SEED, GRID_IMAGES))
+    assert not seeds["select"] & seeds["final"] and not (seeds["select"] | seeds["final"]) & seeds["grid"]
+
+    reference = Reference("train", 16, data_dir, fid_weights)
+    result = run_experiment(config, mnist_small[:128], tmp_path / "run", reference=reference, progress=False)
+    assert result["fid_images"] == {"seed": 0, "selection": [0, 6], "final": [6, 14]}
+
+    model, _, _ = load_sampling_model(checkpoint.ema_path(tmp_path / "run" / "checkpoints", 1), "cpu")
+    schedule = make_schedule(config.schedule, config.timesteps, config.beta_start, config.beta_end)
+    draw = lambda num, start: generate(model, schedule, num=num, seed=config.seed, start=start,  # noqa: E731
+                                       sampler=config.sampler, ddim_steps=config.ddim_steps, progress=False)
+    selection_set, final_set = draw(6, 0), draw(8, 6)
+    assert not any(torch.equal(a, b) for a in final_set for b in selection_set)
+    # the final FID is that of images 6..13 (not 0..7, as before). One FID recomputed: each costs seconds on CPU
+    assert result["best_fid"] == pytest.approx(compute_fid(final_set, reference, batch_size=16)["fid"], rel=1e-4)
