@@ -117,7 +117,7 @@ training_options = _apply([
     click.option("--channels", type=click.IntRange(min=8), default=64, show_default=True,
                  help="UNet base width (multiple of 8); 64 is 2.9M parameters."),
     click.option("--precision", type=click.Choice(("auto", "fp32", "bf16")), default="auto", show_default=True,
-                 help="auto: bf16 autocast on CUDA, fp32 elsewhere."),
+                 help="auto: bf16 autocast on GPUs with native bf16 (compute capability 8.0+), fp32 elsewhere."),
     click.option("--train-samples", type=click.IntRange(min=1), default=None,
                  help="Train on the first N MNIST images only (smoke runs, tests)."),
     click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after N optimizer steps."),
@@ -175,12 +175,14 @@ def make_config(**fields):
 
 def pick_device(name: str):
     import torch
-    from mnist_diff.train import resolve_device
+    from mnist_diff.device import configure_backend, resolve_device
     if name == "cuda" and not torch.cuda.is_available():
         raise BadInput("--device cuda: CUDA is not available on this machine")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise BadInput("--device mps: MPS is not available")
-    return resolve_device(name)
+    device = resolve_device(name)
+    configure_backend(device)
+    return device
 
 
 # -- commands ----------------------------------------------------------------------------------------

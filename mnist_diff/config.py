@@ -35,7 +35,7 @@ class Config:
     ema_decay: float = 0.999  # 0 turns EMA off (sampling then uses the raw weights)
     channels: int = 64
     seed: int = 0
-    precision: str = "auto"   # auto: bf16 autocast on CUDA, fp32 elsewhere
+    precision: str = "auto"   # auto: bf16 autocast on GPUs with native bf16 (device.py), else fp32
     train_samples: int | None = None  # use only the first N training images (tests, smoke runs)
     max_steps: int | None = None
     # FID protocol
