@@ -41,6 +41,56 @@ class OneLineErrors(click.Group):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
+# -- parameter types ---------------------------------------------------------------------------------
+
+class BlankIsDefault:
+    """Mixin for a click type: an empty value is None, "not given" (the option's default applies). MLproject
+    passes every option unconditionally, and an empty string is how `mlflow run` says the user gave none."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            return None
+        return super().convert(value, param, ctx)
+
+
+# click's IntRange, FloatRange and Choice, taking '' for "not given" as well
+class OptionalInt(BlankIsDefault, click.IntRange):
+    pass
+
+
+class OptionalFloat(BlankIsDefault, click.FloatRange):
+    pass
+
+
+class OptionalChoice(BlankIsDefault, click.Choice):
+    pass
+
+
+class ChoiceList(click.ParamType):
+    """Some of `choices` as a comma list in one value (`linear,cosine`), or `all`: as a tuple, in the order of
+    `choices`, so the same selection always makes the same grid."""
+    name = "list"
+
+    def __init__(self, choices):
+        self.choices = tuple(choices)
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        items = [v.strip() for v in str(value).split(",")]
+        if "all" in items:
+            return self.choices
+        for item in items:
+            if item not in self.choices:
+                self.fail(f"{item!r} is not one of {', '.join(map(repr, self.choices))} or 'all'", param, ctx)
+        return tuple(c for c in self.choices if c in items)
+
+
+def selected(values: tuple, choices: tuple) -> tuple:
+    """The union of a repeatable ChoiceList option's values, in the order of `choices`."""
+    return tuple(c for c in choices if any(c in v for v in values))
+
+
 # -- shared options ----------------------------------------------------------------------------------
 
 def _apply(options):
@@ -84,15 +134,15 @@ data_dir_option = click.option(
 fid_options = _apply([
     click.option("--fid-every", type=click.IntRange(min=0), default=1, show_default=True,
                  help="Score the EMA model every N epochs (0: never) and keep the best epoch."),
-    click.option("--fid-select-samples", type=click.IntRange(min=2), default=2000, show_default=True,
+    click.option("--fid-select-samples", type=OptionalInt(min=2), default=2000, show_default=True,
                  help="Images per epoch-selection FID."),
-    click.option("--fid-samples", type=click.IntRange(min=0), default=10000, show_default=True,
+    click.option("--fid-samples", type=OptionalInt(min=0), default=10000, show_default=True,
                  help="Images for the final FID of the best epoch: best_fid (0: skip)."),
     click.option("--fid-ref", type=click.Choice(("train", "test")), default="train", show_default=True,
                  help="MNIST split the samples are compared with."),
-    click.option("--fid-ref-samples", type=click.IntRange(min=2), default=None,
+    click.option("--fid-ref-samples", type=OptionalInt(min=2), default=None,
                  help="Use only the first N reference images (default: the whole split)."),
-    click.option("--fid-batch-size", type=click.IntRange(min=1), default=500, show_default=True,
+    click.option("--fid-batch-size", type=OptionalInt(min=1), default=500, show_default=True,
                  help="Batch for sampling FID images (Inception takes the device's own batch)."),
     click.option("--kid", is_flag=True, help="Also compute KID."),
 ])
@@ -110,23 +160,23 @@ tracking_options = _apply([
 
 
 training_options = _apply([
-    click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True),
-    click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True),
+    click.option("--epochs", type=OptionalInt(min=1), default=20, show_default=True),
+    click.option("--batch-size", type=OptionalInt(min=1), default=128, show_default=True),
     click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-4, show_default=True,
                  help="AdamW learning rate, after a linear warm-up of --warmup-steps."),
-    click.option("--warmup-steps", type=click.IntRange(min=0), default=500, show_default=True),
+    click.option("--warmup-steps", type=OptionalInt(min=0), default=500, show_default=True),
     click.option("--ema-decay", type=click.FloatRange(0, 1, max_open=True), default=0.999, show_default=True,
                  help="EMA of the weights used for sampling; 0 turns it off."),
-    click.option("--ema-warmup-steps", type=click.IntRange(min=0), default=400, show_default=True,
+    click.option("--ema-warmup-steps", type=OptionalInt(min=0), default=400, show_default=True,
                  help="The EMA decay ramps linearly from 0 to --ema-decay over these optimizer steps "
                       "(0: --ema-decay from the start); logged as the metric ema_decay."),
-    click.option("--channels", type=click.IntRange(min=8), default=64, show_default=True,
+    click.option("--channels", type=OptionalInt(min=8), default=64, show_default=True,
                  help="UNet base width (multiple of 8); 64 is 2.9M parameters."),
     click.option("--precision", type=click.Choice(("auto", "fp32", "bf16")), default="auto", show_default=True,
-                 help="auto: bf16 autocast on CUDA, fp32 elsewhere."),
-    click.option("--train-samples", type=click.IntRange(min=1), default=None,
+                 help="auto: bf16 autocast on GPUs with native bf16 (compute capability 8.0+), fp32 elsewhere."),
+    click.option("--train-samples", type=OptionalInt(min=1), default=None,
                  help="Train on the first N MNIST images only (smoke runs, tests)."),
-    click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after N optimizer steps."),
+    click.option("--max-steps", type=OptionalInt(min=1), default=None, help="Stop after N optimizer steps."),
 ])
 
 
@@ -172,21 +222,24 @@ def checked_tracking_uri(tracking_uri) -> str:
 
 
 def make_config(**fields):
+    """A validated Config (exit 2 otherwise). A None field is one the user did not give: Config's default."""
     from mnist_diff.config import Config
     try:
-        return Config(**fields)
+        return Config(**{k: v for k, v in fields.items() if v is not None})
     except ValueError as err:
         raise BadInput(str(err)) from None
 
 
 def pick_device(name: str):
     import torch
-    from mnist_diff.train import resolve_device
+    from mnist_diff.device import configure_backend, resolve_device
     if name == "cuda" and not torch.cuda.is_available():
         raise BadInput("--device cuda: CUDA is not available on this machine")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise BadInput("--device mps: MPS is not available")
-    return resolve_device(name)
+    device = resolve_device(name)
+    configure_backend(device)
+    return device
 
 
 # -- commands ----------------------------------------------------------------------------------------
@@ -255,10 +308,10 @@ def summary_line(result: dict) -> str:
 @click.option("--checkpoint", "checkpoint_path", type=click.Path(exists=True, dir_okay=False), required=True,
               help="A training checkpoint (ckpt-*.pt) or per-epoch EMA file (ema-epoch-*.pt).")
 @click.option("--num-samples", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--sampler", type=click.Choice(SAMPLERS), default=None,
+@click.option("--sampler", type=OptionalChoice(SAMPLERS), default=None,
               help="Default: the checkpoint's own sampler.")
-@click.option("--ddim-steps", type=click.IntRange(min=1), default=None, help="Default: the checkpoint's.")
-@click.option("--eta", type=click.FloatRange(0, 1), default=None, help="Default: the checkpoint's.")
+@click.option("--ddim-steps", type=OptionalInt(min=1), default=None, help="Default: the checkpoint's.")
+@click.option("--eta", type=OptionalFloat(0, 1), default=None, help="Default: the checkpoint's.")
 @click.option("--clip-x0/--no-clip-x0", default=None,
               help="Clip the predicted x_0 to [-1, 1]. Default: the checkpoint's.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Image i depends on (seed, i) only.")
@@ -324,13 +377,15 @@ SMOKE = {"epochs": 2, "batch_size": 32, "train_samples": 256, "channels": 8, "wa
 @click.option("--study-name", default="mnist-diff-study", show_default=True, help="Optuna study name.")
 @click.option("--storage", default="sqlite:///optuna.db", show_default=True,
               help="Optuna storage URL: SQLite here, or e.g. postgresql://user:pw@host/db for many workers.")
-@click.option("--schedule", "schedules", type=click.Choice(SCHEDULES), multiple=True,
-              help="Narrow the grid to these schedules (repeatable). Default: all four.")
-@click.option("--timesteps", "timesteps_list", type=click.Choice(("200", "1000")), multiple=True,
-              help="Narrow to these (T, beta_end) settings: 200 is (200, 0.08), 1000 is (1000, 0.02). "
-                   "cosine ignores beta_end, so for it they differ only in T.")
-@click.option("--sampler", "samplers", type=click.Choice(SAMPLERS), multiple=True,
-              help="Narrow to these samplers (repeatable). Default: both.")
+@click.option("--schedule", "schedules", type=ChoiceList(SCHEDULES), multiple=True, default=["all"],
+              show_default=True, help="Narrow the grid to these schedules: a comma list (linear,cosine), "
+                                      "repeatable; all: the four.")
+@click.option("--timesteps", "timesteps_list", type=ChoiceList(("200", "1000")), multiple=True, default=["all"],
+              show_default=True, help="Narrow to these (T, beta_end) settings: 200 is (200, 0.08), 1000 is "
+                                      "(1000, 0.02); a comma list or all. cosine ignores beta_end, so for it they "
+                                      "differ only in T.")
+@click.option("--sampler", "samplers", type=ChoiceList(SAMPLERS), multiple=True, default=["all"],
+              show_default=True, help="Narrow to these samplers: ddpm, ddim, ddpm,ddim or all.")
 @click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True,
               help="Run each grid point with seeds 0..K-1 (training shared across samplers as usual).")
 @click.option("--beta-start", type=float, default=1e-4, show_default=True)
@@ -363,10 +418,12 @@ def sweep(ctx, study_name, storage, schedules, timesteps_list, samplers, seeds, 
     if no_tracking:
         raise BadInput("sweep always tracks in MLflow: drop --no-tracking")
     if preset == "smoke":
-        for key, value in SMOKE.items():
-            if ctx.get_parameter_source(key) is click.core.ParameterSource.DEFAULT:
+        for key, value in SMOKE.items():  # what the user left out or gave empty (MLproject's "not given")
+            if fields[key] is None or ctx.get_parameter_source(key) is click.core.ParameterSource.DEFAULT:
                 fields[key] = value
-    pairs = tuple(p for p in ((200, 0.08), (1000, 0.02)) if not timesteps_list or str(p[0]) in timesteps_list)
+    schedules, samplers = selected(schedules, SCHEDULES), selected(samplers, SAMPLERS)
+    steps = selected(timesteps_list, ("200", "1000"))
+    pairs = tuple(p for p in ((200, 0.08), (1000, 0.02)) if str(p[0]) in steps)
     base = make_config(**fields, timesteps=min(p[0] for p in pairs), beta_end=0.08)
     for t, b in pairs:  # each grid point must be valid, e.g. --ddim-steps <= T
         make_config(**{**base.to_dict(), "timesteps": t, "beta_end": b})
@@ -379,8 +436,8 @@ def sweep(ctx, study_name, storage, schedules, timesteps_list, samplers, seeds, 
     from mnist_diff.train import StopSignals
 
     fixed = {k: v for k, v in base.to_dict().items() if k not in ("schedule", "timesteps", "beta_end", "sampler", "seed")}
-    spec = Sweep(study_name=study_name, out_dir=out_path, base=base, schedules=schedules or SCHEDULES,
-                 pairs=pairs, samplers=samplers or SAMPLERS, seeds=tuple(range(seeds)), storage=storage,
+    spec = Sweep(study_name=study_name, out_dir=out_path, base=base, schedules=schedules,
+                 pairs=pairs, samplers=samplers, seeds=tuple(range(seeds)), storage=storage,
                  tracking_uri=tracking_uri, experiment=experiment, data_dir=data_dir, fid_weights=fid_weights,
                  device=device, progress=not quiet, heartbeat=heartbeat, fixed={**fixed, "preset": preset})
     if not dry_run:
@@ -500,14 +557,15 @@ def report(study_name, results_path, storage, tracking_uri, no_tracking, out):
 @click.option("--images", "images_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Score the images in a samples.npz written by `sample`.")
 @click.option("--num-samples", type=click.IntRange(min=2), default=10000, show_default=True)
-@click.option("--sampler", type=click.Choice(SAMPLERS), default=None, help="Default: the checkpoint's.")
-@click.option("--ddim-steps", type=click.IntRange(min=1), default=None, help="Default: the checkpoint's.")
-@click.option("--eta", type=click.FloatRange(0, 1), default=None, help="Default: the checkpoint's.")
+@click.option("--sampler", type=OptionalChoice(SAMPLERS), default=None, help="Default: the checkpoint's.")
+@click.option("--ddim-steps", type=OptionalInt(min=1), default=None, help="Default: the checkpoint's.")
+@click.option("--eta", type=OptionalFloat(0, 1), default=None, help="Default: the checkpoint's.")
 @click.option("--clip-x0/--no-clip-x0", default=None,
               help="Clip the predicted x_0 to [-1, 1]. Default: the checkpoint's.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--fid-ref", type=click.Choice(("train", "test")), default="train", show_default=True)
-@click.option("--fid-ref-samples", type=click.IntRange(min=2), default=None)
+@click.option("--fid-ref-samples", type=OptionalInt(min=2), default=None,
+              help="Use only the first N reference images (default: the whole split).")
 @click.option("--fid-batch-size", type=click.IntRange(min=1), default=500, show_default=True)
 @click.option("--kid", is_flag=True, help="Also compute KID.")
 @fid_weights_option

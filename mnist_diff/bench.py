@@ -10,7 +10,7 @@ import torch
 
 from .config import Config
 from .diffusion import training_loss
-from .generate import autocast, effective_precision
+from .device import autocast, configure_backend, effective_precision
 from .model import UNet, count_parameters
 from .samplers import StackedRandomGenerator, ddim_sample, ddpm_sample, image_seeds
 from .schedules import make_schedule
@@ -37,10 +37,7 @@ def _median_rate(fn, work: float, repeats: int, device) -> tuple[float, list[flo
 def run_bench(device: torch.device, *, channels: int = 64, batch_size: int = 128, train_steps: int = 20,
               sample_batch: int = 500, sample_steps: int = 20, repeats: int = 5, precision: str = "auto") -> dict:
     torch.manual_seed(0)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+    configure_backend(device)  # the flags every command sets, so the numbers are the ones users get
     config = Config(channels=channels, batch_size=batch_size, precision=precision)
     model = UNet(channels=channels).to(device)
     schedule = make_schedule("linear", 1000).to(device)

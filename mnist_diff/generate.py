@@ -1,27 +1,11 @@
 """Drawing many images from a trained model: batching, autocast and a progress bar around `samplers`."""
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from . import samplers
 from .data import to_uint8
+from .device import autocast
 from .schedules import Schedule
-
-
-def effective_precision(device, precision: str) -> str:
-    """auto means bf16 on CUDA and fp32 elsewhere."""
-    if precision == "auto":
-        return "bf16" if torch.device(device).type == "cuda" else "fp32"
-    return precision
-
-
-def autocast(device, precision: str):
-    """bf16 autocast when the effective precision is bf16; a no-op otherwise."""
-    device = torch.device(device)
-    if effective_precision(device, precision) == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 @torch.no_grad()

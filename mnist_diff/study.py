@@ -268,9 +268,10 @@ def open_points(study: optuna.Study, sweep: Sweep) -> int:
 def work(sweep: Sweep, parent_run_id: str) -> None:
     """One worker: take open grid points until there are none."""
     from .data import load_mnist
-    from .train import resolve_device
+    from .device import configure_backend, resolve_device
 
     device = resolve_device(sweep.device)
+    configure_backend(device)
     study = open_study(sweep)
     cache = {}
 

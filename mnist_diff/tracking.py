@@ -142,6 +142,7 @@ class Tracker:
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self.upload_errors = 0
+        self.given_params: dict = {}  # params an adopted run already holds (`mlflow run` logs its -P values)
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> str:
@@ -150,6 +151,7 @@ class Tracker:
         if adopted and "mlflow.parentRunId" not in self.tags:
             run = self.client.get_run(adopted)
             self.run_id, self.experiment_id = adopted, run.info.experiment_id
+            self.given_params = dict(run.data.params)
             self.set_tags({**self.tags, **({"mlflow.runName": self.run_name} if self.run_name else {})})
             return self.run_id
         self.experiment_id = ensure_experiment(self.client, self.uri, self.experiment_name)
@@ -180,7 +182,10 @@ class Tracker:
 
     # -- logging -------------------------------------------------------------------------------
     def log_params(self, params: dict) -> None:
-        items = [Param(k, "None" if v is None else str(v)[:6000]) for k, v in params.items()]
+        """Log params. MLflow never changes a logged param: where `mlflow run` logged the value as typed
+        (`''` for "not given", `2e-4`) and ours differs (`20`, `0.0002`), ours goes in `<name>.resolved`."""
+        values = {k: "None" if v is None else str(v)[:6000] for k, v in params.items()}
+        items = [Param(k if self.given_params.get(k, v) == v else f"{k}.resolved", v) for k, v in values.items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i:i + 100], synchronous=True)
 

@@ -1,5 +1,5 @@
-"""The training loop: AdamW, EMA, bf16 autocast on CUDA, gradient clipping, atomic per-epoch checkpoints,
-exact resume. It imports no tracking library: evaluation and logging hook in through `Callback`.
+"""The training loop: AdamW, EMA, bf16 autocast where native (device.py), gradient clipping, atomic per-epoch
+checkpoints, exact resume. It imports no tracking library: evaluation and logging hook in through `Callback`.
 
 Everything about the data order is derived from (seed, step): epoch e is shuffled with its own seeded
 generator, so a run resumed from any step sees exactly the batches an uninterrupted run would.
@@ -22,7 +22,8 @@ from . import checkpoint
 from .config import Config
 from .data import save_grid, to_model_range
 from .diffusion import training_loss
-from .generate import autocast, generate
+from .device import autocast
+from .generate import generate
 from .model import UNet, count_parameters
 from .schedules import make_schedule
 
@@ -92,16 +93,6 @@ class Callback:
     def on_train_start(self, trainer: "Trainer") -> None: ...
     def on_log(self, step: int, loss: float, images_per_sec: float) -> None: ...
     def on_epoch_end(self, end: EpochEnd) -> None: ...
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(name)
 
 
 def build_model(config: Config, device) -> UNet:

@@ -1,5 +1,7 @@
-"""FID with the real torch-fidelity and the real Inception weights (MNIST_DIFF_FID_WEIGHTS)."""
+"""FID with the real torch-fidelity and the real Inception weights: MNIST_DIFF_FID_WEIGHTS, or, where it is unset
+(a user's machine), the weights torch-fidelity downloads itself."""
 import builtins
+import os
 import shutil
 import warnings
 
@@ -7,6 +9,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from urllib.parse import urlparse
 
 from mnist_diff.data import load_mnist, to_fid_rgb
 from mnist_diff.evaluate import (Reference, compute_fid, ensure_reference_stats, frechet_distance,
@@ -144,19 +147,30 @@ def test_after_the_first_score_nothing_is_loaded_from_disk(data_dir, fid_weights
     assert {"load", "open"} <= {name for name, _ in loads}  # the instrumentation does see loads
 
 
-def test_cache_key_holds_split_count_and_weights_content(ref, data_dir, fid_weights, tmp_path):
+@pytest.fixture(scope="module")
+def weights_file(fid_weights) -> str:
+    """The Inception weights as a file: MNIST_DIFF_FID_WEIGHTS, else the file torch-fidelity downloads into the
+    torch hub cache (fetched here the way torch-fidelity fetches it, so only once)."""
+    if fid_weights:
+        return fid_weights
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+    torch.hub.load_state_dict_from_url(URL_INCEPTION_V3, map_location="cpu")
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(URL_INCEPTION_V3).path))
+
+
+def test_cache_key_holds_split_count_and_weights_content(ref, data_dir, fid_weights, weights_file, tmp_path):
     names = {ref.cache_name(), Reference("test", N, data_dir, fid_weights).cache_name(),
              Reference("train", N + 1, data_dir, fid_weights).cache_name(),
              Reference("train", None, data_dir, fid_weights).cache_name()}
     assert len(names) == 4
     # the same bytes under another path share the entry; a different file never does
     copy = tmp_path / "copy.pth"
-    shutil.copyfile(fid_weights, copy)
-    assert weights_fingerprint(copy) == weights_fingerprint(fid_weights)
+    shutil.copyfile(weights_file, copy)
+    assert weights_fingerprint(copy) == weights_fingerprint(weights_file)
     fp16 = tmp_path / "fp16.pth"
-    sd = torch.load(fid_weights, map_location="cpu")
+    sd = torch.load(weights_file, map_location="cpu")
     torch.save({k: v.half() if v.is_floating_point() else v for k, v in sd.items()}, fp16)
-    assert weights_fingerprint(fp16) != weights_fingerprint(fid_weights)
+    assert weights_fingerprint(fp16) != weights_fingerprint(weights_file)
     assert Reference("train", N, data_dir, str(fp16)).cache_name() != ref.cache_name()
 
 

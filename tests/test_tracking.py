@@ -131,3 +131,20 @@ def test_failed_artifact_uploads_are_recorded_and_training_goes_on(tmp_path, mni
         "artifact_upload_last_error"]
     assert [m.step for m in MlflowClient(uri).get_metric_history(tracker.run_id, "epoch_loss")] == [1, 2]
     assert (tmp_path / "run" / "checkpoints" / "ema-epoch-002.pt").exists()  # the local copies are kept
+
+
+def test_a_run_made_by_mlflow_run_keeps_its_params_and_gets_the_resolved_ones(tmp_path, monkeypatch):
+    """`mlflow run` logs its -P values as typed before our command starts; MLflow never changes a param."""
+    from mlflow.entities import Param
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    client.log_batch(run_id, params=[Param("epochs", "''"), Param("lr", "2e-4"), Param("seed", "0")],
+                     synchronous=True)
+    monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
+    tracker = Tracker(uri, "e")
+    assert tracker.start() == run_id
+    tracker.log_params({"epochs": 2, "lr": 2e-4, "seed": 0, "channels": 8})
+    assert client.get_run(run_id).data.params == {"epochs": "''", "epochs.resolved": "2", "lr": "2e-4",
+                                                  "lr.resolved": "0.0002", "seed": "0", "channels": "8"}

@@ -1,0 +1,59 @@
+"""The device and its numerics, decided in one place: `train`, `sample`, `evaluate`, every `sweep` worker and
+`bench` pick the device, set the backend flags and choose the autocast precision through these functions,
+so `bench` measures what the other commands run."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+BF16_MIN_CAPABILITY = (8, 0)  # Ampere: the first CUDA GPUs with native bf16 tensor cores
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """auto picks CUDA, then MPS, then CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def configure_backend(device) -> None:
+    """On CUDA: TF32 matmuls and convolutions, and cuDNN's autotuner (our input shapes never change).
+    Process-wide flags; nothing to do elsewhere."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+
+def native_bf16(device_type: str, capability: tuple[int, int] | None) -> bool:
+    """Whether bf16 autocast runs natively: CUDA with compute capability 8.0 or newer. Older GPUs emulate
+    bf16 (slower than fp32); CPU and MPS autocast gain nothing for this model."""
+    return device_type == "cuda" and capability is not None and tuple(capability) >= BF16_MIN_CAPABILITY
+
+
+def _capability(device: torch.device) -> tuple[int, int] | None:
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
+def effective_precision(device, precision: str) -> str:
+    """auto means bf16 where the GPU supports it natively (see `native_bf16`), fp32 elsewhere; fp32 and
+    bf16 are taken as asked."""
+    if precision == "auto":
+        device = torch.device(device)
+        return "bf16" if native_bf16(device.type, _capability(device)) else "fp32"
+    return precision
+
+
+def autocast(device, precision: str):
+    """bf16 autocast when the effective precision is bf16; a no-op otherwise."""
+    device = torch.device(device)
+    if effective_precision(device, precision) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
