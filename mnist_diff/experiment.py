@@ -28,8 +28,8 @@ def score_model(model, config: Config, reference: Reference, num: int, *, progre
     schedule = make_schedule(config.schedule, config.timesteps, config.beta_start, config.beta_end)
     t0 = time.perf_counter()
     images = generate(model, schedule, num=num, seed=config.seed, sampler=config.sampler,
-                      ddim_steps=config.ddim_steps, eta=config.eta, batch_size=config.fid_batch_size,
-                      precision=config.precision, progress=progress, desc=desc)
+                      ddim_steps=config.ddim_steps, eta=config.eta, batch_size=config.sample_batch_size,
+                      precision=config.precision, progress=progress, desc=desc, compile=config.compile)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     sampling_seconds = time.perf_counter() - t0
