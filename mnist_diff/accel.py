@@ -46,11 +46,18 @@ def default_sample_batch_size(device, channels: int = 64) -> int:
 
 
 def device_layout(model: torch.nn.Module) -> torch.nn.Module:
-    """Channels-last on CUDA, where cuDNN's NHWC convolutions use the tensor cores; unchanged elsewhere (on
-    the CPU it would change the rounding of the bit-exact runs and buys little)."""
+    """Channels-last on CUDA, where cuDNN's NHWC convolutions use the tensor cores, and cuDNN picks its
+    fastest convolutions by timing them (results on a GPU are not bit-reproducible anyway, see README).
+    Unchanged elsewhere: on the CPU it would change the rounding of the bit-exact runs."""
     if next(model.parameters()).device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def fell_back() -> list[str]:
+    """What failed to compile in this process and runs eagerly: "sampling", "training"."""
+    return sorted(_failed)
 
 
 def _compile(module: torch.nn.Module, device: torch.device):
@@ -81,7 +88,7 @@ def _bucket(n: int, batch: int) -> int:
 
 class _SamplingTwin:
     """A private eval copy of a model: compiled once per process, fixed parameter addresses (which CUDA graphs
-    need), the caller's model untouched. `load` copies the current weights in before each use."""
+    need), the caller's model untouched. `for_sampling` copies the current weights in before each use."""
 
     def __init__(self, model: torch.nn.Module, compiled: bool):
         self.device = next(model.parameters()).device

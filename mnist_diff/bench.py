@@ -89,7 +89,7 @@ def run_bench(device: torch.device, *, channels: int = 64, batch_size: int = 128
     modes = {"eager": _bench_mode(device, "off", **kwargs)}
     if accel.compile_enabled(compile, device):
         modes["compiled"] = _bench_mode(device, "on", **kwargs)
-        modes["compiled"]["fell_back"] = sorted(accel._failed)
+        modes["compiled"]["fell_back"] = accel.fell_back()
     used = modes.get("compiled", modes["eager"])
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",

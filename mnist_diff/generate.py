@@ -12,7 +12,7 @@ from .schedules import Schedule
 def effective_precision(device, precision: str) -> str:
     """auto means bf16 on a CUDA GPU that supports it and fp32 elsewhere."""
     if precision == "auto":
-        return "bf16" if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported(False) else "fp32"
     return precision
 
 

@@ -227,9 +227,10 @@ class Trainer:
             group["lr"] = lr_at(c, self.step)
 
         def forward_backward() -> torch.Tensor:
+            # gradients dropped before the forward: a CUDA graph may then reuse their memory
+            self.optimizer.zero_grad(set_to_none=True)
             with autocast(self.device, c.precision):
                 loss = training_loss(self.fast_model, self.schedule, x0, self.noise_gen).mean()
-            self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             return loss
 
