@@ -125,6 +125,14 @@ sampler_options = _apply([
 
 device_option = click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
                              help="auto picks CUDA, then MPS, then CPU.")
+compile_option = click.option(
+    "--compile", type=click.Choice(("auto", "on", "off")), default="auto", show_default=True,
+    help="torch.compile the UNet (on CUDA with CUDA graphs) for sampling and training. auto: on for CUDA, off "
+         "elsewhere (compiling costs minutes on a CPU). If it fails: one warning, then eager.")
+sample_batch_option = click.option(
+    "--sample-batch-size", type=click.IntRange(min=1), default=None,
+    help="Images per sampling batch (speed only: image i depends on (seed, i)). Default: what the device "
+         "holds (up to 2000 on a GPU, 64 on CPU).")
 data_dir_option = click.option(
     "--data-dir", type=click.Path(exists=True, file_okay=False), envvar="MNIST_DIFF_DATA_DIR",
     help="torchvision root holding MNIST/raw (env MNIST_DIFF_DATA_DIR). Default: download into "
@@ -143,7 +151,8 @@ fid_options = _apply([
     click.option("--fid-ref-samples", type=OptionalInt(min=2), default=None,
                  help="Use only the first N reference images (default: the whole split)."),
     click.option("--fid-batch-size", type=OptionalInt(min=1), default=500, show_default=True,
-                 help="Batch for sampling FID images (Inception takes the device's own batch)."),
+                 help="Batch for the Inception network."),
+    sample_batch_option,
     click.option("--kid", is_flag=True, help="Also compute KID."),
 ])
 
@@ -261,6 +270,7 @@ def cli():
 @tracking_options
 @click.option("--run-name", default=None, help="MLflow run name (default: derived from the config).")
 @device_option
+@compile_option
 @data_dir_option
 @out_option("runs/train")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -315,11 +325,14 @@ def summary_line(result: dict) -> str:
 @click.option("--clip-x0/--no-clip-x0", default=None,
               help="Clip the predicted x_0 to [-1, 1]. Default: the checkpoint's.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Image i depends on (seed, i) only.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=500, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Images per sampling batch. Default: what the device holds (up to 2000 on a GPU, 64 on CPU).")
 @device_option
+@compile_option
 @out_option("runs/samples")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def sample(checkpoint_path, num_samples, sampler, ddim_steps, eta, clip_x0, seed, batch_size, device, out, quiet):
+def sample(checkpoint_path, num_samples, sampler, ddim_steps, eta, clip_x0, seed, batch_size, device, compile, out,
+           quiet):
     """Draw images from a checkpoint: a grid PNG and all images as uint8 (samples.npz) into --out."""
     out_path = check_writable_dir(out)
     dev = pick_device(device)
@@ -331,7 +344,7 @@ def sample(checkpoint_path, num_samples, sampler, ddim_steps, eta, clip_x0, seed
     schedule = make_schedule(config.schedule, config.timesteps, config.beta_start, config.beta_end)
     images = generate(model, schedule, num=num_samples, seed=seed, sampler=config.sampler,
                       ddim_steps=config.ddim_steps, eta=config.eta, clip_x0=config.clip_x0, batch_size=batch_size,
-                      precision=config.precision, progress=not quiet)
+                      precision=config.precision, progress=not quiet, compile=compile)
     npz, grid = _save_samples(images, out_path, config, seed, checkpoint_path)
     click.echo(f"{num_samples} images ({config.sampler}) -> {npz}, {grid}")
 
@@ -401,13 +414,15 @@ SMOKE = {"epochs": 2, "batch_size": 32, "train_samples": 256, "channels": 8, "wa
               help="study: the reference study's settings. smoke: every grid point on CPU in minutes "
                    "(tiny model and data, tiny FID counts); options you give still win.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Worker processes on this machine (with several GPUs, one GPU each).")
+              help="Worker processes on this machine, spread over its GPUs in turn: more workers than GPUs "
+                   "share them (several small trainings keep one GPU busier than one).")
 @click.option("--heartbeat", type=click.IntRange(min=1), default=60, show_default=True,
               help="Seconds between trial heartbeats; a trial silent for twice this is retried.")
 @click.option("--dry-run", is_flag=True,
               help="Print the study's work per phase and its projected time on this device, then exit: "
                    "creates no study, run or folder.")
 @device_option
+@compile_option
 @data_dir_option
 @out_option("runs/sweep")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -567,15 +582,17 @@ def report(study_name, results_path, storage, tracking_uri, no_tracking, out):
 @click.option("--fid-ref-samples", type=OptionalInt(min=2), default=None,
               help="Use only the first N reference images (default: the whole split).")
 @click.option("--fid-batch-size", type=click.IntRange(min=1), default=500, show_default=True)
+@sample_batch_option
 @click.option("--kid", is_flag=True, help="Also compute KID.")
 @fid_weights_option
 @tracking_options
 @device_option
+@compile_option
 @data_dir_option
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def evaluate(checkpoint_path, images_path, num_samples, sampler, ddim_steps, eta, clip_x0, seed, fid_ref,
-             fid_ref_samples, fid_batch_size, kid, fid_weights, tracking_uri, experiment, no_tracking, device,
-             data_dir, quiet):
+             fid_ref_samples, fid_batch_size, sample_batch_size, kid, fid_weights, tracking_uri, experiment,
+             no_tracking, device, compile, data_dir, quiet):
     """FID of a checkpoint (sampled with the chosen sampler) or of a samples.npz, printed and tracked."""
     if (checkpoint_path is None) == (images_path is None):
         raise BadInput("give exactly one of --checkpoint and --images")
@@ -592,7 +609,8 @@ def evaluate(checkpoint_path, images_path, num_samples, sampler, ddim_steps, eta
         params = {"images": images_path, "num_samples": images.shape[0]}
     else:
         model, trained, _ = _load_checkpoint(checkpoint_path, dev)
-        config = with_sampling(trained, sampler, ddim_steps, eta, clip_x0, fid_batch_size=fid_batch_size, seed=seed)
+        config = with_sampling(trained, sampler, ddim_steps, eta, clip_x0, fid_batch_size=fid_batch_size, seed=seed,
+                               compile=compile, sample_batch_size=sample_batch_size)
         params = {**config.to_dict(), "checkpoint": checkpoint_path, "num_samples": num_samples}
     tracker = open_tracker(tracking_uri, experiment, no_tracking, run_name="evaluate",
                            tags={"mnist_diff.command": "evaluate"})
@@ -629,17 +647,20 @@ def evaluate(checkpoint_path, images_path, num_samples, sampler, ddim_steps, eta
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True,
               help="Training batch.")
 @click.option("--sample-batch", type=click.IntRange(min=1), default=None,
-              help="Sampling batch. Default: 500 on a GPU, 64 on CPU.")
+              help="Sampling batch. Default: what the device holds (as for sampling: up to 2000 on a GPU, 64 on CPU).")
 @click.option("--train-steps", type=click.IntRange(min=1), default=None,
               help="Optimizer steps per timed repeat. Default: 50 on a GPU, 5 on CPU.")
 @click.option("--sample-steps", type=click.IntRange(min=1), default=None,
               help="Sampler steps per timed repeat. Default: 50 on a GPU, 5 on CPU.")
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--precision", type=click.Choice(("auto", "fp32", "bf16")), default="auto", show_default=True)
+@click.option("--compile", type=click.Choice(("auto", "on", "off")), default="auto", show_default=True,
+              help="Also measure compiled (auto: on CUDA; on a CPU compiling takes minutes). Eager is always measured.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the JSON result to this file.")
-def bench(device, channels, batch_size, sample_batch, train_steps, sample_steps, repeats, precision, json_path):
-    """Training images/s and sampler image-steps/s of the default model on this device (torch only)."""
+def bench(device, channels, batch_size, sample_batch, train_steps, sample_steps, repeats, precision, compile,
+          json_path):
+    """Training images/s and sampling image-evaluations/s on this device, eager and compiled side by side."""
     if channels % 8:
         raise BadInput(f"--channels must be a multiple of 8, got {channels}")
     if json_path:
@@ -650,8 +671,8 @@ def bench(device, channels, batch_size, sample_batch, train_steps, sample_steps,
     gpu = dev.type != "cpu"
     result = run_bench(dev, channels=channels, batch_size=batch_size,
                        train_steps=train_steps or (50 if gpu else 5),
-                       sample_batch=sample_batch or (500 if gpu else 64),
-                       sample_steps=sample_steps or (50 if gpu else 5), repeats=repeats, precision=precision)
+                       sample_batch=sample_batch, sample_steps=sample_steps or (50 if gpu else 5),
+                       repeats=repeats, precision=precision, compile=compile)
     click.echo(format_table(result))
     text = json.dumps(result)
     click.echo(text)

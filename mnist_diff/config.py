@@ -8,6 +8,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+from .accel import COMPILE_CHOICES
 from .samplers import SAMPLERS
 from .schedules import SCHEDULES, USES_BETA_RANGE
 
@@ -49,6 +50,9 @@ class Config:
     fid_ref_samples: int | None = None
     fid_batch_size: int = 500
     kid: bool = False
+    # how it runs, not what it computes (outside the training key; see RUNTIME_FIELDS)
+    compile: str = "auto"                   # torch.compile the UNet: auto (on for CUDA), on, off
+    sample_batch_size: int | None = None    # images per sampling batch; None: what the device holds
 
     def __post_init__(self):
         validate(self)
@@ -74,7 +78,7 @@ class Config:
     def training_dict(self) -> dict:
         """The fields that decide the trained weights (not how they are sampled or scored)."""
         d = self.to_dict()
-        for key in SAMPLING_FIELDS + EVAL_FIELDS + ("max_steps",):
+        for key in SAMPLING_FIELDS + EVAL_FIELDS + RUNTIME_FIELDS + ("max_steps",):
             d.pop(key)
         return d
 
@@ -99,6 +103,10 @@ def _stable_hash(d: dict) -> str:
 SAMPLING_FIELDS = ("sampler", "ddim_steps", "eta", "clip_x0")
 EVAL_FIELDS = ("fid_every", "fid_select_samples", "fid_samples", "fid_ref", "fid_ref_samples",
                "fid_batch_size", "kid")
+# Speed settings. They live in the config (not as separate arguments) because the config is what reaches
+# every place that trains or samples, and what config.json and MLflow record; like the sampling and FID fields
+# they stay out of the training key and the resume check: a run may resume with other values.
+RUNTIME_FIELDS = ("compile", "sample_batch_size")
 
 
 def validate(c: Config) -> None:
@@ -134,3 +142,5 @@ def validate(c: Config) -> None:
     need(c.fid_ref in FID_REFS, f"unknown --fid-ref {c.fid_ref!r}; choose train or test")
     need(c.fid_ref_samples is None or c.fid_ref_samples >= 2, "--fid-ref-samples must be >= 2")
     need(c.fid_batch_size >= 1, "--fid-batch-size must be >= 1")
+    need(c.compile in COMPILE_CHOICES, f"unknown --compile {c.compile!r}; choose one of {', '.join(COMPILE_CHOICES)}")
+    need(c.sample_batch_size is None or c.sample_batch_size >= 1, "--sample-batch-size must be >= 1")

@@ -54,8 +54,8 @@ def score_model(model, config: Config, reference: Reference, num: int, *, start:
     t0 = time.perf_counter()
     images = generate(model, schedule, num=num, seed=config.seed, sampler=config.sampler,
                       ddim_steps=config.ddim_steps, eta=config.eta, clip_x0=config.clip_x0,
-                      batch_size=config.fid_batch_size, start=start, precision=config.precision,
-                      progress=progress, desc=desc)
+                      batch_size=config.sample_batch_size, start=start, precision=config.precision,
+                      progress=progress, desc=desc, compile=config.compile)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     sampling_seconds = time.perf_counter() - t0

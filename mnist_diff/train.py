@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint
+from . import accel, checkpoint
 from .config import Config
 from .data import save_grid, to_model_range
 from .diffusion import training_loss
@@ -97,7 +97,7 @@ class Callback:
 
 def build_model(config: Config, device) -> UNet:
     torch.manual_seed(config.seed)  # the initial weights depend on the seed alone
-    return UNet(channels=config.channels).to(device)
+    return accel.device_layout(UNet(channels=config.channels).to(device))
 
 
 def lr_at(config: Config, step: int) -> float:
@@ -156,6 +156,7 @@ class Trainer:
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay,
                                            fused=fused or None)
+        self.fast_model = accel.TrainingModel(self.model, c.compile)  # compiled forward (+ backward) or eager
         self.noise_gen = torch.Generator(self.device).manual_seed(c.seed)
         self.steps_per_epoch = self.images.shape[0] // c.batch_size  # drop the last partial batch
         self.total_steps = c.epochs * self.steps_per_epoch
@@ -237,10 +238,16 @@ class Trainer:
         c = self.config
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(c, self.step)
-        with autocast(self.device, c.precision):
-            loss = training_loss(self.model, self.schedule, x0, self.noise_gen).mean()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+
+        def forward_backward() -> torch.Tensor:
+            # gradients dropped before the forward: a CUDA graph may then reuse their memory
+            self.optimizer.zero_grad(set_to_none=True)
+            with autocast(self.device, c.precision):
+                loss = training_loss(self.fast_model, self.schedule, x0, self.noise_gen).mean()
+            loss.backward()
+            return loss
+
+        loss = self.fast_model.step(forward_backward, self.noise_gen)
         if c.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
         self.optimizer.step()
@@ -338,7 +345,8 @@ def sample_grid(model, schedule, config: Config, path, progress: bool = False) -
     `progress`, a bar: on a CPU a DDPM grid at T=1000 takes minutes."""
     images = generate(model, schedule, num=GRID_IMAGES, seed=GRID_SEED, sampler=config.sampler,
                       ddim_steps=config.ddim_steps, eta=config.eta, clip_x0=config.clip_x0, batch_size=GRID_IMAGES,
-                      precision=config.precision, progress=progress, desc=f"grid {Path(path).stem}")
+                      precision=config.precision, progress=progress, desc=f"grid {Path(path).stem}",
+                      compile=config.compile)
     return save_grid(images, path)
 
 

@@ -2,7 +2,7 @@ import subprocess
 import sys
 
 PURE = ["mnist_diff.schedules", "mnist_diff.diffusion", "mnist_diff.samplers", "mnist_diff.model",
-        "mnist_diff.config", "mnist_diff.bench", "mnist_diff.device"]
+        "mnist_diff.config", "mnist_diff.bench", "mnist_diff.device", "mnist_diff.accel"]
 
 
 def test_math_modules_import_no_tracking_study_or_cli_libraries():
