@@ -104,3 +104,23 @@ def compute_fid(images_u8: torch.Tensor, reference: Reference, *, device="cpu", 
         out["kid"] = float(metrics["kernel_inception_distance_mean"])
         out["kid_std"] = float(metrics["kernel_inception_distance_std"])
     return out
+
+
+def ensure_reference_stats(reference: Reference, *, device, cache_dir: str | os.PathLike | None = None) -> None:
+    """Fetch the Inception weights and compute and cache the reference statistics now, so that later FIDs only
+    read them (a sweep calls this once before its workers start: none of them downloads or races). It takes the
+    steps `compute_fid` takes for the reference, so the cache entry is the one it looks up, without a FID."""
+    from torch_fidelity.metric_fid import fid_input_id_to_statistics_cached
+    from torch_fidelity.utils import (create_feature_extractor, resolve_feature_extractor,
+                                      resolve_feature_layer_for_metric)
+
+    cache_dir = Path(cache_dir or os.environ.get("MNIST_DIFF_FID_CACHE") or DEFAULT_CACHE_DIR)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    kwargs = dict(input2=reference.dataset(), input2_cache_name=reference.cache_name(), cache_root=str(cache_dir),
+                  cache=True, fid=True, cuda=torch.device(device).type == "cuda",
+                  feature_extractor_weights_path=reference.weights_path, verbose=False)
+    layer = resolve_feature_layer_for_metric("fid", **kwargs)
+    extractor = create_feature_extractor(resolve_feature_extractor(**kwargs), [layer], **kwargs)
+    with warnings.catch_warnings():  # as in compute_fid
+        warnings.filterwarnings("ignore", message="This DataLoader will create")
+        fid_input_id_to_statistics_cached(2, extractor, layer, **kwargs)
