@@ -421,6 +421,13 @@ SMOKE = {"epochs": 2, "batch_size": 32, "train_samples": 256, "channels": 8, "wa
 @click.option("--dry-run", is_flag=True,
               help="Print the study's work per phase and its projected time on this device, then exit: "
                    "creates no study, run or folder.")
+@click.option("--max-retries", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Retries per grid point, each resuming from the last checkpoint, after a failure that may pass "
+                   "(CUDA OOM, disk, network, tracking or storage errors, a dead worker). A non-finite loss or an "
+                   "invalid config is never retried.")
+@click.option("--retry-failed", is_flag=True,
+              help="Queue every FAILed grid point of the study again with a fresh retry budget, including "
+                   "deterministic failures (non-finite loss, invalid config), e.g. after changing the code.")
 @device_option
 @compile_option
 @data_dir_option
@@ -428,7 +435,8 @@ SMOKE = {"epochs": 2, "batch_size": 32, "train_samples": 256, "channels": 8, "wa
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
 def sweep(ctx, study_name, storage, schedules, timesteps_list, samplers, seeds, preset, workers, heartbeat,
-          dry_run, fid_weights, tracking_uri, experiment, no_tracking, device, data_dir, out, quiet, **fields):
+          dry_run, max_retries, retry_failed, fid_weights, tracking_uri, experiment, no_tracking, device, data_dir, out,
+          quiet, **fields):
     """Run (or resume) the reference study as an Optuna grid, every trial tracked in MLflow."""
     if no_tracking:
         raise BadInput("sweep always tracks in MLflow: drop --no-tracking")
@@ -447,14 +455,15 @@ def sweep(ctx, study_name, storage, schedules, timesteps_list, samplers, seeds, 
     tracking_uri = checked_tracking_uri(tracking_uri)
     dev = pick_device(device)
 
-    from mnist_diff.study import Sweep, open_study, run_sweep
+    from mnist_diff.study import Sweep, WorkersFailed, open_study, run_sweep
     from mnist_diff.train import StopSignals
 
     fixed = {k: v for k, v in base.to_dict().items() if k not in ("schedule", "timesteps", "beta_end", "sampler", "seed")}
     spec = Sweep(study_name=study_name, out_dir=out_path, base=base, schedules=schedules,
                  pairs=pairs, samplers=samplers, seeds=tuple(range(seeds)), storage=storage,
                  tracking_uri=tracking_uri, experiment=experiment, data_dir=data_dir, fid_weights=fid_weights,
-                 device=device, progress=not quiet, heartbeat=heartbeat, fixed={**fixed, "preset": preset})
+                 device=device, progress=not quiet, heartbeat=heartbeat, max_retries=max_retries,
+                 fixed={**fixed, "preset": preset})
     if not dry_run:
         try:  # run_sweep opens it first too; here so a study with another grid is refused before the projection
             open_study(spec)
@@ -463,9 +472,12 @@ def sweep(ctx, study_name, storage, schedules, timesteps_list, samplers, seeds, 
     print_projection(spec, dev)
     if dry_run:
         return
+    failed = None
     try:
         with StopSignals():
-            doc = run_sweep(spec, workers=workers)
+            doc = run_sweep(spec, workers=workers, retry_failed=retry_failed)
+    except WorkersFailed as err:  # the results are written; say what they hold, then fail
+        doc, failed = err.doc, err
     except ValueError as err:  # e.g. the study exists with another grid
         raise BadInput(str(err))
     click.echo(f"study {study_name}: {doc['complete']}/{doc['grid_size']} grid points complete "
@@ -475,6 +487,8 @@ def sweep(ctx, study_name, storage, schedules, timesteps_list, samplers, seeds, 
         click.echo(f"best: {b['params']} FID {b['best_fid']:.2f} (epoch {b['best_epoch']})")
     from mnist_diff import tracking
     click.echo(f"browse: {tracking.ui_command(tracking_uri)}  (experiment {experiment!r})")
+    if failed is not None:
+        raise click.ClickException(str(failed))
 
 
 def print_projection(spec, dev) -> None:

@@ -15,6 +15,8 @@ import fcntl
 import json
 import logging
 import os
+import signal
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +31,8 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 from .config import Config
 from .evaluate import Reference
 from .experiment import run_experiment, score_saved_training, write_json
-from .tracking import Tracker, find_study_run
+from .tracking import Tracker, find_study_run, kill_run, tag_run
+from .train import NonFiniteLoss
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,10 @@ STUDY_SCHEDULES = ("linear", "cosine", "quadratic", "sigmoid")
 STUDY_PAIRS = ((200, 0.08), (1000, 0.02))
 STUDY_SAMPLERS = ("ddpm", "ddim")
 DEFAULT_STORAGE = "sqlite:///optuna.db"
+# Failures that the same config reproduces: retrying them would only spend the GPU again (a ValueError is an
+# invalid config). Any other exception (CUDA OOM, a full disk, a tracking or storage blip) may pass on a retry.
+DETERMINISTIC_ERRORS = (NonFiniteLoss, ValueError)
+WORKER_LOST = "WorkerLost: the worker stopped sending heartbeats (killed, OOM-killed, or its machine went down)"
 
 
 def pair_key(timesteps: int, beta_end: float) -> str:
@@ -66,6 +73,7 @@ class Sweep:
     device: str = "auto"
     progress: bool = True
     heartbeat: int = 60
+    max_retries: int = 2                  # automatic retries per grid point after a failure that may pass
     fixed: dict = field(default_factory=dict)
 
     def search_space(self) -> dict:
@@ -86,19 +94,21 @@ class Sweep:
                                  sampler=params["sampler"], seed=int(params["seed"]))
 
 
-def make_storage(url: str, heartbeat: int | None = None):
-    """An RDB storage; SQLite waits up to 60 s for a lock instead of failing with 'database is locked'."""
+def make_storage(url: str, heartbeat: int | None = None, on_stale=None):
+    """An RDB storage; SQLite waits up to 60 s for a lock instead of failing with 'database is locked'.
+    `on_stale(study, trial)` runs for each trial Optuna fails because its heartbeat stopped."""
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     kwargs = {}
     if heartbeat:
         kwargs = dict(heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
-                      heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback())
+                      heartbeat_stale_trial_callback=on_stale)
     return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
 
 
 def open_study(sweep: Sweep) -> optuna.Study:
+    storage = make_storage(sweep.storage, sweep.heartbeat, StaleTrial(sweep.tracking_uri, sweep.max_retries))
     study = optuna.create_study(
-        study_name=sweep.study_name, storage=make_storage(sweep.storage, sweep.heartbeat),
+        study_name=sweep.study_name, storage=storage,
         sampler=optuna.samplers.GridSampler(sweep.search_space(), seed=0),
         pruner=optuna.pruners.NopPruner(),  # MedianPruner would prune grid points that report values
         direction="minimize", load_if_exists=True)
@@ -112,6 +122,11 @@ def open_study(sweep: Sweep) -> optuna.Study:
 
 
 DONE_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.PRUNED)
+
+
+def point_of(t: optuna.trial.FrozenTrial) -> tuple:
+    """A trial's grid point; a queued (WAITING) trial has no params yet, only the ones it was queued with."""
+    return tuple(sorted((t.params or t.system_attrs.get("fixed_params", {})).items()))
 
 
 def remaining(study: optuna.Study, sweep: Sweep) -> int:
@@ -132,6 +147,76 @@ def training_lock(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+# -- failures and retries -------------------------------------------------------------------------------------
+# A grid point's trials carry user attributes `retries` (automatic retries before this trial) and `errors` (every
+# error of the point so far); a failed trial adds `error` (its own) and `retryable`. A retry is a new trial of the
+# same point: it resumes the training from its last checkpoint (trainings live in OUT/trainings/<key>/).
+
+def _queue_retry(study: optuna.Study, number: int, params: dict, retries: int, errors: list) -> None:
+    study.enqueue_trial(params, user_attrs={"retry_of_trial": number, "retries": retries, "errors": errors})
+
+
+def _retry_tags(retries: int, errors: list, outcome: str | None = None) -> dict:
+    cut = [e[:500] for e in errors]
+    while len(json.dumps(cut)) > 7000:  # an MLflow tag holds 8,000 characters: keep the latest errors
+        cut = cut[1:]
+    tags = {"mnist_diff.retries": retries, "mnist_diff.errors": json.dumps(cut)}
+    return {**tags, "mnist_diff.retry": outcome} if outcome else tags
+
+
+def _tag_run(tracking_uri: str | None, run_id: str | None, tags: dict, kill: bool = False) -> None:
+    """Best effort: the tracking store may be the very thing that failed."""
+    if not run_id:
+        return
+    try:
+        (kill_run if kill else tag_run)(tracking_uri, run_id, tags)
+    except Exception as err:
+        log.warning("could not tag MLflow run %s: %s: %s", run_id, type(err).__name__, err)
+
+
+def _record_failure(trial: optuna.Trial, err: Exception, sweep: Sweep) -> None:
+    """Keep the error on the trial and its MLflow run; queue the grid point again unless the error is
+    deterministic or the point has used its --max-retries. Runs while the trial is still RUNNING, so no worker
+    sees the point done before its retry is queued."""
+    error = f"{type(err).__name__}: {err}"
+    attrs = trial.user_attrs
+    retries, errors = attrs.get("retries", 0), [*attrs.get("errors", []), error]
+    retryable = not isinstance(err, DETERMINISTIC_ERRORS)
+    for key, value in (("error", error), ("errors", errors), ("retryable", retryable)):
+        trial.set_user_attr(key, value)
+    if not retryable:
+        outcome = f"not retried: a {type(err).__name__} would happen again"
+    elif retries >= sweep.max_retries:
+        outcome = f"not retried: --max-retries {sweep.max_retries} used up"
+    else:
+        _queue_retry(trial.study, trial.number, trial.params, retries + 1, errors)
+        outcome = f"retry {retries + 1} of {sweep.max_retries} queued"
+    log.error("trial %d failed: %s (%s)", trial.number, error, outcome)
+    _tag_run(sweep.tracking_uri, attrs.get("mlflow_run_id"), _retry_tags(retries, errors, outcome))
+
+
+class StaleTrial:
+    """Optuna's heartbeat-stale callback. Optuna runs it wherever a stale trial gets failed: when a sweep starts
+    and inside `optimize` before each trial. So whenever a dead worker's trial is found, at any moment of a sweep,
+    its MLflow run becomes KILLED and its grid point is queued again (within --max-retries: a worker that the OOM
+    killer stops every time must not loop forever)."""
+
+    def __init__(self, tracking_uri: str | None, max_retries: int):
+        self.tracking_uri, self.max_retries = tracking_uri, max_retries
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        retries, errors = trial.user_attrs.get("retries", 0), [*trial.user_attrs.get("errors", []), WORKER_LOST]
+        if retries < self.max_retries:
+            _queue_retry(study, trial.number, trial.params, retries + 1, errors)
+            outcome = f"retry {retries + 1} of {self.max_retries} queued"
+        else:
+            outcome = f"not retried: --max-retries {self.max_retries} used up"
+        log.warning("trial %d: %s (%s)", trial.number, WORKER_LOST, outcome)
+        _tag_run(self.tracking_uri, trial.user_attrs.get("mlflow_run_id"),
+                 {"error_type": "WorkerLost", "error_message": WORKER_LOST, **_retry_tags(retries, errors, outcome)},
+                 kill=True)
+
+
 class Objective:
     def __init__(self, sweep: Sweep, parent_run_id: str, images_loader):
         self.sweep, self.parent_run_id, self.images_loader = sweep, parent_run_id, images_loader
@@ -150,6 +235,7 @@ class Objective:
             "retry_of_trial", optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen))
         if retried_from is not None:
             tags["mnist_diff.retry_of_trial"] = retried_from
+            tags.update(_retry_tags(frozen.user_attrs.get("retries", 0), frozen.user_attrs.get("errors", [])))
         tracker = Tracker(s.tracking_uri, s.experiment, tags=tags,
                           run_name=f"{trial.number:03d}-{config.short_name()}-s{config.seed}", parent_run_id=self.parent_run_id)
         reference = Reference(config.fid_ref, config.fid_ref_samples, s.data_dir, s.fid_weights)
@@ -221,7 +307,7 @@ def records(study: optuna.Study, sweep: Sweep) -> list[dict]:
                     "run_id": a.get("mlflow_run_id"), "trained_by_run_id": a.get("trained_by_run_id"),
                     "train_seconds": a.get("train_seconds"),
                     "final_sampling_seconds": a.get("final_sampling_seconds"),
-                    "samples_dir": a.get("samples_dir"), "error": a.get("error")})
+                    "samples_dir": a.get("samples_dir"), "retries": a.get("retries", 0), "error": a.get("error")})
     return out
 
 
@@ -235,38 +321,53 @@ def write_results(study: optuna.Study, sweep: Sweep) -> dict:
     return doc
 
 
-def _retry_interrupted(study: optuna.Study) -> int:
-    """Grid points whose last trial FAILed because its worker was stopped (SIGTERM, Ctrl-C) are queued
-    again (stale heartbeats, i.e. kill -9, are re-queued by Optuna's callback). A point with a trial that
-    failed by its own error (e.g. NonFiniteLoss) is not: running it again would fail the same way."""
+def _requeue_failed(study: optuna.Study, sweep: Sweep, retry_failed: bool = False) -> int:
+    """Queue again, when a sweep starts, each grid point whose last trial FAILed and has no retry queued:
+    interrupted (SIGTERM, Ctrl-C: costs no retry), or failed by a retryable error or a dead worker with
+    --max-retries not used up (its retry was not queued, e.g. the worker died first, or the budget was raised).
+    A deterministic failure (e.g. NonFiniteLoss) stays FAIL: it would fail the same way. `retry_failed` queues
+    every failed point, deterministic ones included, with a fresh retry budget."""
     by_point: dict = {}
     for t in study.get_trials(deepcopy=False):
-        by_point.setdefault(tuple(sorted(t.params.items())), []).append(t)
+        by_point.setdefault(point_of(t), []).append(t)
     queued = 0
     S = optuna.trial.TrialState
     for point, trials in by_point.items():
         if any(t.state in (S.COMPLETE, S.RUNNING, S.WAITING) for t in trials):
             continue
-        if any(t.state == S.FAIL and t.user_attrs.get("error") for t in trials):
-            continue
         last = max(trials, key=lambda t: t.number)
-        if last.state == S.FAIL:
-            study.enqueue_trial(last.params, user_attrs={"retry_of_trial": last.number})
-            queued += 1
+        if last.state != S.FAIL:
+            continue
+        a = last.user_attrs
+        retries, errors = a.get("retries", 0), list(a.get("errors", []))
+        if retry_failed:
+            retries = 0
+        elif a.get("interrupted"):
+            pass
+        elif a.get("error") is not None and not a.get("retryable"):  # deterministic (or from before retries)
+            continue
+        elif retries >= sweep.max_retries:
+            continue
+        else:
+            retries += 1
+            if a.get("error") is None:  # failed as stale: its error never reached the trial
+                errors.append(WORKER_LOST)
+        _queue_retry(study, last.number, last.params, retries, errors)
+        queued += 1
     return queued
 
 
 def open_points(study: optuna.Study, sweep: Sweep) -> int:
     """Grid points no trial has started or finished, plus queued retries."""
     trials = study.get_trials(deepcopy=False)
-    taken = {tuple(sorted(t.params.items())) for t in trials
+    taken = {point_of(t) for t in trials
              if t.state in DONE_STATES + (optuna.trial.TrialState.RUNNING,)}
     waiting = sum(t.state == optuna.trial.TrialState.WAITING for t in trials)
     return sweep.size - len(taken) + waiting
 
 
 def work(sweep: Sweep, parent_run_id: str) -> None:
-    """One worker: take open grid points until there are none."""
+    """One worker: take open grid points until none is open and no trial runs anywhere."""
     from .data import load_mnist
     from .device import configure_backend, resolve_device
 
@@ -289,16 +390,27 @@ def work(sweep: Sweep, parent_run_id: str) -> None:
             trial.set_user_attr("interrupted", True)
             raise
         except Exception as err:
-            trial.set_user_attr("error", f"{type(err).__name__}: {err}")
-            log.error("trial %d failed: %s: %s", trial.number, type(err).__name__, err)
+            _record_failure(trial, err, sweep)
             raise
 
-    while open_points(study, sweep) > 0:
-        study.optimize(guarded, n_trials=1, catch=(Exception,), gc_after_trial=True)
-        write_results(study, sweep)
+    running = (optuna.trial.TrialState.RUNNING,)
+    while True:
+        if open_points(study, sweep) > 0:
+            study.optimize(guarded, n_trials=1, catch=(Exception,), gc_after_trial=True)
+            write_results(study, sweep)
+        elif study.get_trials(deepcopy=False, states=running):
+            # Other workers' trials are running, or a dead worker's trial is not stale yet (kill -9, then the
+            # same command again at once): wait, so that a trial found stale is retried here, not left behind.
+            time.sleep(min(5, sweep.heartbeat))
+            optuna.storages.fail_stale_trials(study)
+        else:
+            return
 
 
 def _worker_process(sweep: Sweep, parent_run_id: str, gpu: int | None, workers: int) -> None:
+    # Own process group: a Ctrl-C in the terminal reaches only the parent, which passes it on once (a second
+    # signal would stop a worker at once, without saving the current step).
+    os.setpgrp()
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
     import torch
@@ -306,8 +418,11 @@ def _worker_process(sweep: Sweep, parent_run_id: str, gpu: int | None, workers: 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     _setup_logging(sweep.out_dir)
     from .train import StopSignals
-    with StopSignals():
-        work(sweep, parent_run_id)
+    try:
+        with StopSignals():
+            work(sweep, parent_run_id)
+    except KeyboardInterrupt:  # stopped by the parent: the trial is saved and marked; no traceback
+        raise SystemExit(130)
 
 
 def _setup_logging(out_dir: Path) -> None:
@@ -320,50 +435,130 @@ def _setup_logging(out_dir: Path) -> None:
     optuna.logging.disable_default_handler()
 
 
-def run_sweep(sweep: Sweep, workers: int = 1) -> dict:
-    """Create or resume the study, run `workers` worker processes (1: this process), and write the results."""
+class WorkersFailed(RuntimeError):
+    """Worker processes exited with an error; the results were written all the same (`doc`)."""
+
+    def __init__(self, message: str, doc: dict):
+        super().__init__(message)
+        self.doc = doc
+
+
+def prefetch(sweep: Sweep) -> None:
+    """Fetch MNIST and the Inception weights and compute the FID reference statistics, once, before any trial:
+    no trial downloads anything, and N workers never race to write the same file. A lock keeps several sweep
+    commands on one --out from doing it at once."""
+    from .data import load_mnist
+    from .evaluate import ensure_reference_stats
+    from .train import resolve_device
+
+    with training_lock(sweep.out_dir / "prefetch.lock"):
+        load_mnist(sweep.data_dir, train=True, limit=1)
+        reference = Reference(sweep.base.fid_ref, sweep.base.fid_ref_samples, sweep.data_dir, sweep.fid_weights)
+        ensure_reference_stats(reference, device=resolve_device(sweep.device))
+
+
+def _run_workers(sweep: Sweep, parent_run_id: str, workers: int) -> list:
+    """Start the worker processes and wait for them; return their exit codes. SIGTERM or SIGINT received here
+    (as `Interrupted`/KeyboardInterrupt) is passed on to each worker, which saves its trial and stops; then
+    the interrupt is raised again."""
     import multiprocessing as mp
 
+    import torch
+    gpus = torch.cuda.device_count()
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_worker_process, args=(sweep, parent_run_id, i % gpus if gpus > 1 else None, workers))
+             for i in range(workers)]
+    interrupt = None
+    try:
+        for p in procs:
+            p.start()
+    except KeyboardInterrupt as err:
+        interrupt = err
+    while True:
+        if interrupt is not None:
+            sig = signal.SIGTERM if "SIGTERM" in str(interrupt) else signal.SIGINT
+            for p in procs:
+                if p.pid is not None and p.exitcode is None:
+                    try:
+                        os.kill(p.pid, sig)
+                    except ProcessLookupError:
+                        pass
+        try:
+            for p in procs:
+                if p.pid is not None:
+                    p.join()
+            break
+        except KeyboardInterrupt as err:  # a first or a second signal: pass it on too
+            interrupt = err
+    if interrupt is not None:
+        raise interrupt
+    return [p.exitcode for p in procs]
+
+
+def parent_status(study: optuna.Study, sweep: Sweep, interrupted: bool) -> tuple[str, str | None, str]:
+    """(status, reason, 'done/size') of the study's parent run: FINISHED only when every grid point is COMPLETE;
+    RUNNING while a trial still runs (another command's worker, or a dead one not yet found stale); KILLED
+    when this command was interrupted; FAILED otherwise, saying how many points failed or never ran."""
+    S = optuna.trial.TrialState
+    trials = study.get_trials(deepcopy=False)
+    complete = {point_of(t) for t in trials if t.state == S.COMPLETE}
+    running = any(t.state == S.RUNNING for t in trials)
+    failed = {point_of(t) for t in trials if t.state == S.FAIL} - {point_of(t) for t in trials if t.state != S.FAIL}
+    done = f"{len(complete)}/{sweep.size}"
+    if len(complete) == sweep.size:
+        return "FINISHED", None, done
+    if running:
+        return "RUNNING", None, done
+    if interrupted:
+        return "KILLED", f"interrupted with {done} grid points complete", done
+    reason = f"{len(failed)} grid point(s) failed" if failed else ""
+    unrun = sweep.size - len(complete) - len(failed)
+    if unrun:
+        reason += (", " if reason else "") + f"{unrun} not run"
+    return "FAILED", f"{reason}; {done} complete", done
+
+
+def run_sweep(sweep: Sweep, workers: int = 1, retry_failed: bool = False) -> dict:
+    """Create or resume the study, run `workers` worker processes (1: this process), write the results and
+    close the parent run. Raises WorkersFailed (after writing the results) when a worker exited non-zero."""
     from .tracking import reconcile_orphans
 
     study = open_study(sweep)  # first: a study with another grid is refused before anything is written
     sweep.out_dir.mkdir(parents=True, exist_ok=True)
-    optuna.storages.fail_stale_trials(study)  # workers killed -9: their heartbeats stopped
-    _retry_interrupted(study)
+    prefetch(sweep)
+    optuna.storages.fail_stale_trials(study)  # workers killed -9: StaleTrial marks their runs KILLED, retries
+    _requeue_failed(study, sweep, retry_failed)
     parent = parent_run(sweep, study)
     live = {t.user_attrs.get("mlflow_run_id") for t in study.get_trials(deepcopy=False)
             if t.state == optuna.trial.TrialState.RUNNING}
     reconciled = reconcile_orphans(parent.client, parent.uri, sweep.experiment, sweep.study_name, live)
     if reconciled:
         log.warning("marked %d orphaned MLflow run(s) KILLED: %s", len(reconciled), ", ".join(reconciled))
-    status = "FINISHED"
+    codes, interrupted, error = [], False, None
     try:
         if workers <= 1:
             _setup_logging(sweep.out_dir)
             work(sweep, parent.run_id)
         else:
-            import torch
-            gpus = torch.cuda.device_count()
-            ctx = mp.get_context("spawn")
-            procs = [ctx.Process(target=_worker_process,
-                                 args=(sweep, parent.run_id, i % gpus if gpus > 1 else None, workers))
-                     for i in range(workers)]
-            for p in procs:
-                p.start()
-            for p in procs:
-                p.join()
-    except KeyboardInterrupt as err:
-        status = "KILLED"
-        parent.set_tags({"error_type": type(err).__name__, "error_message": str(err) or "interrupted"})
+            codes = _run_workers(sweep, parent.run_id, workers)
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
+    except Exception as err:
+        error = err
         raise
     finally:
         study = open_study(sweep)
         doc = write_results(study, sweep)
-        _log_parent(parent, sweep, doc, status)
+        _log_parent(parent, sweep, study, doc, interrupted, error, codes)
+    bad = [f"worker {i} exited with code {c}" for i, c in enumerate(codes) if c != 0]
+    if bad:
+        raise WorkersFailed("; ".join(bad) + f" (see {sweep.out_dir / 'training.log'})", doc)
     return doc
 
 
-def _log_parent(parent: Tracker, sweep: Sweep, doc: dict, status: str) -> None:
+def _log_parent(parent: Tracker, sweep: Sweep, study: optuna.Study, doc: dict, interrupted: bool,
+                error: Exception | None, codes: list) -> None:
     best = doc.get("best")
     if best:
         parent.log_metrics({"best_fid": best["best_fid"], "complete_trials": doc["complete"]})
@@ -371,4 +566,12 @@ def _log_parent(parent: Tracker, sweep: Sweep, doc: dict, status: str) -> None:
     parent.log_artifact(sweep.out_dir / "grid_search_results.json")
     if (sweep.out_dir / "training.log").exists():
         parent.log_artifact(sweep.out_dir / "training.log")
-    parent.client.set_terminated(parent.run_id, status=status)
+    status, reason, done = parent_status(study, sweep, interrupted)
+    tags = {"mnist_diff.points_done": done}
+    if any(c != 0 for c in codes):
+        tags["mnist_diff.worker_exit_codes"] = json.dumps(codes)
+    parent.set_tags(tags)
+    error_type = "Interrupted" if status == "KILLED" else "IncompleteGrid"
+    if error is not None and status == "FAILED":  # this command itself failed (e.g. the storage went away)
+        reason, error_type = f"{type(error).__name__}: {error}; {reason}", type(error).__name__
+    parent.set_status(status, reason, error_type)

@@ -127,6 +127,23 @@ def reconcile_orphans(client: MlflowClient, uri: str, experiment: str, study_nam
     return fixed
 
 
+def tag_run(uri: str | None, run_id: str, tags: dict) -> None:
+    """Add tags to a run, ended or not (e.g. a failed trial's retry outcome)."""
+    MlflowClient(resolve_uri(uri)).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()],
+                                             synchronous=True)
+
+
+def kill_run(uri: str | None, run_id: str, tags: dict) -> bool:
+    """Tag the run of a process that died and mark it KILLED; True if it was still RUNNING (a run that had
+    already ended keeps its status)."""
+    tag_run(uri, run_id, tags)
+    client = MlflowClient(resolve_uri(uri))
+    if client.get_run(run_id).info.status != "RUNNING":
+        return False
+    client.set_terminated(run_id, status="KILLED")
+    return True
+
+
 class Tracker:
     """One MLflow run. Use `with tracker.run(): ...` so its end status always gets set."""
 
@@ -165,6 +182,19 @@ class Tracker:
             message = str(error).splitlines()[0][:4000] if str(error) else ""
             self.set_tags({"error_type": type(error).__name__, "error_message": message})
         self.client.set_terminated(self.run_id, status=status)
+
+    def set_status(self, status: str, reason: str | None = None, error_type: str | None = None) -> None:
+        """Set the run's status (RUNNING reopens it) with `reason` as its error tags; without a reason, error tags
+        left by an earlier end are removed, so a run that ends well later does not carry a stale error."""
+        if reason:
+            self.set_tags({"error_type": error_type or status, "error_message": reason[:4000]})
+        else:
+            for key in set(self.client.get_run(self.run_id).data.tags) & {"error_type", "error_message"}:
+                self.client.delete_tag(self.run_id, key)
+        if status == "RUNNING":
+            self.client.update_run(self.run_id, status="RUNNING")
+        else:
+            self.client.set_terminated(self.run_id, status=status)
 
     @contextmanager
     def run(self):

@@ -68,6 +68,7 @@ def test_mlflow_parent_and_children(finished_sweep):
     assert len(parents) == 1 and len(children) == 4
     parent = parents[0]
     assert parent.info.status == "FINISHED" and parent.data.params["epochs"] == "2"
+    assert parent.data.tags["mnist_diff.points_done"] == "4/4"
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"grid_search_results.json",
                                                                            "training.log", "study.json"}
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/optuna.db")
@@ -238,3 +239,37 @@ def test_a_takeover_scores_every_epoch_with_its_own_sampler(tmp_path, monkeypatc
     assert again.user_attrs["trained_by_run_id"] == finisher
     assert json.loads((train_dir / "training_done.json").read_text())["run_id"] == finisher
     assert {int(e): v for e, v in again.user_attrs["epoch_fids"].items()} == pytest.approx(fids["ddpm"])
+
+
+def test_which_failed_points_a_new_sweep_queues_again(tmp_path):
+    """The retry policy at sweep start, on a real SQLite study holding one failed trial per grid point."""
+    from mnist_diff.config import Config
+    from mnist_diff.study import WORKER_LOST, Sweep, _requeue_failed, open_study, parent_status
+
+    sweep = Sweep(study_name="q", out_dir=tmp_path, base=Config(), pairs=((200, 0.08),), samplers=("ddpm",),
+                  storage=f"sqlite:///{tmp_path}/optuna.db", max_retries=2)
+    study = open_study(sweep)
+    dists = {k: optuna.distributions.CategoricalDistribution(v) for k, v in sweep.search_space().items()}
+    S = optuna.trial.TrialState
+
+    def fail(schedule, **attrs):
+        params = {"schedule": schedule, "timesteps_beta_end": "200:0.08", "sampler": "ddpm", "seed": 0}
+        study.add_trial(optuna.trial.create_trial(state=S.FAIL, params=params, distributions=dists, user_attrs=attrs))
+
+    fail("linear", error="NonFiniteLoss: nan", retryable=False, errors=["NonFiniteLoss: nan"])  # deterministic
+    fail("cosine", interrupted=True, retries=1, errors=["OSError: disk"])  # SIGTERM: spends no retry
+    fail("quadratic", error="OSError: disk", retryable=True, retries=2, errors=["a", "b", "OSError: disk"])
+    fail("sigmoid", retries=0)  # failed as stale (its worker died) before its retry was queued
+    assert parent_status(study, sweep, interrupted=False) == ("FAILED", "4 grid point(s) failed; 0/4 complete", "0/4")
+    assert parent_status(study, sweep, interrupted=True)[0] == "KILLED"
+
+    def queued():
+        return {t.system_attrs["fixed_params"]["schedule"]: t.user_attrs for t in study.get_trials(states=(S.WAITING,))}
+
+    assert _requeue_failed(study, sweep) == 2
+    assert queued() == {"cosine": {"retry_of_trial": 1, "retries": 1, "errors": ["OSError: disk"]},
+                        "sigmoid": {"retry_of_trial": 3, "retries": 1, "errors": [WORKER_LOST]}}
+    assert _requeue_failed(study, sweep) == 0  # queued points are not queued twice
+    assert parent_status(study, sweep, interrupted=False)[1] == "2 grid point(s) failed, 2 not run; 0/4 complete"
+    assert _requeue_failed(study, sweep, retry_failed=True) == 2  # the rest, deterministic too, with fresh budget
+    assert {k: v["retries"] for k, v in queued().items()} == {"linear": 0, "cosine": 1, "quadratic": 0, "sigmoid": 1}
