@@ -1,4 +1,6 @@
 """A tiny real training tracked in a real SQLite MLflow store, checked through MlflowClient."""
+import re
+
 import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
@@ -50,7 +52,8 @@ def test_train_is_tracked_end_to_end(tmp_path, data_dir, fid_weights, monkeypatc
     assert {"schedule.png", "curves.png", "config.json", "result.json", "checkpoints", "images"} <= artifacts
     assert (tmp_path / "mlruns").is_dir()  # artifacts live beside the SQLite store, not in the working directory
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
-    steps = sorted({int(path.split("+step+")[1].split("+")[0]) for path in images if "samples" in path})
+    # MLflow names the files `samples+step+N+...` (older versions: `samples%step%N%...`)
+    steps = sorted({int(re.search(r"step[+%](\d+)[+%]", path)[1]) for path in images if "samples" in path})
     assert steps == [1, 2]
     ckpts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints/best")} | \
             {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints/last")}
