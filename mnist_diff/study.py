@@ -449,7 +449,7 @@ def prefetch(sweep: Sweep) -> None:
     commands on one --out from doing it at once."""
     from .data import load_mnist
     from .evaluate import ensure_reference_stats
-    from .train import resolve_device
+    from .device import resolve_device
 
     with training_lock(sweep.out_dir / "prefetch.lock"):
         load_mnist(sweep.data_dir, train=True, limit=1)

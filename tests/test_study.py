@@ -2,7 +2,6 @@
 import json
 import os
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
