@@ -367,15 +367,15 @@ def _load_checkpoint(path, device):
 def _save_samples(images, out_path: Path, config, seed: int, source) -> tuple[Path, Path]:
     import math
     import numpy as np
+    from mnist_diff.atomic import atomic_path
     from mnist_diff.data import save_grid
 
     out_path.mkdir(parents=True, exist_ok=True)
     npz = out_path / "samples.npz"
-    tmp = out_path / ".samples.tmp.npz"
-    np.savez_compressed(tmp, images=images.cpu().numpy(), seed=seed, sampler=config.sampler,
-                        ddim_steps=config.ddim_steps, eta=config.eta, clip_x0=config.clip_x0,
-                        checkpoint=str(source))
-    os.replace(tmp, npz)
+    with atomic_path(npz) as tmp:
+        np.savez_compressed(tmp, images=images.cpu().numpy(), seed=seed, sampler=config.sampler,
+                            ddim_steps=config.ddim_steps, eta=config.eta, clip_x0=config.clip_x0,
+                            checkpoint=str(source))
     shown = images[:100]
     grid = save_grid(shown, out_path / "samples.png", nrow=math.ceil(math.sqrt(len(shown))))
     return npz, grid

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import write_json
 from .data import DEFAULT_DATA_DIR
 
 ENV = "MNIST_DIFF_BENCH_CACHE"
@@ -70,11 +71,7 @@ def save(result: dict, device, precision: str) -> Path:
     doc = _read(path) or {"device": device_name(device), "entries": {}}
     doc["entries"][entry_key(device, result["channels"], result["train_batch"], precision)] = result
     path.parent.mkdir(parents=True, exist_ok=True)
-    # written in place of experiment.write_json, whose module needs more than torch (bench runs on torch alone)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2))
-    os.replace(tmp, path)
-    return path
+    return write_json(path, doc)
 
 
 def measure(device, channels: int, batch_size: int, precision: str) -> dict:

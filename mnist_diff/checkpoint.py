@@ -9,30 +9,18 @@ from pathlib import Path
 
 import torch
 
+from .atomic import atomic_path
+
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 _STEP_FILE = re.compile(r"^ckpt-(\d{8})\.pt$")
 
 
 def atomic_save(obj, path: str | os.PathLike) -> Path:
-    """torch.save to a temporary file in the same folder, fsync it, then rename over `path`: a crash at any
-    point leaves either the old file or the new one, never a torn one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+    """torch.save, written atomically (see `atomic.atomic_path`)."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
     return path
 
 

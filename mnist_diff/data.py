@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from .atomic import atomic_path
+
 DEFAULT_DATA_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mnist-diff" / "data"
 
 
@@ -44,8 +46,6 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 8) -> P
 
     u8 = images if images.dtype == torch.uint8 else to_uint8(images)
     grid = make_grid(u8.cpu(), nrow=nrow, padding=2, pad_value=255)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
+    return Path(path)

@@ -19,13 +19,13 @@ its own sampler, every saved epoch it has no FID for, and draws its own grids of
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 
 from . import checkpoint
+from .atomic import write_json
 from .config import Config
 from .evaluate import Reference, compute_fid, weights_fingerprint
 from .generate import generate
@@ -251,10 +251,3 @@ def score_saved_training(config: Config, train_dir, out_dir, *, reference: Refer
               "trained_in": str(train_dir), "trained_by": trained.get("trained_by")}
     return finalize(config, fids.history(history), ckpt_dir, out_dir, result, reference=reference,
                     device=device, tracker=tracker, progress=progress, fid_cache=fid_cache)
-
-
-def write_json(path, obj) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)

@@ -30,7 +30,8 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 
 from .config import Config
 from .evaluate import Reference
-from .experiment import run_experiment, score_saved_training, write_json
+from .atomic import write_json
+from .experiment import run_experiment, score_saved_training
 from .tracking import Tracker, find_study_run, kill_run, tag_run
 from .train import NonFiniteLoss
 
