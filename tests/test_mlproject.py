@@ -108,7 +108,7 @@ def test_mlflow_run_main_smoke_runs_every_grid_point(tmp_path):
     # training size is left out on purpose (the empty value becomes the smoke preset's).
     mlflow_run(tmp_path, "-P", "preset=smoke", "-P", f"storage=sqlite:///{tmp_path}/optuna.db",
                "-P", f"out={tmp_path}/out", "-P", "epochs=1", "-P", "fid-select-samples=2",
-               "-P", "fid-samples=2", "-P", "fid-ref-samples=2")
+               "-P", "fid-samples=2", "-P", "fid-ref-samples=2", "-P", "workers=2")  # a worker per core
     study = optuna.load_study(study_name="mnist-diff-study", storage=f"sqlite:///{tmp_path}/optuna.db")
     trials = study.get_trials()
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 16
