@@ -424,7 +424,7 @@ SMOKE = {"epochs": 2, "batch_size": 32, "train_samples": 256, "channels": 8, "wa
 @click.option("--max-retries", type=click.IntRange(min=0), default=2, show_default=True,
               help="Retries per grid point, each resuming from the last checkpoint, after a failure that may pass "
                    "(CUDA OOM, disk, network, tracking or storage errors, a dead worker). A non-finite loss or an "
-                   "invalid config is never retried.")
+                   "invalid config is not retried: it would fail again (see --retry-failed).")
 @click.option("--retry-failed", is_flag=True,
               help="Queue every FAILed grid point of the study again with a fresh retry budget, including "
                    "deterministic failures (non-finite loss, invalid config), e.g. after changing the code.")
