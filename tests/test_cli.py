@@ -147,6 +147,7 @@ MORE_BAD = [
     (["sweep", "--no-tracking"], "drop --no-tracking"),
     (["sweep", "--seeds", "0"], "--seeds"),
     (["bench", "--channels", "12"], "multiple of 8"),
+    (["bench", "--compile", "fast"], "'fast' is not one of"),
 ]
 
 
