@@ -3,7 +3,8 @@
 The reference study took each config's best FID over its epochs. Scoring 10,000 samples every epoch would
 make sampling, not training, the cost of a study, so: every `fid_every` epochs the EMA model is scored with
 `fid_select_samples` images; the best epoch's weights are then scored once with `fid_samples` images, and
-that is `best_fid`. `fid_select_samples = fid_samples` reproduces the per-epoch protocol exactly.
+that is `best_fid`. With `fid_select_samples = fid_samples`, `best_fid_select` is the reference study's
+number (the best per-epoch FID).
 
 Which images: image i is drawn from seed (config.seed, i) (see `generate`). The selection scores images
 0 .. fid_select_samples-1 (`selection_images`); the final FID scores the next fid_samples images
