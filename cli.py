@@ -144,13 +144,8 @@ fid_options = _apply([
                  help="Score the EMA model every N epochs (0: never) and keep the best epoch."),
     click.option("--fid-select-samples", type=OptionalInt(min=2), default=2000, show_default=True,
                  help="Images per epoch-selection FID."),
-<<<<<<< ours
     click.option("--fid-samples", type=OptionalInt(min=0), default=10000, show_default=True,
-                 help="Images for the final FID of the best epoch: best_fid (0: skip)."),
-=======
-    click.option("--fid-samples", type=click.IntRange(min=0), default=10000, show_default=True,
                  help="Images for the final FID of the best epoch, not the selection's: best_fid (0: skip)."),
->>>>>>> theirs
     click.option("--fid-ref", type=click.Choice(("train", "test")), default="train", show_default=True,
                  help="MNIST split the samples are compared with."),
     click.option("--fid-ref-samples", type=OptionalInt(min=2), default=None,
