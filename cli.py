@@ -664,17 +664,23 @@ def evaluate(checkpoint_path, images_path, num_samples, sampler, ddim_steps, eta
               help="Sampling batch. Default: what the device holds (as for sampling: up to 2000 on a GPU, 64 on CPU).")
 @click.option("--train-steps", type=click.IntRange(min=1), default=None,
               help="Optimizer steps per timed repeat. Default: 50 on a GPU, 5 on CPU.")
-@click.option("--sample-steps", type=click.IntRange(min=1), default=None,
+@click.option("--sample-steps", type=click.IntRange(min=2), default=None,
               help="Sampler steps per timed repeat. Default: 50 on a GPU, 5 on CPU.")
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--precision", type=click.Choice(("auto", "fp32", "bf16")), default="auto", show_default=True)
 @click.option("--compile", type=click.Choice(("auto", "on", "off")), default="auto", show_default=True,
               help="Also measure compiled (auto: on CUDA; on a CPU compiling takes minutes). Eager is always measured.")
+@click.option("--inception/--no-inception", default=True, show_default=True,
+              help="Also measure the FID engine: Inception images/s and the fixed cost of a score.")
+@click.option("--fid-batch-size", type=click.IntRange(min=1), default=None,
+              help="Inception batch. Default: 500 on a GPU, 32 on CPU.")
+@fid_weights_option
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the JSON result to this file.")
 def bench(device, channels, batch_size, sample_batch, train_steps, sample_steps, repeats, precision, compile,
-          json_path):
-    """Training images/s and sampling image-evaluations/s on this device, eager and compiled side by side."""
+          inception, fid_batch_size, fid_weights, json_path):
+    """Training images/s, sampling image-evaluations/s (eager and compiled side by side) and Inception
+    images/s on this device; cached for `sweep`'s projections."""
     if channels % 8:
         raise BadInput(f"--channels must be a multiple of 8, got {channels}")
     if json_path:
@@ -686,7 +692,8 @@ def bench(device, channels, batch_size, sample_batch, train_steps, sample_steps,
     result = run_bench(dev, channels=channels, batch_size=batch_size,
                        train_steps=train_steps or (50 if gpu else 5),
                        sample_batch=sample_batch, sample_steps=sample_steps or (50 if gpu else 5),
-                       repeats=repeats, precision=precision, compile=compile)
+                       repeats=repeats, precision=precision, compile=compile, inception=inception,
+                       fid_weights=fid_weights, fid_batch_size=fid_batch_size)
     click.echo(format_table(result))
     text = json.dumps(result)
     click.echo(text)

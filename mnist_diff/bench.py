@@ -1,6 +1,7 @@
 """`cli.py bench`: training images/s and sampling image-evaluations/s of the default model on one device, eager
-and compiled side by side. Runs the real training step and the real sampling path (`Trainer`, `generate`);
-needs nothing from the tracking stack, so it runs on a bare GPU machine."""
+and compiled side by side, and the FID engine's Inception images/s and fixed cost per score. Runs the real
+training step, the real sampling path and the real FID code (`Trainer`, `generate`, `evaluate`); needs nothing
+from the tracking stack, so it runs on a bare GPU machine (Inception needs torch-fidelity and its weights)."""
 from __future__ import annotations
 
 import platform
@@ -74,11 +75,45 @@ def _bench_mode(device, compile: str, *, channels, batch_size, train_steps, samp
     return out
 
 
+INCEPTION_IMAGES = {"cuda": 4000, "cpu": 16}  # per timed repeat: several Inception batches on a GPU
+SCORE_IMAGES = 2000  # the selection FID's size: the fixed cost is timed on a set this big (the n x n path)
+
+
+def bench_inception(device: torch.device, *, weights_path=None, batch_size: int | None = None,
+                    repeats: int = 5) -> dict:
+    """Inception images/s (uint8 images already on the device, as the study feeds them) and the fixed cost of
+    one FID score besides its images: the Fréchet distance of a 2,000-image set against cached statistics."""
+    from .evaluate import default_batch_size, frechet_distance, inception_features
+
+    batch_size = batch_size or default_batch_size(device)
+    n = INCEPTION_IMAGES.get(device.type, INCEPTION_IMAGES["cpu"])
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=gen).to(device)
+    rate, runs, first = _median_rate(
+        lambda: inception_features(images, weights_path=weights_path, device=device, batch_size=batch_size),
+        n, repeats, device)
+    # Statistics as a cached reference holds them (float64 on the math device), features as a score makes them.
+    math_device = device if device.type == "cuda" else torch.device("cpu")
+    ref = torch.randn(4096, 2048, generator=gen, dtype=torch.float64).to(math_device)
+    mu, sigma = ref.mean(0), torch.cov(ref.T)
+    features = torch.randn(SCORE_IMAGES, 2048, generator=gen).to(device)
+    seconds = []
+    for _ in range(repeats + 1):  # the first warms up the linear-algebra kernels
+        _sync(device)
+        t0 = time.perf_counter()
+        frechet_distance(mu, sigma, features)  # returns a Python float: includes the sync
+        seconds.append(time.perf_counter() - t0)
+    return {"inception_images_per_s": rate, "inception_images_per_s_runs": runs, "inception_first_call_s": first,
+            "inception_batch": batch_size, "fid_fixed_seconds": statistics.median(seconds[1:])}
+
+
 def run_bench(device: torch.device, *, channels: int = 64, batch_size: int = 128, train_steps: int = 20,
               sample_batch: int | None = None, sample_steps: int = 20, repeats: int = 5, precision: str = "auto",
-              compile: str = "auto") -> dict:
+              compile: str = "auto", inception: bool = True, fid_weights=None,
+              fid_batch_size: int | None = None) -> dict:
     """Eager always; compiled too when `compile` is on (auto: on CUDA). The top-level rates are those a run
-    with this `compile` setting gets (compiled if it was measured and did not fall back)."""
+    with this `compile` setting gets (compiled if it was measured and did not fall back). `inception`: also the
+    FID engine's rates; where torch-fidelity or its weights can't be had, `inception_error` says why."""
     torch.manual_seed(0)
     configure_backend(device)  # the flags every command sets, so the numbers are the ones users get
     sample_batch = sample_batch or accel.default_sample_batch_size(device, channels)
@@ -89,6 +124,12 @@ def run_bench(device: torch.device, *, channels: int = 64, batch_size: int = 128
         modes["compiled"] = _bench_mode(device, "on", **kwargs)
         modes["compiled"]["fell_back"] = accel.fell_back()
     used = modes.get("compiled", modes["eager"])
+    fid = {}
+    if inception:
+        try:
+            fid = bench_inception(device, weights_path=fid_weights, batch_size=fid_batch_size, repeats=repeats)
+        except Exception as err:  # e.g. offline without a weights file: the training/sampling rates still stand
+            fid = {"inception_error": f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"}
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "device_type": device.type,
@@ -104,6 +145,7 @@ def run_bench(device: torch.device, *, channels: int = 64, batch_size: int = 128
         "repeats": repeats,
         **{k: used[k] for k in ("train_images_per_s", "ddpm_image_steps_per_s", "ddim_image_steps_per_s")},
         "modes": modes,
+        **fid,
     }
 
 
@@ -123,6 +165,13 @@ def format_table(r: dict) -> str:
         first = key.replace("image_steps_per_s", "first_call_s").replace("images_per_s", "first_call_s")
         lines.append(f"{label:<26}" + "".join(f"{modes[n][key]:>14,.0f}" for n in names)
                      + f"   {note}; " + ", ".join(f"{modes[n][first]:.1f}" for n in names))
+    if "inception_images_per_s" in r:
+        lines.append(f"{'Inception images/s':<26}{r['inception_images_per_s']:>14,.0f}   batch {r['inception_batch']}; "
+                     f"first call {r['inception_first_call_s']:.1f} s")
+        lines.append(f"{'FID fixed cost per score':<26}{r['fid_fixed_seconds'] * 1000:>12,.1f}ms   "
+                     f"Fréchet distance of {SCORE_IMAGES:,} images' features vs cached statistics")
+    elif "inception_error" in r:
+        lines.append(f"Inception not measured: {r['inception_error']}")
     failed = modes.get("compiled", {}).get("fell_back")
     if failed:
         lines.append(f"compiled fell back to eager for: {', '.join(failed)} (see the warning above)")

@@ -19,6 +19,7 @@ import signal
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import product
 from pathlib import Path
 
 import warnings
@@ -120,6 +121,20 @@ def open_study(sweep: Sweep) -> optuna.Study:
         study.set_user_attr("grid", sweep.grid_description())
         study.set_user_attr("fixed", sweep.fixed)
     return study
+
+
+def trainings_first(sweep: Sweep) -> list[dict]:
+    """The grid's points, one of each training first: N workers then start N different trainings rather than
+    waiting on each other's training lock (GridSampler alone picks points at random)."""
+    space = sweep.search_space()
+    seen: dict[str, int] = {}
+    ranked = []
+    for values in product(*space.values()):
+        params = dict(zip(space, values))
+        key = sweep.config_for(params).training_key()
+        ranked.append((seen.get(key, 0), params))
+        seen[key] = seen.get(key, 0) + 1
+    return [params for _, params in sorted(ranked, key=lambda r: r[0])]  # stable: grid order within a rank
 
 
 DONE_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.PRUNED)
@@ -529,6 +544,9 @@ def run_sweep(sweep: Sweep, workers: int = 1, retry_failed: bool = False) -> dic
     prefetch(sweep)
     optuna.storages.fail_stale_trials(study)  # workers killed -9: StaleTrial marks their runs KILLED, retries
     _requeue_failed(study, sweep, retry_failed)
+    if not study.get_trials(deepcopy=False):  # a new study: queue its points, one of each training first
+        for params in trainings_first(sweep):
+            study.enqueue_trial(params, skip_if_exists=True)
     parent = parent_run(sweep, study)
     live = {t.user_attrs.get("mlflow_run_id") for t in study.get_trials(deepcopy=False)
             if t.state == optuna.trial.TrialState.RUNNING}

@@ -148,6 +148,30 @@ def project(w: Workload, r: Rates) -> dict[str, float]:
     }
 
 
+# Reductions of the FID protocol, most faithful first: (selection images per scored epoch, score every N epochs,
+# final images). Training (epochs, batch) is never touched; the DDPM-at-T=1000 selection dominates the cost.
+PROTOCOL_STEPS = ((2000, 1, 10000), (1000, 1, 10000), (1000, 2, 10000), (1000, 2, 5000), (500, 2, 5000),
+                  (500, 4, 5000), (500, 4, 2000), (250, 5, 2000), (250, 10, 1000))
+
+
+def reduce_protocol(c: Config, select: int, every: int, final: int) -> Config:
+    """c with at most `select` selection images, scoring at most every `every` epochs, at most `final` final
+    images: never more work than c asked for."""
+    return c.replace(fid_select_samples=min(c.fid_select_samples, select),
+                     fid_every=c.fid_every and max(c.fid_every, every), fid_samples=min(c.fid_samples, final))
+
+
+def fit_protocol(configs: Sequence[Config], rates: Rates, seconds: float
+                 ) -> tuple[tuple[int, int, int], float] | None:
+    """The first of PROTOCOL_STEPS whose projected time for `configs` fits in `seconds`, and that time;
+    None when even the last does not fit (then the training alone, or nearly, is too long)."""
+    for step in PROTOCOL_STEPS:
+        total = sum(project(count([reduce_protocol(c, *step) for c in configs]), rates).values())
+        if total <= seconds:
+            return step, total
+    return None
+
+
 def format_duration(seconds: float) -> str:
     """e.g. '45 s', '6 min 30 s', '21 h 38 min'."""
     s = int(round(seconds))

@@ -175,3 +175,25 @@ def test_sweep_measures_once_without_a_cache(tmp_path, monkeypatch):
     second = CliRunner().invoke(cli.cli, args)
     assert second.exit_code == 0 and "measuring" not in second.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench"]
+
+
+def test_fit_protocol_takes_the_most_faithful_reduction_that_fits():
+    configs = reference_study()
+    # Rates where the training alone takes 100 s and one UNet evaluation 1 µs
+    rates = Rates(train_images_per_s=9_584_640 / 100, sample_evaluations_per_s=1e6,
+                  inception_images_per_s=1e15, fid_fixed_seconds=0.0)
+    full = sum(workload.project(workload.count(configs), rates).values())
+    assert full == pytest.approx(100 + 266.656)
+    assert workload.fit_protocol(configs, rates, full) == ((2000, 1, 10000), pytest.approx(full))
+    # (1000, 1, 10000): selection 20 x 1000 x 5200 = 104 M evaluations, final 52 M, grids 6.656 M
+    (step, seconds) = workload.fit_protocol(configs, rates, full - 1)
+    assert step == (1000, 1, 10000) and seconds == pytest.approx(100 + 104 + 52 + 6.656)
+    # (1000, 2, 10000) scores epochs 2, 4, ..., 20: 10 of them
+    step, seconds = workload.fit_protocol(configs, rates, 100 + 104 + 52 + 6.656 - 1)
+    assert step == (1000, 2, 10000) and seconds == pytest.approx(100 + 52 + 52 + 6.656)
+    assert workload.fit_protocol(configs, rates, 100) is None  # the training alone takes that long
+    # never more work than asked for: a config scoring less keeps its own counts, fid_every 0 stays 0
+    small = Config(fid_select_samples=100, fid_every=0, fid_samples=0)
+    assert workload.reduce_protocol(small, 1000, 2, 5000) == small
+    assert workload.reduce_protocol(Config(), 500, 4, 2000).to_dict() == {
+        **Config().to_dict(), "fid_select_samples": 500, "fid_every": 4, "fid_samples": 2000}

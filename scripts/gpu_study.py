@@ -1,0 +1,154 @@
+"""One prepared GPU session: bench the device, fit the study's FID protocol into the time left, run the whole
+reference study, write its report, and pack what a reader needs into one archive.
+
+    . .devkit/setup.sh && python scripts/gpu_study.py --budget 560 --pack "$OUT/gpu-study.tar.gz"
+
+Every step is a `cli.py` command a user could type; this script only picks the protocol and keeps time.
+The protocol: the study's 16 configs, 20 epochs, batch 128 always; the per-epoch selection FID (images,
+every N epochs) and the final FID's images are reduced along `workload.PROTOCOL_STEPS` until the projection
+from this device's own bench rates fits. `--rehearse` runs the same steps tiny on a CPU (smoke preset, one
+schedule) so that a mistake costs no GPU time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from itertools import product
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mnist_diff import workload
+from mnist_diff.config import Config
+
+GRID = [dict(schedule=s, timesteps=t, beta_end=b, sampler=m)
+        for s, (t, b), m in product(("linear", "cosine", "quadratic", "sigmoid"), ((200, 0.08), (1000, 0.02)),
+                                    ("ddpm", "ddim"))]
+REPORT_RESERVE_S = 45      # report, figures and packing after the sweep
+STARTUP_S = 75             # worker start, CUDA context, compiling new batch shapes (grid, selection)
+SAFETY = 1.15              # the projection leaves out checkpoints, MLflow logging and Python between steps
+
+
+def say(msg: str) -> None:
+    print(f"[gpu_study {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run(cmd: list[str], timeout: float) -> int | None:
+    """Run a cli.py command; at the timeout send SIGTERM (the sweep saves its trials and writes its results),
+    then SIGKILL 60 s later. Returns the exit code, None when it had to be killed."""
+    say("$ " + shlex.join(cmd) + f"   (at most {timeout:.0f} s)")
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, cwd=ROOT)
+    try:
+        rc = proc.wait(timeout=max(1.0, timeout))
+    except subprocess.TimeoutExpired:
+        say("time is up: SIGTERM")
+        proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = None
+    say(f"exit {rc} after {time.time() - t0:.0f} s")
+    return rc
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budget", type=float, default=560, help="seconds for everything, from now")
+    ap.add_argument("--workers", type=int, default=3, help="sweep workers sharing the GPU")
+    ap.add_argument("--run-dir", default="runs/gpu", help="where the study's stores and outputs go")
+    ap.add_argument("--pack", default=None, help="write the report, results, logs and stores to this .tar.gz")
+    ap.add_argument("--rehearse", action="store_true", help="CPU rehearsal: tiny bench, smoke preset, 1 schedule")
+    args = ap.parse_args()
+    deadline = time.time() + args.budget
+    run_dir = (ROOT / args.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    py = sys.executable
+    stores = ["--storage", f"sqlite:///{run_dir}/optuna.db", "--tracking-uri", f"sqlite:///{run_dir}/mlflow.db"]
+
+    # 1. bench: the figures for docs/BENCHMARKS.md, cached for the sweep's projection; warms inductor's cache
+    bench_json = run_dir / "bench.json"
+    bench_args = (["--device", "cpu", "--compile", "off", "--repeats", "1", "--train-steps", "1",
+                   "--sample-steps", "2"] if args.rehearse else ["--repeats", "3"])
+    safe_mode = []  # what the sweep adds when the default GPU path (bf16, compiled) failed in bench
+    if run([py, "cli.py", "bench", *bench_args, "--json", str(bench_json)], timeout=min(240, args.budget / 3)) != 0:
+        say("bench failed: once more in fp32, eager; the study then runs that way")
+        safe_mode = ["--precision", "fp32", "--compile", "off"]
+        run([py, "cli.py", "bench", *safe_mode, "--repeats", "1", "--train-steps", "20", "--sample-steps", "10",
+             "--json", str(bench_json)], timeout=120)
+    bench = json.loads(bench_json.read_text())
+    rates = workload.rates_from_bench(bench, bench["device_type"], source="bench.json")
+    say(f"rates: {rates}")
+
+    # 2. the protocol that fits the time left
+    configs = [Config(**point) for point in GRID]
+    inception = rates.inception_images_per_s
+    available = deadline - time.time() - REPORT_RESERVE_S - STARTUP_S - 60_000 / inception
+    fit = workload.fit_protocol(configs, rates, available / SAFETY)
+    epochs = 20
+    if fit is None:  # even the smallest protocol does not fit: fewer epochs, said loudly
+        step = workload.PROTOCOL_STEPS[-1]
+        full = sum(workload.project(workload.count([workload.reduce_protocol(c, *step) for c in configs]),
+                                    rates).values())
+        epochs = max(1, int(20 * available / SAFETY / full))
+        fit = (step, full * epochs / 20)
+        say(f"NOT FAITHFUL: even the smallest FID protocol does not fit; {epochs} epochs instead of 20")
+    (select, every, final), projected = fit
+    say(f"protocol: selection FID on {select} images every {every} epoch(s), final FID on {final} images; "
+        f"{epochs} epochs; projected {projected:.0f} s (serial) of {available:.0f} s available")
+    protocol = ["--fid-select-samples", str(select), "--fid-every", str(every), "--fid-samples", str(final),
+                "--epochs", str(epochs), *safe_mode]
+    if args.rehearse:
+        protocol = ["--preset", "smoke", "--schedule", "linear", "--timesteps", "200", "--device", "cpu"]
+    (run_dir / "protocol.json").write_text(json.dumps(
+        {"fid_select_samples": select, "fid_every": every, "fid_samples": final, "epochs": epochs,
+         "projected_serial_s": projected, "available_s": available, "workers": args.workers, "safe_mode": safe_mode,
+         "rehearsal": args.rehearse}, indent=1))
+
+    # 3. the study, stopped in time (SIGTERM: trials saved, results written) to leave room for the report
+    sweep_rc = run([py, "cli.py", "sweep", "--study-name", "gpu-study", *stores, "--out", str(run_dir / "sweep"),
+                    "--workers", str(args.workers), "--heartbeat", "30", "--quiet", *protocol],
+                   timeout=deadline - time.time() - REPORT_RESERVE_S)
+
+    # 4. the report, from MLflow
+    report_rc = run([py, "cli.py", "report", "--study", "gpu-study", "--tracking-uri", stores[3],
+                     "--out", str(run_dir / "report")], timeout=max(10, deadline - time.time() - 10))
+    if args.pack:
+        pack(run_dir, Path(args.pack))
+    say(f"done: sweep exit {sweep_rc}, report exit {report_rc}; {deadline - time.time():.0f} s of the budget left")
+    return 0 if sweep_rc == 0 and report_rc == 0 else 1
+
+
+def pack(run_dir: Path, dest: Path) -> None:
+    """Everything small: bench, protocol, report (md, json, html, figures), results, logs, per-trial results,
+    the grids of a few epochs, the two SQLite stores. No checkpoints, no copies in MLflow's artifact folder."""
+    keep = {".json", ".md", ".html", ".png", ".log", ".db", ".txt", ".csv"}
+    grids = {f"epoch-{e:03d}.png" for e in (1, 5, 10, 20)}
+
+    def wanted(path: Path, suffixes) -> bool:
+        parts = path.relative_to(run_dir).parts
+        if not path.is_file() or path.suffix not in suffixes or "checkpoints" in parts or parts[0] == "mlruns":
+            return False
+        return "samples" not in parts or path.name in grids
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    for suffixes in (keep, keep - {".db"}):  # what comes back from the GPU machine is at most 16 MiB a file
+        with tarfile.open(dest, "w:gz") as tar:
+            for path in sorted(run_dir.rglob("*")):
+                if wanted(path, suffixes):
+                    tar.add(path, arcname=str(path.relative_to(run_dir.parent)))
+        if dest.stat().st_size < 15 * 2**20:
+            break
+    say(f"packed {dest} ({dest.stat().st_size / 2**20:.1f} MiB)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
