@@ -414,6 +414,7 @@ def work(sweep: Sweep, parent_run_id: str) -> None:
         if open_points(study, sweep) > 0:
             study.optimize(guarded, n_trials=1, catch=(Exception,), gc_after_trial=True)
             write_results(study, sweep)
+            _tag_run(sweep.tracking_uri, parent_run_id, {"mnist_diff.points_done": points_done(study, sweep)[1]})
         elif study.get_trials(deepcopy=False, states=running):
             # Other workers' trials are running, or a dead worker's trial is not stale yet (kill -9, then the
             # same command again at once): wait, so that a trial found stale is retried here, not left behind.
@@ -511,24 +512,29 @@ def _run_workers(sweep: Sweep, parent_run_id: str, workers: int) -> list:
     return [p.exitcode for p in procs]
 
 
+def points_done(study: optuna.Study, sweep: Sweep) -> tuple[int, str]:
+    """(n, 'n/size'): how many grid points are COMPLETE."""
+    n = len({point_of(t) for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))})
+    return n, f"{n}/{sweep.size}"
+
+
 def parent_status(study: optuna.Study, sweep: Sweep, interrupted: bool) -> tuple[str, str | None, str]:
     """(status, reason, 'done/size') of the study's parent run: FINISHED only when every grid point is COMPLETE;
     RUNNING while a trial still runs (another command's worker, or a dead one not yet found stale); KILLED
     when this command was interrupted; FAILED otherwise, saying how many points failed or never ran."""
     S = optuna.trial.TrialState
     trials = study.get_trials(deepcopy=False)
-    complete = {point_of(t) for t in trials if t.state == S.COMPLETE}
+    complete, done = points_done(study, sweep)
     running = any(t.state == S.RUNNING for t in trials)
     failed = {point_of(t) for t in trials if t.state == S.FAIL} - {point_of(t) for t in trials if t.state != S.FAIL}
-    done = f"{len(complete)}/{sweep.size}"
-    if len(complete) == sweep.size:
+    if complete == sweep.size:
         return "FINISHED", None, done
     if running:
         return "RUNNING", None, done
     if interrupted:
         return "KILLED", f"interrupted with {done} grid points complete", done
     reason = f"{len(failed)} grid point(s) failed" if failed else ""
-    unrun = sweep.size - len(complete) - len(failed)
+    unrun = sweep.size - complete - len(failed)
     if unrun:
         reason += (", " if reason else "") + f"{unrun} not run"
     return "FAILED", f"{reason}; {done} complete", done
