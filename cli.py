@@ -84,7 +84,7 @@ fid_options = _apply([
     click.option("--fid-select-samples", type=click.IntRange(min=2), default=2000, show_default=True,
                  help="Images per epoch-selection FID."),
     click.option("--fid-samples", type=click.IntRange(min=0), default=10000, show_default=True,
-                 help="Images for the final FID of the best epoch: best_fid (0: skip)."),
+                 help="Images for the final FID of the best epoch, not the selection's: best_fid (0: skip)."),
     click.option("--fid-ref", type=click.Choice(("train", "test")), default="train", show_default=True,
                  help="MNIST split the samples are compared with."),
     click.option("--fid-ref-samples", type=click.IntRange(min=2), default=None,

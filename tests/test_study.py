@@ -199,15 +199,23 @@ def test_a_takeover_scores_every_epoch_with_its_own_sampler(tmp_path, monkeypatc
         study.optimize(objective, n_trials=1)
         return study.get_trials()[-1]
 
+    done = threading.Event()
+
     def sigterm_after_epoch_1():  # arrives during epoch 1's FID: the loop saves and stops at the next step
         while not checkpoint.ema_path(ckpt_dir, 1).exists():
-            time.sleep(0.02)
+            if done.wait(0.02):
+                return
         os.kill(os.getpid(), signal.SIGTERM)
 
-    with StopSignals():
-        threading.Thread(target=sigterm_after_epoch_1, daemon=True).start()
-        with pytest.raises(Interrupted):
-            run("ddpm")
+    outer = signal.signal(signal.SIGTERM, lambda *_: None)  # a signal arriving too late must not end pytest
+    try:
+        with StopSignals():
+            threading.Thread(target=sigterm_after_epoch_1, daemon=True).start()
+            with pytest.raises(Interrupted):
+                run("ddpm")
+    finally:
+        done.set()
+        signal.signal(signal.SIGTERM, outer)
     assert checkpoint.load_latest(ckpt_dir)["step"] == 4  # stopped after epoch 1 of 2
     killed = study.get_trials()[-1]
     ddim = run("ddim")  # finds no training_done.json: resumes the DDPM trial's checkpoint, finishes the training
