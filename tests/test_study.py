@@ -220,7 +220,8 @@ def test_a_takeover_scores_every_epoch_with_its_own_sampler(tmp_path, monkeypatc
     killed = study.get_trials()[-1]
     ddim = run("ddim")  # finds no training_done.json: resumes the DDPM trial's checkpoint, finishes the training
     ddpm = run("ddpm")  # the retry: inherits the finished training
-    assert [t.state for t in (killed, ddim, ddpm)] == [optuna.trial.TrialState.FAIL] + [optuna.trial.TrialState.COMPLETE] * 2
+    S = optuna.trial.TrialState
+    assert [t.state for t in (killed, ddim, ddpm)] == [S.FAIL, S.COMPLETE, S.COMPLETE]
 
     # the run that finished the training is named, not the one that started it
     finisher = ddim.user_attrs["mlflow_run_id"]
