@@ -11,15 +11,17 @@ Which images: image i is drawn from seed (config.seed, i) (see `generate`). The 
 (`final_images`), which the selection never saw, so `best_fid` does not reward the images that picked the
 epoch. The per-epoch grids have their own fixed seed (`train.GRID_SEED`).
 
-Per-epoch FIDs belong to (training, sampling config). A DDPM and a DDIM run can share one training folder,
-whose checkpoints and loss history they share, but each keeps its selection FIDs in its own file there
-(`EpochFids`), every entry tied to the content hash of the EMA weights it scored; any `fid` that another
-sampler's run left in the shared history is dropped. A run that resumes or inherits a training scores, with
-its own sampler, every saved epoch it has no FID for, and draws its own grids of them into its `out_dir`.
+Per-epoch FIDs and grids belong to (training, sampling config). A DDPM and a DDIM run can share one training
+folder, whose checkpoints and loss history they share, but each keeps its own record there (`SamplingRecord`)
+of the selection FIDs and grids it made, every entry tied to the content hash of the EMA weights it came
+from; any `fid` that another sampler's run left in the shared history is dropped. A run that resumes or
+inherits a training scores, with its own sampler, every saved epoch it has no FID for, and puts this sampler's
+grid of every epoch in its own grid folder (drawn again only where no valid one exists).
 """
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -73,16 +75,16 @@ def score_selection(model, config: Config, reference: Reference, epoch: int, *, 
     return {k: m[k] for k in SCORE_KEYS}
 
 
-class EpochFids:
-    """One sampling config's selection FIDs of one training's epochs, in
-    `<train_dir>/fids/<sampling key>-n<selection images>-<reference>.json`. Each entry records the content
-    hash of the EMA weights it scored, and is not used once those weights have been rewritten (an epoch
-    trained again after a crash)."""
+class SamplingRecord:
+    """What one sampling config made of one training's per-epoch EMA weights: selection FIDs and sample
+    grids, in `<train_dir>/sampling/<sampling key>-n<selection images>-<reference>.json`. An epoch's entry
+    holds the content hash of the weights it came from and is dropped once they are rewritten (an epoch
+    trained again after a crash); a grid also holds its file's hash, so one overwritten since is never used."""
 
     def __init__(self, train_dir, config: Config, reference: Reference):
         self.train_dir = Path(train_dir)
         name = f"{config.sampling_key()}-n{config.fid_select_samples}-{reference.cache_name()}"
-        self.path = self.train_dir / "fids" / f"{name}.json"
+        self.path = self.train_dir / "sampling" / f"{name}.json"
         self.header = {"sampling": config.sampling_dict(), "fid_select_samples": config.fid_select_samples,
                        "reference": reference.cache_name()}
         doc = json.loads(self.path.read_text()) if self.path.exists() else {}
@@ -91,25 +93,41 @@ class EpochFids:
     def ema_path(self, epoch: int) -> Path:
         return checkpoint.ema_path(self.train_dir / "checkpoints", epoch)
 
-    def get(self, epoch: int) -> dict | None:
+    def _entry(self, epoch: int) -> dict:
+        """The epoch's entry if it is about the weights on disk now, else {}."""
         m = self.epochs.get(epoch)
         path = self.ema_path(epoch)
-        if m is None or not path.exists() or m.get("weights") != weights_fingerprint(path):
-            return None
-        return {k: m[k] for k in SCORE_KEYS}
+        return m if m is not None and path.exists() and m["weights"] == weights_fingerprint(path) else {}
 
-    def put(self, epoch: int, metrics: dict) -> None:
-        self.epochs[epoch] = {**{k: metrics[k] for k in SCORE_KEYS},
-                              "weights": weights_fingerprint(self.ema_path(epoch))}
+    def _update(self, epoch: int, values: dict) -> None:
+        entry = self._entry(epoch) or {"weights": weights_fingerprint(self.ema_path(epoch))}
+        self.epochs[epoch] = {**entry, **values}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_json(self.path, {**self.header, "epochs": dict(sorted(self.epochs.items()))})
+
+    def fid(self, epoch: int) -> dict | None:
+        m = self._entry(epoch)
+        return {k: m[k] for k in SCORE_KEYS} if "fid" in m else None
+
+    def put_fid(self, epoch: int, metrics: dict) -> None:
+        self._update(epoch, {k: metrics[k] for k in SCORE_KEYS})
+
+    def grid(self, epoch: int) -> Path | None:
+        """A grid of the epoch this sampling config drew from the current weights, if its file is unchanged."""
+        m = self._entry(epoch)
+        path = Path(m["grid"]) if "grid" in m else None
+        # weights_fingerprint is a content hash of any file: here, the PNG's
+        return path if path is not None and path.exists() and weights_fingerprint(path) == m["grid_hash"] else None
+
+    def put_grid(self, epoch: int, path) -> None:
+        self._update(epoch, {"grid": str(Path(path).resolve()), "grid_hash": weights_fingerprint(path)})
 
     def history(self, shared: list[dict]) -> list[dict]:
         """The shared training history (losses) with this sampling config's FIDs, and no one else's."""
         out = []
         for h in shared:
             entry = {k: v for k, v in h.items() if k not in SCORE_KEYS}
-            entry.update(self.get(h["epoch"]) or {})
+            entry.update(self.fid(h["epoch"]) or {})
             out.append(entry)
         return out
 
@@ -121,12 +139,12 @@ def fid_due(config: Config, epoch: int, last_epoch: int) -> bool:
 
 
 class FidSelection(Callback):
-    """Scores the EMA model every `fid_every` epochs (and at the last epoch); the scores go to `fids` and
-    to the epoch's metrics (hence to tracking)."""
+    """Scores the EMA model every `fid_every` epochs (and at the last epoch); the scores go to the record and
+    to the epoch's metrics (hence to tracking). Every epoch's grid goes to the record too."""
 
-    def __init__(self, config: Config, reference: Reference, fids: EpochFids, *, progress: bool = True,
+    def __init__(self, config: Config, reference: Reference, record: SamplingRecord, *, progress: bool = True,
                  fid_cache=None):
-        self.config, self.reference, self.fids = config, reference, fids
+        self.config, self.reference, self.record = config, reference, record
         self.progress, self.fid_cache = progress, fid_cache
         self.last_epoch = config.epochs
 
@@ -134,30 +152,41 @@ class FidSelection(Callback):
         self.last_epoch = trainer.total_steps // trainer.steps_per_epoch
 
     def on_epoch_end(self, end: EpochEnd) -> None:
+        self.record.put_grid(end.epoch, end.grid_path)
         if not fid_due(self.config, end.epoch, self.last_epoch):
             return
         m = score_selection(end.sampling_model, self.config, self.reference, end.epoch, progress=self.progress,
                             fid_cache=self.fid_cache)
-        self.fids.put(end.epoch, m)
+        self.record.put_fid(end.epoch, m)
         end.metrics.update(m)
 
 
-def score_past_epochs(config: Config, history: list[dict], fids: EpochFids, out_dir, *, last_epoch: int,
-                      reference: Reference, device, tracker=None, progress=True, fid_cache=None) -> None:
-    """Epochs trained before this run, maybe under another sampling config: draw this config's grid of each
-    into `out_dir/samples`, score the due ones `fids` lacks, from the saved per-epoch EMA weights, and log
-    them to this run's tracker, which has not seen them."""
+def score_past_epochs(config: Config, history: list[dict], record: SamplingRecord, grid_dir, *,
+                      last_epoch: int, reference: Reference, device, tracker=None, progress=True,
+                      fid_cache=None) -> None:
+    """Epochs trained before this run, maybe under another sampling config: put this config's grid of each in
+    `grid_dir` (a copy of a valid one from the record, else drawn), score the due ones the record has no FID
+    for, from the saved per-epoch EMA weights, and log them to this run's tracker, which has not seen them."""
     schedule = make_schedule(config.schedule, config.timesteps, config.beta_start, config.beta_end)
-    grid_dir = Path(out_dir) / "samples"
+    grid_dir = Path(grid_dir)
     grid_dir.mkdir(parents=True, exist_ok=True)
     for h in history:
         epoch = h["epoch"]
-        model, _, _ = load_sampling_model(fids.ema_path(epoch), device)
-        grid = sample_grid(model, schedule, config, grid_dir / f"epoch-{epoch:03d}.png", progress=progress)
-        if fid_due(config, epoch, last_epoch) and fids.get(epoch) is None:
-            fids.put(epoch, score_selection(model, config, reference, epoch, progress=progress, fid_cache=fid_cache))
+        grid, known = grid_dir / f"epoch-{epoch:03d}.png", record.grid(epoch)
+        model = None
+        if known is None:
+            model, _, _ = load_sampling_model(record.ema_path(epoch), device)
+            sample_grid(model, schedule, config, grid, progress=progress)
+        elif known != grid.resolve():
+            shutil.copyfile(known, grid)
+        record.put_grid(epoch, grid)
+        if fid_due(config, epoch, last_epoch) and record.fid(epoch) is None:
+            if model is None:
+                model, _, _ = load_sampling_model(record.ema_path(epoch), device)
+            record.put_fid(epoch, score_selection(model, config, reference, epoch, progress=progress,
+                                                  fid_cache=fid_cache))
         if tracker is not None:
-            tracker.log_metrics({"epoch_loss": h["loss"], **(fids.get(epoch) or {})}, step=epoch)
+            tracker.log_metrics({"epoch_loss": h["loss"], **(record.fid(epoch) or {})}, step=epoch)
             tracker.log_image(grid, key="samples", step=epoch)
 
 
@@ -173,20 +202,20 @@ def best_epoch(history: list[dict]) -> tuple[int, float | None] | None:
 def run_experiment(config: Config, images: torch.Tensor, train_dir, *, reference: Reference, out_dir=None,
                    tracker=None, resume: bool = False, progress: bool = True, fid_cache=None,
                    extra_params: dict | None = None, callbacks: list | None = None) -> dict:
-    """Train (or resume) in `train_dir`, select the best epoch by this config's FIDs, score it. The grids and
-    `result.json` go to `out_dir` (default `train_dir`). A resumed training may have been started under
-    another sampling config: its past epochs are scored again with this one (`score_past_epochs`)."""
+    """Train (or resume) in `train_dir`, select the best epoch by this config's FIDs, score it. The grids
+    (`samples/`) and `result.json` go to `out_dir` (default `train_dir`). A resumed training may have been
+    started under another sampling config: its past epochs are scored with this one (`score_past_epochs`)."""
     train_dir = Path(train_dir)
     out_dir = Path(out_dir) if out_dir is not None else train_dir
-    fids = EpochFids(train_dir, config, reference)
-    cbs = [FidSelection(config, reference, fids, progress=progress, fid_cache=fid_cache)]
+    record = SamplingRecord(train_dir, config, reference)
+    cbs = [FidSelection(config, reference, record, progress=progress, fid_cache=fid_cache)]
     if tracker is not None:
         from .tracking import TrackingCallback
         cbs.append(TrackingCallback(tracker, extra_params))
     trainer = Trainer(config, images, train_dir, callbacks=cbs + list(callbacks or []), progress=progress,
                       grid_dir=out_dir / "samples", run_id=tracker.run_id if tracker is not None else None)
     if resume and trainer.resume():
-        score_past_epochs(config, trainer.history, fids, out_dir,
+        score_past_epochs(config, trainer.history, record, out_dir / "samples",
                           last_epoch=trainer.total_steps // trainer.steps_per_epoch, reference=reference,
                           device=trainer.device, tracker=tracker, progress=progress, fid_cache=fid_cache)
     t0 = time.perf_counter()
@@ -195,7 +224,7 @@ def run_experiment(config: Config, images: torch.Tensor, train_dir, *, reference
     result = {"steps": trainer.step, "epochs_done": trainer.step // trainer.steps_per_epoch,
               "train_seconds": trainer.train_seconds, "fit_seconds": fit_seconds, "trained_by": trainer.trained_by}
     last = next(iter(sorted(trainer.ckpt_dir.glob("ckpt-*.pt"), reverse=True)), None)
-    return finalize(config, fids.history(trainer.history), trainer.ckpt_dir, out_dir, result, reference=reference,
+    return finalize(config, record.history(trainer.history), trainer.ckpt_dir, out_dir, result, reference=reference,
                     device=trainer.device, tracker=tracker, progress=progress, fid_cache=fid_cache,
                     last_checkpoint=last)
 
@@ -245,10 +274,10 @@ def score_saved_training(config: Config, train_dir, out_dir, *, reference: Refer
         schedule = make_schedule(config.schedule, config.timesteps, config.beta_start, config.beta_end)
         tracker.log_params({**config.to_dict(), "training_key": config.training_key(),
                             "alpha_bar_T": schedule.alpha_bar_T, "trained_in": str(train_dir)})
-    fids = EpochFids(train_dir, config, reference)
-    score_past_epochs(config, history, fids, out_dir, last_epoch=history[-1]["epoch"], reference=reference,
-                      device=device, tracker=tracker, progress=progress, fid_cache=fid_cache)
+    record = SamplingRecord(train_dir, config, reference)
+    score_past_epochs(config, history, record, out_dir / "samples", last_epoch=history[-1]["epoch"],
+                      reference=reference, device=device, tracker=tracker, progress=progress, fid_cache=fid_cache)
     result = {"steps": trained["step"], "epochs_done": trained["epoch"], "train_seconds": trained.get("train_seconds"),
               "trained_in": str(train_dir), "trained_by": trained.get("trained_by")}
-    return finalize(config, fids.history(history), ckpt_dir, out_dir, result, reference=reference,
+    return finalize(config, record.history(history), ckpt_dir, out_dir, result, reference=reference,
                     device=device, tracker=tracker, progress=progress, fid_cache=fid_cache)

@@ -1,4 +1,5 @@
-"""The FID protocol of one experiment: which images the selection and the final FID score."""
+"""The FID protocol of one experiment: which images the selection and the final FID score, and whose
+per-epoch FIDs and grids a run may use."""
 import pytest
 import torch
 
@@ -6,7 +7,7 @@ from conftest import TINY
 from mnist_diff import checkpoint
 from mnist_diff.config import Config
 from mnist_diff.evaluate import Reference, compute_fid
-from mnist_diff.experiment import final_images, run_experiment, selection_images
+from mnist_diff.experiment import SamplingRecord, final_images, run_experiment, selection_images
 from mnist_diff.generate import generate
 from mnist_diff.samplers import image_seeds
 from mnist_diff.schedules import make_schedule
@@ -35,3 +36,29 @@ def test_final_fid_never_scores_the_selection_images(tmp_path, mnist_small, data
     assert not any(torch.equal(a, b) for a in final_set for b in selection_set)
     # the final FID is that of images 6..13 (not 0..7, as before). One FID recomputed: each costs seconds on CPU
     assert result["best_fid"] == pytest.approx(compute_fid(final_set, reference, batch_size=16)["fid"], rel=1e-4)
+
+
+def test_sampling_record_keeps_each_sampler_apart_and_drops_stale_entries(tmp_path, data_dir, fid_weights):
+    ckpt_dir = tmp_path / "checkpoints"
+    ckpt_dir.mkdir()
+    checkpoint.atomic_save({"format_version": 1, "ema": torch.zeros(3)}, checkpoint.ema_path(ckpt_dir, 1))
+    reference = Reference("train", 16, data_dir, fid_weights)
+    ddim, ddpm = Config(**TINY), Config(**{**TINY, "sampler": "ddpm"})
+    record = SamplingRecord(tmp_path, ddim, reference)
+    grid = tmp_path / "samples" / "epoch-001.png"
+    grid.parent.mkdir()
+    grid.write_bytes(b"ddim grid")
+    record.put_fid(1, {"fid": 12.5, "sampling_seconds": 1.0, "fid_seconds": 2.0})
+    record.put_grid(1, grid)
+    again = SamplingRecord(tmp_path, ddim, reference)  # read back from disk
+    assert again.fid(1)["fid"] == 12.5 and again.grid(1) == grid.resolve()
+    assert again.history([{"epoch": 1, "loss": 0.3, "fid": 99.0}]) == [
+        {"epoch": 1, "loss": 0.3, "fid": 12.5, "sampling_seconds": 1.0, "fid_seconds": 2.0}]
+    other = SamplingRecord(tmp_path, ddpm, reference)
+    assert other.fid(1) is None and other.grid(1) is None  # another sampler's FID is never this one's
+    assert other.history([{"epoch": 1, "loss": 0.3, "fid": 99.0}]) == [{"epoch": 1, "loss": 0.3}]
+
+    grid.write_bytes(b"ddpm grid, drawn over it")
+    assert again.grid(1) is None and again.fid(1) is not None  # an overwritten grid is not ddim's any more
+    checkpoint.atomic_save({"format_version": 1, "ema": torch.ones(3)}, checkpoint.ema_path(ckpt_dir, 1))
+    assert again.fid(1) is None  # the epoch was trained again: its old FID is not about these weights

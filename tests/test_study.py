@@ -3,7 +3,6 @@ import json
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -183,20 +182,29 @@ def test_a_takeover_scores_every_epoch_with_its_own_sampler(tmp_path, monkeypatc
         study.optimize(objective, n_trials=1)
         return study.get_trials()[-1]
 
+    done = threading.Event()
+
     def sigterm_after_epoch_1():  # arrives during epoch 1's FID: the loop saves and stops at the next step
         while not checkpoint.ema_path(ckpt_dir, 1).exists():
-            time.sleep(0.02)
+            if done.wait(0.02):
+                return
         os.kill(os.getpid(), signal.SIGTERM)
 
-    with StopSignals():
-        threading.Thread(target=sigterm_after_epoch_1, daemon=True).start()
-        with pytest.raises(Interrupted):
-            run("ddpm")
+    outer = signal.signal(signal.SIGTERM, lambda *_: None)  # a signal arriving too late must not end pytest
+    try:
+        with StopSignals():
+            threading.Thread(target=sigterm_after_epoch_1, daemon=True).start()
+            with pytest.raises(Interrupted):
+                run("ddpm")
+    finally:
+        done.set()
+        signal.signal(signal.SIGTERM, outer)
     assert checkpoint.load_latest(ckpt_dir)["step"] == 4  # stopped after epoch 1 of 2
     killed = study.get_trials()[-1]
     ddim = run("ddim")  # finds no training_done.json: resumes the DDPM trial's checkpoint, finishes the training
     ddpm = run("ddpm")  # the retry: inherits the finished training
-    assert [t.state for t in (killed, ddim, ddpm)] == [optuna.trial.TrialState.FAIL] + [optuna.trial.TrialState.COMPLETE] * 2
+    S = optuna.trial.TrialState
+    assert [t.state for t in (killed, ddim, ddpm)] == [S.FAIL, S.COMPLETE, S.COMPLETE]
 
     # the run that finished the training is named, not the one that started it
     finisher = ddim.user_attrs["mlflow_run_id"]
