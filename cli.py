@@ -66,6 +66,10 @@ class OptionalChoice(BlankIsDefault, click.Choice):
     pass
 
 
+class OptionalPath(BlankIsDefault, click.Path):
+    pass
+
+
 class ChoiceList(click.ParamType):
     """Some of `choices` as a comma list in one value (`linear,cosine`), or `all`: as a tuple, in the order of
     `choices`, so the same selection always makes the same grid."""
@@ -401,6 +405,14 @@ SMOKE = {"epochs": 2, "batch_size": 32, "train_samples": 256, "channels": 8, "wa
               show_default=True, help="Narrow to these samplers: ddpm, ddim, ddpm,ddim or all.")
 @click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True,
               help="Run each grid point with seeds 0..K-1 (training shared across samplers as usual).")
+@click.option("--grid", "grid_options", multiple=True, metavar="NAME=V1,V2",
+              help="Vary any config field too: ddim_steps=10,50,100; coupled fields as one dimension: "
+                   "timesteps:beta_end=200:0.08,500:0.04. Repeatable; ';' separates several in one value. "
+                   "A dimension replaces the reference one it shares a field with (e.g. sampler=ddim).")
+@click.option("--grid-file", type=OptionalPath(exists=True, dir_okay=False), default=None,
+              help="TOML file of grid dimensions: a [grid] table of field = [values] and \"f1:f2\" = [[a, b], ...].")
+@click.option("--max-points", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Refuse a grid with more points than this (seeds included).")
 @click.option("--beta-start", type=float, default=1e-4, show_default=True)
 @click.option("--ddim-steps", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--eta", type=click.FloatRange(0, 1), default=0.0, show_default=True)
@@ -434,10 +446,11 @@ SMOKE = {"epochs": 2, "batch_size": 32, "train_samples": 256, "channels": 8, "wa
 @out_option("runs/sweep")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
-def sweep(ctx, study_name, storage, schedules, timesteps_list, samplers, seeds, preset, workers, heartbeat,
-          dry_run, max_retries, retry_failed, fid_weights, tracking_uri, experiment, no_tracking, device, data_dir, out,
-          quiet, **fields):
-    """Run (or resume) the reference study as an Optuna grid, every trial tracked in MLflow."""
+def sweep(ctx, study_name, storage, schedules, timesteps_list, samplers, seeds, grid_options, grid_file, max_points,
+          preset, workers, heartbeat, dry_run, max_retries, retry_failed, fid_weights, tracking_uri, experiment,
+          no_tracking, device, data_dir, out, quiet, **fields):
+    """Run (or resume) a study as an Optuna grid, every trial tracked in MLflow: the reference study (4
+    schedules x 2 (T, beta_end) x 2 samplers), narrowed by --schedule/--timesteps/--sampler, extended by --grid."""
     if no_tracking:
         raise BadInput("sweep always tracks in MLflow: drop --no-tracking")
     if preset == "smoke":
@@ -446,10 +459,13 @@ def sweep(ctx, study_name, storage, schedules, timesteps_list, samplers, seeds, 
                 fields[key] = value
     schedules, samplers = selected(schedules, SCHEDULES), selected(samplers, SAMPLERS)
     steps = selected(timesteps_list, ("200", "1000"))
-    pairs = tuple(p for p in ((200, 0.08), (1000, 0.02)) if str(p[0]) in steps)
-    base = make_config(**fields, timesteps=min(p[0] for p in pairs), beta_end=0.08)
-    for t, b in pairs:  # each grid point must be valid, e.g. --ddim-steps <= T
-        make_config(**{**base.to_dict(), "timesteps": t, "beta_end": b})
+    grid, extra = study_grid(schedules, steps, samplers, seeds, grid_options, grid_file, max_points)
+    base = make_config(**fields)  # the fixed settings; each point then sets its grid fields
+    from mnist_diff.grid import GridError
+    try:
+        grid.configs(base, max_points)  # every point must be valid, e.g. --ddim-steps <= T
+    except GridError as err:
+        raise BadInput(str(err)) from None
     out_path = check_writable_dir(out)
     check_storage(storage)
     tracking_uri = checked_tracking_uri(tracking_uri)
@@ -458,9 +474,10 @@ def sweep(ctx, study_name, storage, schedules, timesteps_list, samplers, seeds, 
     from mnist_diff.study import Sweep, WorkersFailed, open_study, run_sweep
     from mnist_diff.train import StopSignals
 
-    fixed = {k: v for k, v in base.to_dict().items() if k not in ("schedule", "timesteps", "beta_end", "sampler", "seed")}
+    in_grid = {"schedule", "timesteps", "beta_end", "sampler", "seed", *(f for d in grid.dims for f in d.fields)}
+    fixed = {k: v for k, v in base.to_dict().items() if k not in in_grid}
     spec = Sweep(study_name=study_name, out_dir=out_path, base=base, schedules=schedules,
-                 pairs=pairs, samplers=samplers, seeds=tuple(range(seeds)), storage=storage,
+                 pairs=pairs_of(steps), samplers=samplers, seeds=tuple(range(seeds)), extra=tuple(extra), storage=storage,
                  tracking_uri=tracking_uri, experiment=experiment, data_dir=data_dir, fid_weights=fid_weights,
                  device=device, progress=not quiet, heartbeat=heartbeat, max_retries=max_retries,
                  fixed={**fixed, "preset": preset})
@@ -489,6 +506,42 @@ def sweep(ctx, study_name, storage, schedules, timesteps_list, samplers, seeds, 
     click.echo(f"browse: {tracking.ui_command(tracking_uri)}  (experiment {experiment!r})")
     if failed is not None:
         raise click.ClickException(str(failed))
+
+
+def reference_projection(bench_result: dict, dev, channels: int, batch_size: int, precision: str) -> str:
+    """One line: the reference study's projected time at these rates (what `sweep --dry-run` details)."""
+    from mnist_diff import workload
+    from mnist_diff.config import Config
+    from mnist_diff.grid import reference_configs
+
+    rates = workload.rates_from_bench(bench_result, dev.type)
+    base = Config(channels=channels, batch_size=batch_size, precision=precision)
+    seconds = workload.project(workload.count(reference_configs(base)), rates)
+    parts = ", ".join(f"{k} {workload.format_duration(v)}" for k, v in seconds.items())
+    return (f"the reference study (16 configs, default protocol) on this device: "
+            f"{workload.format_duration(sum(seconds.values()))} ({parts}; `sweep --dry-run` for details)")
+
+
+def pairs_of(steps: tuple) -> tuple:
+    """The reference (T, beta_end) settings named by `--timesteps` (200, 1000)."""
+    from mnist_diff.grid import STUDY_PAIRS
+    return tuple(p for p in STUDY_PAIRS if str(p[0]) in steps)
+
+
+def study_grid(schedules, steps, samplers, seeds: int, grid_options, grid_file, max_points):
+    """(Grid, extra dimensions) of a sweep: the reference grid narrowed by the shorthands, then --grid and
+    --grid-file dimensions. Every error is a one-line BadInput before anything starts."""
+    from mnist_diff.grid import Grid, GridError, load_file, parse_option, reference_dims
+    try:
+        extra = [parse_option(part) for text in grid_options for part in text.split(";") if part.strip()]
+        if grid_file:
+            extra += load_file(grid_file)
+        grid = Grid.build(reference_dims(schedules, pairs_of(steps), samplers), extra, range(seeds))
+    except GridError as err:
+        raise BadInput(str(err)) from None
+    if grid.size > max_points:
+        raise BadInput(f"the grid has {grid.size} points, more than --max-points {max_points}")
+    return grid, extra
 
 
 def print_projection(spec, dev) -> None:
@@ -675,16 +728,36 @@ def evaluate(checkpoint_path, images_path, num_samples, sampler, ddim_steps, eta
 @click.option("--fid-batch-size", type=click.IntRange(min=1), default=None,
               help="Inception batch. Default: 500 on a GPU, 32 on CPU.")
 @fid_weights_option
+@click.option("--full", is_flag=True,
+              help="Then check the whole GPU path: one real training of a study config (cosine, T=200, DDPM) "
+                   "with a selection FID after every epoch and a final FID; one summary table (~3 min on an H100).")
+@click.option("--epochs", type=click.IntRange(min=1), default=2, show_default=True, help="--full: epochs.")
+@click.option("--fid-select-samples", type=click.IntRange(min=2), default=2000, show_default=True,
+              help="--full: images per selection FID.")
+@click.option("--fid-samples", type=click.IntRange(min=2), default=10000, show_default=True,
+              help="--full: images of the final FID.")
+@click.option("--train-samples", type=click.IntRange(min=1), default=None,
+              help="--full: train on the first N MNIST images (default: all 60,000).")
+@click.option("--fid-ref-samples", type=click.IntRange(min=2), default=None,
+              help="--full: reference images (default: the whole training split).")
+@data_dir_option
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="--full: where the training goes (default: a temporary folder, removed after).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the JSON result to this file.")
 def bench(device, channels, batch_size, sample_batch, train_steps, sample_steps, repeats, precision, compile,
-          inception, fid_batch_size, fid_weights, json_path):
+          inception, fid_batch_size, fid_weights, full, epochs, fid_select_samples, fid_samples, train_samples,
+          fid_ref_samples, data_dir, out, json_path):
     """Training images/s, sampling image-evaluations/s (eager and compiled side by side) and Inception
-    images/s on this device; cached for `sweep`'s projections."""
+    images/s on this device; cached for `sweep`'s projections. `--full` then runs the study's path once."""
     if channels % 8:
         raise BadInput(f"--channels must be a multiple of 8, got {channels}")
     if json_path:
         check_writable_dir(str(Path(json_path).parent), "--json")
+    if full and out:
+        check_writable_dir(out)
+    if full and batch_size > (train_samples or 60_000):
+        raise BadInput(f"--batch-size {batch_size} is larger than --train-samples {train_samples}")
     dev = pick_device(device)
     from mnist_diff.bench import format_table, run_bench
 
@@ -694,13 +767,26 @@ def bench(device, channels, batch_size, sample_batch, train_steps, sample_steps,
                        sample_batch=sample_batch, sample_steps=sample_steps or (50 if gpu else 5),
                        repeats=repeats, precision=precision, compile=compile, inception=inception,
                        fid_weights=fid_weights, fid_batch_size=fid_batch_size)
+    from mnist_diff.bench_cache import save
     click.echo(format_table(result))
+    click.echo(f"cached for `sweep` projections: {save(result, dev, precision)}")
+    click.echo(reference_projection(result, dev, channels, batch_size, precision))
+    if full:
+        import tempfile
+
+        from mnist_diff.bench import format_full, run_full
+        with tempfile.TemporaryDirectory() as tmp:
+            result["full"] = run_full(dev, Path(out or tmp), data_dir=data_dir, fid_weights=fid_weights,
+                                      epochs=epochs, fid_select_samples=fid_select_samples, fid_samples=fid_samples,
+                                      train_samples=train_samples, fid_ref_samples=fid_ref_samples,
+                                      channels=channels, batch_size=batch_size, precision=precision,
+                                      compile=compile)
+        click.echo(format_table(result))
+        click.echo(format_full(result["full"]))
     text = json.dumps(result)
     click.echo(text)
     if json_path:
         Path(json_path).write_text(text + "\n")
-    from mnist_diff.bench_cache import save
-    click.echo(f"cached for `sweep` projections: {save(result, dev, precision)}")
 
 
 if __name__ == "__main__":

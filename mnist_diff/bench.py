@@ -176,3 +176,55 @@ def format_table(r: dict) -> str:
     if failed:
         lines.append(f"compiled fell back to eager for: {', '.join(failed)} (see the warning above)")
     return "\n".join(lines)
+
+
+# -- bench --full: the whole GPU path once ---------------------------------------------------------------------
+
+FULL_CONFIG = dict(schedule="cosine", timesteps=200, beta_end=0.08, sampler="ddpm")  # a study config
+
+
+def run_full(device: torch.device, out_dir, *, data_dir=None, fid_weights=None, epochs: int = 2,
+             fid_select_samples: int = 2000, fid_samples: int = 10000, train_samples: int | None = None,
+             fid_ref_samples: int | None = None, channels: int = 64, batch_size: int = 128,
+             precision: str = "auto", compile: str = "auto", progress: bool = True) -> dict:
+    """One real training of a study config (`FULL_CONFIG`) for `epochs` epochs with the study's FID protocol
+    scaled down to those epochs (a selection FID after every epoch), then the final FID of the best epoch on
+    `fid_samples` new images: the study's code path end to end, with seconds per phase."""
+    from . import timing
+    from .data import load_mnist
+    from .evaluate import Reference, ensure_reference_stats
+    from .experiment import run_experiment
+
+    config = Config(**FULL_CONFIG, epochs=epochs, batch_size=batch_size, channels=channels, precision=precision,
+                    compile=compile, fid_select_samples=fid_select_samples, fid_samples=fid_samples,
+                    train_samples=train_samples, fid_ref_samples=fid_ref_samples)
+    configure_backend(device)
+    reference = Reference("train", fid_ref_samples, data_dir, fid_weights)
+    t0 = time.perf_counter()
+    images = load_mnist(data_dir, train=True, limit=train_samples, device=device)
+    ensure_reference_stats(reference, device=device)
+    setup = time.perf_counter() - t0
+    timing.reset()
+    t0 = time.perf_counter()
+    result = run_experiment(config, images, out_dir, reference=reference, progress=progress)
+    wall = time.perf_counter() - t0
+    return {"config": config.to_dict(), "out_dir": str(out_dir), "setup_seconds": setup, "wall_seconds": wall,
+            "seconds": timing.totals(wall_seconds=wall),
+            "train_images_per_s": result["steps"] * batch_size / max(result["train_seconds"], 1e-9),
+            "epoch_fids": result["epoch_fids"], "best_epoch": result.get("best_epoch"),
+            "best_fid": result.get("best_fid")}
+
+
+def format_full(full: dict) -> str:
+    c = full["config"]
+    lines = [f"full check: {c['schedule']}, T={c['timesteps']}, {c['sampler']}, {c['epochs']} epoch(s) of "
+             f"{c['train_samples'] or 'all'} images at batch {c['batch_size']}; selection FID on "
+             f"{c['fid_select_samples']:,} images after every epoch, final FID on {c['fid_samples']:,} images",
+             f"{'MNIST + reference statistics':<30}{full['setup_seconds']:>10.1f} s",
+             *(f"{k.replace('_', ' '):<30}{v:>10.1f} s" for k, v in full["seconds"].items()),
+             f"{'total':<30}{full['wall_seconds']:>10.1f} s",
+             f"{'training images/s':<30}{full['train_images_per_s']:>10,.0f}",
+             f"{'selection FID per epoch':<30}  " + ", ".join(f"{e}: {v:.2f}" for e, v in full["epoch_fids"].items())]
+    if full["best_fid"] is not None:
+        lines.append(f"{'final FID (best epoch ' + str(full['best_epoch']) + ')':<30}{full['best_fid']:>10.2f}")
+    return "\n".join(lines)

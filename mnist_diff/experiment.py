@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, timing
 from .atomic import write_json
 from .config import Config
 from .evaluate import Reference, compute_fid, weights_fingerprint
@@ -50,8 +50,9 @@ def final_images(config: Config) -> range:
 
 
 def score_model(model, config: Config, reference: Reference, num: int, *, start: int = 0, progress: bool = True,
-                fid_cache=None, desc: str = "FID sampling") -> dict:
-    """Sample images start..start+num-1 with the config's sampler (seed = config.seed) and score them."""
+                fid_cache=None, desc: str = "FID sampling", phase: str = "selection") -> dict:
+    """Sample images start..start+num-1 with the config's sampler (seed = config.seed) and score them; the
+    seconds count as `phase` ("selection" or "final") in `timing`."""
     device = next(model.parameters()).device
     schedule = make_schedule(config.schedule, config.timesteps, config.beta_start, config.beta_end)
     t0 = time.perf_counter()
@@ -62,8 +63,10 @@ def score_model(model, config: Config, reference: Reference, num: int, *, start:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     sampling_seconds = time.perf_counter() - t0
+    timing.add(f"{phase}_sampling", sampling_seconds)
     # the Inception batch is the device's own (evaluate.default_batch_size), not the sampling batch
-    metrics = compute_fid(images, reference, device=device, kid=config.kid, cache_dir=fid_cache)
+    with timing.phase(f"{phase}_fid"):
+        metrics = compute_fid(images, reference, device=device, kid=config.kid, cache_dir=fid_cache)
     return {**metrics, "sampling_seconds": sampling_seconds}
 
 
@@ -249,7 +252,7 @@ def finalize(config: Config, history: list[dict], ckpt_dir: Path, out_dir: Path,
         if config.fid_samples > 0:
             model, _, _ = load_sampling_model(best_path, device)
             m = score_model(model, config, reference, len(final), start=final.start, progress=progress,
-                            fid_cache=fid_cache, desc=f"final FID (epoch {best[0]})")
+                            fid_cache=fid_cache, desc=f"final FID (epoch {best[0]})", phase="final")
             result.update(best_fid=m["fid"], final_sampling_seconds=m["sampling_seconds"],
                           final_fid_seconds=m["fid_seconds"], **{k: m[k] for k in ("kid", "kid_std") if k in m})
     Path(out_dir).mkdir(parents=True, exist_ok=True)

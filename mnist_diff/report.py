@@ -11,6 +11,7 @@ import json
 import math
 import re
 from collections import defaultdict
+from itertools import product
 from pathlib import Path
 from typing import NamedTuple
 
@@ -30,17 +31,27 @@ SPREAD_METHOD = (
 FIGURES = ("fid_vs_epoch.png", "mean_fid_bars.png", "samples_montage.png", "schedules.png")
 
 
+REFERENCE_FIELDS = ("schedule", "timesteps", "beta_end", "sampler")  # every record has them, varied or not
+LEGACY_GRID_FIELDS = {"timesteps_beta_end": ["timesteps", "beta_end"]}  # studies that recorded no grid_fields
+SAMPLING_FIELDS = ("sampler", "ddim_steps", "eta", "clip_x0")  # results that differ only in these share a training
+
+
 class Point(NamedTuple):
-    """One grid point: a config plus its seed."""
+    """One grid point: a config plus its seed. `extra` holds the other fields the grid varies, as ((field,
+    value), ...) in grid order."""
     schedule: str
     timesteps: int
     beta_end: float
     sampler: str
     seed: int
+    extra: tuple = ()
 
     @property
     def config(self) -> tuple:
-        return tuple(self[:4])
+        return (*self[:4], self.extra)
+
+    def as_dict(self) -> dict:
+        return {**{k: getattr(self, k) for k in REFERENCE_FIELDS}, **dict(self.extra), "seed": self.seed}
 
 
 def _f(x) -> float:
@@ -51,10 +62,18 @@ def _opt(x, cast=float):
     return None if x is None else cast(x)
 
 
+def _norm(value):
+    return _f(value) if isinstance(value, float) else value
+
+
+def _fmt(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 # -- loading -------------------------------------------------------------------------------------------
 def normalize_record(r: dict) -> dict:
     """One trial record with typed fields (epoch_fids keyed by int epoch); both loaders return these."""
-    p = dict(r.get("params") or {})
+    p = {k: _norm(v) for k, v in (r.get("params") or {}).items()}
     p.update(schedule=str(p["schedule"]), timesteps=int(p["timesteps"]), beta_end=_f(p["beta_end"]),
              sampler=str(p["sampler"]), seed=int(p.get("seed", 0)))
     return {"trial": _opt(r.get("trial"), int), "state": str(r.get("state") or "MISSING"), "params": p,
@@ -64,6 +83,7 @@ def normalize_record(r: dict) -> dict:
             "run_id": r.get("run_id"), "trained_by_run_id": r.get("trained_by_run_id"),
             "train_seconds": _opt(r.get("train_seconds")),
             "final_sampling_seconds": _opt(r.get("final_sampling_seconds")), "samples_dir": r.get("samples_dir"),
+            "phase_seconds": {str(k): float(v) for k, v in (r.get("phase_seconds") or {}).items()},
             "error": r.get("error")}
 
 
@@ -78,33 +98,53 @@ def load_records_from_json(path) -> tuple[list[dict], dict]:
     return sort_records([normalize_record(r) for r in data.get("results", [])]), study
 
 
-def point_of(r: dict) -> Point:
+def grid_dims(study: dict) -> list[tuple[list, list]]:
+    """The study's grid as (fields, values) dimensions, in grid order; each value a tuple, one per field."""
+    fields_of = {**LEGACY_GRID_FIELDS, **(study.get("grid_fields") or {})}
+    dims = []
+    for name, values in (study.get("grid") or {}).items():
+        fields = list(fields_of.get(name, [name]))
+        dims.append((fields, [tuple(_norm(x) for x in (v if len(fields) > 1 else [v])) for v in values]))
+    return dims
+
+
+def extra_fields(study: dict) -> list[str]:
+    """The fields the grid sets besides the reference ones and the seed, in grid order."""
+    return [f for fields, _ in grid_dims(study) for f in fields if f not in (*REFERENCE_FIELDS, "seed")]
+
+
+def point_of(r: dict, extra: list[str] = ()) -> Point:
     p = r["params"]
-    return Point(p["schedule"], p["timesteps"], p["beta_end"], p["sampler"], p["seed"])
+    return Point(p["schedule"], p["timesteps"], p["beta_end"], p["sampler"], p["seed"],
+                 tuple((f, p.get(f)) for f in extra))
 
 
 # -- the grid and which of its points are done ------------------------------------------------------------
-def grid_points(grid: dict | None, records: list[dict]) -> list[Point]:
-    """Every expected point, in grid order; a dimension the grid omits is taken from the records."""
-    grid, seen = grid or {}, [point_of(r) for r in records]
+def grid_points(study: dict, records: list[dict]) -> list[Point]:
+    """Every expected point, in grid order; a reference field the grid omits is taken from the records."""
+    dims, extra = grid_dims(study), extra_fields(study)
+    covered = {f for fields, _ in dims for f in fields}
+    for f in (*REFERENCE_FIELDS, "seed"):
+        if f not in covered:
+            seen = list(dict.fromkeys(r["params"][f] for r in records)) or ([0] if f == "seed" else [])
+            dims.append(([f], [(v,) for v in seen]))
+    points = []
+    for combo in product(*(values for _, values in dims)):
+        d = {f: v for (fields, _), value in zip(dims, combo) for f, v in zip(fields, value)}
+        points.append(Point(d["schedule"], int(d["timesteps"]), _f(d["beta_end"]), d["sampler"], int(d["seed"]),
+                            tuple((f, d[f]) for f in extra)))
+    return points
 
-    def dim(key, from_records):
-        return list(grid[key]) if grid.get(key) else list(dict.fromkeys(from_records))
 
-    pairs = [(int(t), _f(b)) for t, b in dim("timesteps_beta_end", [(p.timesteps, p.beta_end) for p in seen])]
-    seeds = [int(s) for s in dim("seed", [p.seed for p in seen])] or [0]
-    return [Point(s, t, b, m, seed) for s in dim("schedule", [p.schedule for p in seen]) for t, b in pairs
-            for m in dim("sampler", [p.sampler for p in seen]) for seed in seeds]
-
-
-def select_points(records: list[dict], expected: list[Point]) -> tuple[dict, list[dict], list[dict]]:
+def select_points(records: list[dict], expected: list[Point], extra: list[str] = ()
+                  ) -> tuple[dict, list[dict], list[dict]]:
     """(complete {point: record}, missing [{point, state, trial}], off-grid complete records).
 
     Records come sorted by trial, so when a point was retried the latest COMPLETE record wins, and an
     incomplete point shows the state of its latest attempt."""
     by_point = defaultdict(list)
     for r in records:
-        by_point[point_of(r)].append(r)
+        by_point[point_of(r, extra)].append(r)
     done = {p: [r for r in rs if r["state"] == "COMPLETE" and r["best_fid"] is not None]
             for p, rs in by_point.items()}
     complete = {p: done[p][-1] for p in expected if done.get(p)}
@@ -114,7 +154,7 @@ def select_points(records: list[dict], expected: list[Point]) -> tuple[dict, lis
             last = by_point[p][-1] if by_point.get(p) else None
             state = "MISSING" if last is None else ("COMPLETE (no best_fid)" if last["state"] == "COMPLETE"
                                                     else last["state"])
-            missing.append({"point": p._asdict(), "state": state, "trial": last and last["trial"],
+            missing.append({"point": p.as_dict(), "state": state, "trial": last and last["trial"],
                             "error": last and last["error"]})
     grid = set(expected)
     off_grid = [rs[-1] for p, rs in done.items() if rs and p not in grid]
@@ -157,11 +197,12 @@ def config_table(complete: dict) -> list[dict]:
     for p, r in complete.items():
         groups[p.config].append((p.seed, r))
     rows = []
-    for (s, t, b, m), items in groups.items():
+    for (s, t, b, m, extra), items in groups.items():
         items.sort(key=lambda x: x[0])
         rs = [r for _, r in items]
         fid = stats([r["best_fid"] for r in rs])
-        rows.append({"schedule": s, "timesteps": t, "beta_end": b, "sampler": m, "seeds": [x for x, _ in items],
+        rows.append({"schedule": s, "timesteps": t, "beta_end": b, "sampler": m, "extra": dict(extra),
+                     "seeds": [x for x, _ in items],
                      "best_fid_mean": fid["mean"], "best_fid_std": fid["std"],
                      "best_fid": [r["best_fid"] for r in rs], "best_epoch": [r["best_epoch"] for r in rs],
                      "best_fid_select_mean": stats([r["best_fid_select"] for r in rs])["mean"],
@@ -171,19 +212,55 @@ def config_table(complete: dict) -> list[dict]:
     return sorted(rows, key=lambda r: (r["best_fid_mean"], r["schedule"], r["timesteps"], r["sampler"]))
 
 
-GROUPINGS = {"schedule": lambda p: p.schedule, "timesteps_beta_end": lambda p: (p.timesteps, p.beta_end),
-             "sampler": lambda p: p.sampler}
+class Grouping(NamedTuple):
+    title: str
+    key: object       # point -> its group
+    blank: object     # point -> the point with the grouped fields blanked: what a paired comparison matches on
+    shared_training: bool  # groups differ only in sampling fields: each pair shares a training
+
+
+def _extra_grouping(f: str) -> Grouping:
+    return Grouping(f, lambda p: dict(p.extra)[f],
+                    lambda p: p._replace(extra=tuple((k, None if k == f else v) for k, v in p.extra)),
+                    f in SAMPLING_FIELDS)
+
+
+def groupings(expected: list[Point]) -> dict[str, Grouping]:
+    """The reference dimensions, then each other field that takes more than one value in the grid."""
+    out = {"schedule": Grouping("schedule", lambda p: p.schedule, lambda p: p._replace(schedule=None), False),
+           "timesteps_beta_end": Grouping("(T, β_end)", lambda p: (p.timesteps, p.beta_end),
+                                          lambda p: p._replace(timesteps=None, beta_end=None), False),
+           "sampler": Grouping("sampler", lambda p: p.sampler, lambda p: p._replace(sampler=None), True)}
+    for f in dict(expected[0].extra) if expected else ():
+        if len({dict(p.extra)[f] for p in expected}) > 1:
+            out[f] = _extra_grouping(f)
+    return out
 
 
 def group_means(complete: dict, expected: list[Point]) -> dict:
-    """Mean (and std) of best_fid over every complete (config, seed) in each group, groups in grid order."""
+    """Per grouping: mean (and std) of best_fid over every complete (config, seed) in each group, groups in
+    grid order, and each group against the best one, paired on every other field and the seed."""
+    fid = {p: r["best_fid"] for p, r in complete.items()}
     out = {}
-    for name, key in GROUPINGS.items():
-        out[name] = []
-        for g in dict.fromkeys(key(p) for p in expected):
-            st = stats([r["best_fid"] for p, r in complete.items() if key(p) == g])
-            out[name].append({"group": list(g) if isinstance(g, tuple) else g, **st,
-                              "n_expected": sum(key(p) == g for p in expected)})
+    for name, g in groupings(expected).items():
+        rows = []
+        for group in dict.fromkeys(g.key(p) for p in expected):
+            st = stats([v for p, v in fid.items() if g.key(p) == group])
+            rows.append({"group": list(group) if isinstance(group, tuple) else group, **st,
+                         "n_expected": sum(g.key(p) == group for p in expected), "key": group})
+        scored = [r for r in rows if r["mean"] is not None]
+        best = min(scored, key=lambda r: r["mean"])["key"] if scored else None
+        for r in rows:
+            group = r.pop("key")
+            if best is None or r["mean"] is None or len(scored) < 2:
+                r["vs_best"] = {"exceeds_seed_spread": None, "text": "n/a"}
+            elif group == best:
+                r["vs_best"] = {"exceeds_seed_spread": None, "text": "best"}
+            else:
+                r["vs_best"] = _spread(fid, lambda p, v=group: g.key(p) == v, lambda p: g.key(p) == best,
+                                       lambda p: g.blank(p), f"{_group_label(r['group'])} − {_group_label(best)}",
+                                       shared_training=g.shared_training)
+        out[name] = {"title": g.title, "groups": rows}
     return out
 
 
@@ -193,8 +270,10 @@ class _NoData(Exception):
 
 
 def _label(p) -> str:
-    s = f"{p[0]}, T={p[1]}, β_end={p[2]:g}, {p[3]}"
-    return s + (f", seed {p[4]}" if len(p) > 4 else "")
+    """A point (with its seed) or a config tuple (schedule, T, beta_end, sampler, extra)."""
+    extra = p.extra if isinstance(p, Point) else (p[4] if len(p) > 4 else ())
+    s = f"{p[0]}, T={p[1]}, β_end={p[2]:g}, {p[3]}" + "".join(f", {k}={_fmt(v)}" for k, v in extra)
+    return s + (f", seed {p.seed}" if isinstance(p, Point) else "")
 
 
 def _means(data: dict, key) -> dict:
@@ -335,6 +414,22 @@ CLAIMS = [
 ]
 
 
+def reference_subset(complete: dict, expected: list[Point]) -> tuple[dict, list[Point]] | None:
+    """The part of the grid the reference claims are about: the points whose other grid fields have the
+    reference study's values (Config's defaults), provided it holds all 16 reference configs; else None."""
+    from .config import Config
+    from .grid import STUDY_PAIRS, STUDY_SAMPLERS, STUDY_SCHEDULES
+
+    default = Config()
+    at_reference = [p for p in expected if all(v == _norm(getattr(default, k)) for k, v in p.extra)]
+    have = {(p.schedule, (p.timesteps, p.beta_end), p.sampler) for p in at_reference}
+    needed = {(s, (t, _f(b)), m) for s, (t, b), m in product(STUDY_SCHEDULES, STUDY_PAIRS, STUDY_SAMPLERS)}
+    if not needed <= have:
+        return None
+    keep = set(at_reference)
+    return {p: r for p, r in complete.items() if p in keep}, at_reference
+
+
 def check_claims(complete: dict, expected: list[Point]) -> list[dict]:
     """Each claim needs every grid point it is about to be COMPLETE; otherwise it is undetermined, and
     the numbers so far are shown anyway."""
@@ -361,8 +456,8 @@ def check_claims(complete: dict, expected: list[Point]) -> list[dict]:
 
 def _prepare(records: list[dict], study: dict):
     records = sort_records([normalize_record(r) for r in records])
-    expected = grid_points(study.get("grid"), records)
-    return (records, expected, *select_points(records, expected))
+    expected = grid_points(study, records)
+    return (records, expected, *select_points(records, expected, extra_fields(study)))
 
 
 def analyse(records: list[dict], study: dict) -> dict:
@@ -377,8 +472,19 @@ def analyse(records: list[dict], study: dict) -> dict:
             "seeds": seeds, "multi_seed": len(seeds) > 1, "spread_method": SPREAD_METHOD,
             "configs": table, "best": table[0] if table else None,
             "means": group_means(complete, expected),
-            "claims": check_claims(complete, expected),
-            "missing": missing, "off_grid_runs": [r["run_id"] or r["trial"] for r in off_grid]}
+            "claims": check_claims(*subset) if (subset := reference_subset(complete, expected)) else [],
+            "varied": [f for f in extra_fields(study) if len({dict(p.extra)[f] for p in expected}) > 1],
+            "missing": missing, "off_grid_runs": [r["run_id"] or r["trial"] for r in off_grid],
+            "time": time_by_phase(records)}
+
+
+def time_by_phase(records: list[dict]) -> dict:
+    """Seconds per phase summed over every trial that recorded them, retries and failures included: where the
+    study's compute went (trials of several workers overlap, so the sum exceeds the wall time)."""
+    timed = [r for r in records if r["phase_seconds"]]
+    sums = {k: sum(r["phase_seconds"].get(k, 0.0) for r in timed)
+            for k in dict.fromkeys(k for r in timed for k in r["phase_seconds"])}
+    return {"trials": len(timed), "seconds": sums}
 
 
 # -- rendering ----------------------------------------------------------------------------------------------
@@ -391,7 +497,7 @@ def _pm(mean, std) -> str:
 
 
 def _group_label(g) -> str:
-    return f"T={g[0]}, β_end={g[1]:g}" if isinstance(g, list) else str(g)
+    return f"T={g[0]}, β_end={g[1]:g}" if isinstance(g, (list, tuple)) else _fmt(g)
 
 
 def report_blocks(a: dict, montage_missing: list[str]) -> list[tuple]:
@@ -431,28 +537,47 @@ def report_blocks(a: dict, montage_missing: list[str]) -> list[tuple]:
               f"{_pm(best['best_fid_mean'], best['best_fid_std'])} (best epoch "
               f"{', '.join(map(str, best['best_epoch']))})"))
 
-    b.append(("h2", "Reference claims"))
-    b.append(("table", ["#", "claim", "verdict", "numbers", "vs seed spread"],
-              [[c["claim"], c["text"], f"**{c['verdict']}**", c["numbers"], c["spread"]["text"]]
-               for c in a["claims"]]))
+    if a["claims"]:
+        b.append(("h2", "Reference claims"))
+        if a["varied"]:
+            b.append(("p", "Checked on the points where " + ", ".join(a["varied"]) + " take the reference "
+                           "study's values (the defaults)."))
+        b.append(("table", ["#", "claim", "verdict", "numbers", "vs seed spread"],
+                  [[c["claim"], c["text"], f"**{c['verdict']}**", c["numbers"], c["spread"]["text"]]
+                   for c in a["claims"]]))
+    else:
+        b.append(("p", "The reference claims are not checked: they need all 16 reference configs (4 schedules × "
+                       "(T, β_end) in {(200, 0.08), (1000, 0.02)} × DDPM, DDIM), which this grid does not hold."))
 
+    extra = list(a["configs"][0]["extra"]) if a["configs"] else []
     b.append(("h2", "All configs (sorted by best FID)"))
-    b.append(("table", ["schedule", "T", "β_end", "sampler", "seeds", "best FID", "best epoch", "best_fid_select",
-                        "train s", "final sampling s"],
-              [[r["schedule"], r["timesteps"], f"{r['beta_end']:g}", r["sampler"], len(r["seeds"]),
+    b.append(("table", ["schedule", "T", "β_end", "sampler", *extra, "seeds", "best FID", "best epoch",
+                        "best_fid_select", "train s", "final sampling s"],
+              [[r["schedule"], r["timesteps"], f"{r['beta_end']:g}", r["sampler"],
+                *(_fmt(r["extra"][f]) for f in extra), len(r["seeds"]),
                 _pm(r["best_fid_mean"], r["best_fid_std"]), ", ".join(map(str, r["best_epoch"])),
                 _num(r["best_fid_select_mean"]), _num(r["train_seconds_mean"], ".0f"),
                 _num(r["final_sampling_seconds_mean"], ".1f")] for r in a["configs"]]))
 
-    titles = {"schedule": "schedule", "timesteps_beta_end": "(T, β_end)", "sampler": "sampler"}
-    for key, title in titles.items():
+    for m in a["means"].values():
+        title = m["title"]
         b.append(("h2", f"Mean best FID by {title}"))
-        b.append(("table", [title, "mean", "std", "n (complete / expected)"],
-                  [[_group_label(g["group"]), _num(g["mean"]), _num(g["std"]), f"{g['n']} / {g['n_expected']}"]
-                   for g in a["means"][key]]))
+        b.append(("table", [title, "mean", "std", "n (complete / expected)", "vs the best (paired over seeds)"],
+                  [[_group_label(g["group"]), _num(g["mean"]), _num(g["std"]), f"{g['n']} / {g['n_expected']}",
+                    g["vs_best"]["text"]] for g in m["groups"]]))
+
+    spent = a["time"]["seconds"]
+    if spent:
+        total = sum(spent.values()) or 1.0
+        b.append(("h2", "Where the time went"))
+        b.append(("p", f"Seconds per phase, summed over the {a['time']['trials']} trials that recorded them "
+                       "(trials on several workers overlap: the sum exceeds the wall time)."))
+        b.append(("table", ["phase", "seconds", "share"],
+                  [[k.replace("_", " "), _num(v, ".1f"), f"{100 * v / total:.0f}%"] for k, v in spent.items()]
+                  + [["total", _num(sum(spent.values()), ".1f"), "100%"]]))
 
     b.append(("h2", "Missing / incomplete"))
-    b.append(("ul", [f"{_label(tuple(m['point'].values()))}: {m['state']}"
+    b.append(("ul", [f"{_point_label(m['point'])}: {m['state']}"
                      + ("" if m["trial"] is None else f" (trial {m['trial']})")
                      + (f": {str(m['error']).splitlines()[0][:200]}" if m["error"] else "") for m in a["missing"]]
               or ["none"]))
@@ -461,12 +586,17 @@ def report_blocks(a: dict, montage_missing: list[str]) -> list[tuple]:
 
     b.append(("h2", "Figures"))
     b.append(("img", "fid_vs_epoch.png", "selection FID against epoch, every config"))
-    b.append(("img", "mean_fid_bars.png", "mean best FID by schedule, (T, β_end) and sampler"))
+    b.append(("img", "mean_fid_bars.png", "mean best FID by each grid dimension"))
     b.append(("img", "samples_montage.png", "each config's samples at its best epoch"))
     if montage_missing:
         b.append(("p", "Sample grids not found (left out of the montage): " + "; ".join(montage_missing) + "."))
     b.append(("img", "schedules.png", "alpha_bar and log-SNR of the grid's schedule settings"))
     return b
+
+
+def _point_label(d: dict) -> str:
+    extra = tuple((k, v) for k, v in d.items() if k not in (*REFERENCE_FIELDS, "seed"))
+    return _label(Point(d["schedule"], d["timesteps"], d["beta_end"], d["sampler"], d["seed"], extra))
 
 
 def to_markdown(blocks: list[tuple]) -> str:
@@ -527,7 +657,8 @@ def fid_vs_epoch_figure(complete: dict):
         for cfg in (c for c in by_cfg if c[0] == s):
             epochs = sorted(set.intersection(*(set(f) for f in by_cfg[cfg])))
             ys = [np.mean([f[e] for f in by_cfg[cfg]]) for e in epochs]
-            ax.plot(epochs, ys, marker=".", label=f"T={cfg[1]} β={cfg[2]:g} {cfg[3]}")
+            ax.plot(epochs, ys, marker=".", label=f"T={cfg[1]} β={cfg[2]:g} {cfg[3]}"
+                    + "".join(f" {k}={_fmt(v)}" for k, v in cfg[4]))
         ax.set(title=s, xlabel="epoch")
         ax.grid(alpha=0.3)
         if ax.get_lines():
@@ -540,10 +671,10 @@ def fid_vs_epoch_figure(complete: dict):
 
 def mean_bars_figure(means: dict):
     from .plots import plt
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, (key, title) in zip(axes, [("schedule", "schedule"), ("timesteps_beta_end", "(T, β_end)"),
-                                       ("sampler", "sampler")]):
-        groups = [g for g in means[key] if g["mean"] is not None]
+    fig, axes = plt.subplots(1, len(means), figsize=(4.4 * len(means), 3.6), squeeze=False)
+    for ax, m in zip(axes[0], means.values()):
+        title = m["title"]
+        groups = [g for g in m["groups"] if g["mean"] is not None]
         x = range(len(groups))
         ax.bar(x, [g["mean"] for g in groups], yerr=[g["std"] or 0 for g in groups], capsize=4,
                color=[f"C{i}" for i in x])
@@ -575,7 +706,8 @@ def montage_figure(complete: dict):
     for ax, (p, r, path) in zip(axes.flat, shown):
         with Image.open(path) as im:
             ax.imshow(np.asarray(im.convert("L")), cmap="gray", vmin=0, vmax=255)
-        ax.set_title(f"{p.schedule} T={p.timesteps} β={p.beta_end:g} {p.sampler}\n"
+        ax.set_title(f"{p.schedule} T={p.timesteps} β={p.beta_end:g} {p.sampler}"
+                     + "".join(f" {k}={_fmt(v)}" for k, v in p.extra) + "\n"
                      f"FID {r['best_fid']:.2f} @ epoch {r['best_epoch']}", fontsize=8)
     if not shown:
         axes[0][0].text(0.5, 0.5, "no sample grids found", ha="center", va="center")

@@ -29,7 +29,9 @@ import optuna
 # heartbeats and their retry callback are marked experimental; they are exactly what we rely on, knowingly
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
+from . import timing
 from .config import Config
+from .grid import STUDY_PAIRS, STUDY_SAMPLERS, STUDY_SCHEDULES, Grid, reference_dims
 from .evaluate import Reference
 from .atomic import write_json
 from .experiment import run_experiment, score_saved_training
@@ -38,9 +40,6 @@ from .train import NonFiniteLoss
 
 log = logging.getLogger(__name__)
 
-STUDY_SCHEDULES = ("linear", "cosine", "quadratic", "sigmoid")
-STUDY_PAIRS = ((200, 0.08), (1000, 0.02))
-STUDY_SAMPLERS = ("ddpm", "ddim")
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 # Failures that the same config reproduces: retrying them would only spend the GPU again (a ValueError is an
 # invalid config). Any other exception (CUDA OOM, a full disk, a tracking or storage blip) may pass on a retry.
@@ -48,25 +47,16 @@ DETERMINISTIC_ERRORS = (NonFiniteLoss, ValueError)
 WORKER_LOST = "WorkerLost: the worker stopped sending heartbeats (killed, OOM-killed, or its machine went down)"
 
 
-def pair_key(timesteps: int, beta_end: float) -> str:
-    """(T, beta_end) as ONE categorical value, so the grid stays a product of 16, not 32."""
-    return f"{int(timesteps)}:{beta_end:g}"
-
-
-def parse_pair(key: str) -> tuple[int, float]:
-    t, b = key.split(":")
-    return int(t), float(b)
-
-
 @dataclass
 class Sweep:
     study_name: str
     out_dir: Path
     base: Config                          # the fixed settings; grid params are overridden per trial
-    schedules: tuple = STUDY_SCHEDULES
+    schedules: tuple = STUDY_SCHEDULES    # the reference dimensions (the shorthands --schedule/--timesteps/...)
     pairs: tuple = STUDY_PAIRS
     samplers: tuple = STUDY_SAMPLERS
     seeds: tuple = (0,)
+    extra: tuple = ()                     # more grid.Dim dimensions (--grid, --grid-file); may replace the above
     storage: str = DEFAULT_STORAGE
     tracking_uri: str | None = None
     experiment: str = "mnist-diff"
@@ -78,22 +68,22 @@ class Sweep:
     max_retries: int = 2                  # automatic retries per grid point after a failure that may pass
     fixed: dict = field(default_factory=dict)
 
+    @property
+    def grid(self) -> Grid:
+        return Grid.build(reference_dims(self.schedules, self.pairs, self.samplers), list(self.extra), self.seeds)
+
     def search_space(self) -> dict:
-        return {"schedule": list(self.schedules), "timesteps_beta_end": [pair_key(*p) for p in self.pairs],
-                "sampler": list(self.samplers), "seed": [int(s) for s in self.seeds]}
+        return self.grid.search_space()
 
     def grid_description(self) -> dict:
-        return {"schedule": list(self.schedules), "timesteps_beta_end": [list(p) for p in self.pairs],
-                "sampler": list(self.samplers), "seed": [int(s) for s in self.seeds]}
+        return self.grid.description()
 
     @property
     def size(self) -> int:
-        return len(self.schedules) * len(self.pairs) * len(self.samplers) * len(self.seeds)
+        return self.grid.size
 
     def config_for(self, params: dict) -> Config:
-        timesteps, beta_end = parse_pair(params["timesteps_beta_end"])
-        return self.base.replace(schedule=params["schedule"], timesteps=timesteps, beta_end=beta_end,
-                                 sampler=params["sampler"], seed=int(params["seed"]))
+        return self.base.replace(**self.grid.overrides(params))
 
 
 def make_storage(url: str, heartbeat: int | None = None, on_stale=None):
@@ -168,8 +158,21 @@ def training_lock(path: Path):
 # error of the point so far); a failed trial adds `error` (its own) and `retryable`. A retry is a new trial of the
 # same point: it resumes the training from its last checkpoint (trainings live in OUT/trainings/<key>/).
 
+def enqueue(study: optuna.Study, params: dict, user_attrs: dict | None = None) -> None:
+    """`study.enqueue_trial`, plus the grid id GridSampler itself would give the point. GridSampler counts a
+    point as started or done only by that id: without it a queued point stays "unvisited" for the sampler, and
+    its `after_trial` raises KeyError('grid_id') on such a trial when one unvisited point is left."""
+    attrs = {"fixed_params": params}
+    sampler = study.sampler
+    if isinstance(sampler, optuna.samplers.GridSampler):  # its own (shuffled) numbering of the points
+        point = tuple(params[name] for name in sampler._param_names)
+        attrs.update(search_space=sampler._search_space, grid_id=sampler._all_grids.index(point))
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.WAITING, system_attrs=attrs,
+                                              user_attrs=user_attrs))
+
+
 def _queue_retry(study: optuna.Study, number: int, params: dict, retries: int, errors: list) -> None:
-    study.enqueue_trial(params, user_attrs={"retry_of_trial": number, "retries": retries, "errors": errors})
+    enqueue(study, params, {"retry_of_trial": number, "retries": retries, "errors": errors})
 
 
 def _retry_tags(retries: int, errors: list, outcome: str | None = None) -> dict:
@@ -257,6 +260,8 @@ class Objective:
         reference = Reference(config.fid_ref, config.fid_ref_samples, s.data_dir, s.fid_weights)
         log.info("trial %d: %s", trial.number, params)
         samples_dir = trial_dir / "samples"  # this trial's own grids, whoever trained
+        timing.reset()
+        t0 = time.perf_counter()
         with tracker.run():
             trial.set_user_attr("mlflow_run_id", tracker.run_id)
             tracker.set_tags({"mnist_diff.samples_dir": samples_dir})
@@ -281,6 +286,9 @@ class Objective:
                      "samples_dir": str(samples_dir)}
             for k, v in attrs.items():
                 trial.set_user_attr(k, v)
+            seconds = timing.totals(wall_seconds=time.perf_counter() - t0)  # this trial's own work only
+            trial.set_user_attr("phase_seconds", seconds)
+            tracker.log_metrics({f"seconds_{k}": v for k, v in seconds.items()})
         log.info("trial %d done: best_fid %s (epoch %s)", trial.number, result.get("best_fid"),
                  result.get("best_epoch"))
         value = result.get("best_fid")
@@ -300,38 +308,53 @@ def parent_run(sweep: Sweep, study: optuna.Study) -> Tracker:
     else:
         tracker.start()
         tracker.log_params({**sweep.fixed, "study_name": sweep.study_name, "grid_size": sweep.size,
-                            "storage": sweep.storage})
-        tracker.log_dict({"study_name": sweep.study_name, "grid": sweep.grid_description(), "fixed": sweep.fixed},
-                         "study.json")
+                            "grid": grid_text(sweep.grid), "storage": sweep.storage})
+        tracker.log_dict(study_doc(sweep), "study.json")
     study.set_user_attr("mlflow_parent_run_id", tracker.run_id)
     return tracker
 
 
+def grid_text(grid: Grid) -> str:
+    """The grid as one line, e.g. 'schedule=linear,cosine; timesteps:beta_end=200:0.08,1000:0.02; seed=0'."""
+    return "; ".join(f"{d.label}={','.join(str(d.encode(v)) for v in d.values)}" for d in grid.dims)
+
+
+def study_doc(sweep: Sweep) -> dict:
+    """What a reader needs to know of the study besides its trials (study.json, grid_search_results.json)."""
+    return {"study_name": sweep.study_name, "grid": sweep.grid_description(), "grid_fields": sweep.grid.fields(),
+            "fixed": sweep.fixed}
+
+
+REFERENCE_FIELDS = ("schedule", "timesteps", "beta_end", "sampler", "seed")  # in every record, varied or not
+
+
 def records(study: optuna.Study, sweep: Sweep) -> list[dict]:
-    """One record per trial, in the format of grid_search_results.json."""
+    """One record per trial, in the format of grid_search_results.json: its params are the reference fields
+    and every field the grid sets."""
     out = []
+    grid = sweep.grid
     for t in study.get_trials(deepcopy=False):
         if not t.params:
             continue
-        T, beta_end = parse_pair(t.params["timesteps_beta_end"])
+        fields = grid.overrides(t.params)
+        config = sweep.base.replace(**fields)
         a = t.user_attrs
         out.append({"trial": t.number, "state": t.state.name,
-                    "params": {"schedule": t.params["schedule"], "timesteps": T, "beta_end": beta_end,
-                               "sampler": t.params["sampler"], "seed": int(t.params["seed"])},
+                    "params": {**{k: getattr(config, k) for k in REFERENCE_FIELDS}, **fields},
                     "best_fid": a.get("best_fid"), "best_epoch": a.get("best_epoch"),
                     "best_fid_select": a.get("best_fid_select"), "epoch_fids": a.get("epoch_fids", {}),
                     "run_id": a.get("mlflow_run_id"), "trained_by_run_id": a.get("trained_by_run_id"),
                     "train_seconds": a.get("train_seconds"),
                     "final_sampling_seconds": a.get("final_sampling_seconds"),
-                    "samples_dir": a.get("samples_dir"), "retries": a.get("retries", 0), "error": a.get("error")})
+                    "samples_dir": a.get("samples_dir"), "phase_seconds": a.get("phase_seconds"),
+                    "retries": a.get("retries", 0), "error": a.get("error")})
     return out
 
 
 def write_results(study: optuna.Study, sweep: Sweep) -> dict:
     recs = records(study, sweep)
     complete = [r for r in recs if r["state"] == "COMPLETE" and r["best_fid"] is not None]
-    doc = {"study_name": sweep.study_name, "grid": sweep.grid_description(), "fixed": sweep.fixed,
-           "complete": len(complete), "grid_size": sweep.size, "results": recs,
+    doc = {**study_doc(sweep), "complete": len(complete), "grid_size": sweep.size, "results": recs,
            "best": min(complete, key=lambda r: r["best_fid"]) if complete else None}
     write_json(sweep.out_dir / "grid_search_results.json", doc)
     return doc
@@ -552,7 +575,7 @@ def run_sweep(sweep: Sweep, workers: int = 1, retry_failed: bool = False) -> dic
     _requeue_failed(study, sweep, retry_failed)
     if not study.get_trials(deepcopy=False):  # a new study: queue its points, one of each training first
         for params in trainings_first(sweep):
-            study.enqueue_trial(params, skip_if_exists=True)
+            enqueue(study, params)
     parent = parent_run(sweep, study)
     live = {t.user_attrs.get("mlflow_run_id") for t in study.get_trials(deepcopy=False)
             if t.state == optuna.trial.TrialState.RUNNING}
@@ -582,12 +605,24 @@ def run_sweep(sweep: Sweep, workers: int = 1, retry_failed: bool = False) -> dic
     return doc
 
 
+def phase_sums(results: list[dict]) -> dict[str, float]:
+    """Seconds per phase summed over the trials that recorded them (see `timing`)."""
+    sums: dict[str, float] = {}
+    for r in results:
+        for k, v in (r.get("phase_seconds") or {}).items():
+            sums[k] = sums.get(k, 0.0) + v
+    return sums
+
+
 def _log_parent(parent: Tracker, sweep: Sweep, study: optuna.Study, doc: dict, interrupted: bool,
                 error: Exception | None, codes: list) -> None:
     best = doc.get("best")
     if best:
         parent.log_metrics({"best_fid": best["best_fid"], "complete_trials": doc["complete"]})
         parent.set_tags({"best_config": json.dumps(best["params"])})
+    spent = phase_sums(doc["results"])
+    if spent:  # where the study's time went, summed over every trial that recorded it (workers overlap)
+        parent.log_metrics({f"seconds_{k}": v for k, v in spent.items()})
     parent.log_artifact(sweep.out_dir / "grid_search_results.json")
     if (sweep.out_dir / "training.log").exists():
         parent.log_artifact(sweep.out_dir / "training.log")

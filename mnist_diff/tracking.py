@@ -344,7 +344,8 @@ def load_study_from_mlflow(tracking_uri: str, study_name: str) -> tuple[list[dic
     every child run is returned, retries included: the report picks the COMPLETE one per grid point."""
     from mlflow.entities import ViewType
 
-    from .report import normalize_record, sort_records
+    from .grid import parse_value
+    from .report import REFERENCE_FIELDS, extra_fields, normalize_record, sort_records
 
     client = MlflowClient(resolve_uri(tracking_uri))
     exp_ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
@@ -361,16 +362,18 @@ def load_study_from_mlflow(tracking_uri: str, study_name: str) -> tuple[list[dic
     children = _search_all(client, exp_ids,
                            f"tags.`mlflow.parentRunId` = '{pid}' and tags.`mnist_diff.role` = 'trial'")
     records = []
+    grid_fields = [*REFERENCE_FIELDS, "seed", *extra_fields(study)]
     for run in children:
         tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
         history = client.get_metric_history(run.info.run_id, "fid")
         records.append(normalize_record({
             "trial": tags.get("mnist_diff.trial"), "state": RUN_STATE.get(run.info.status, run.info.status),
-            "params": {k: params[k] for k in ("schedule", "timesteps", "beta_end", "sampler", "seed") if k in params},
+            "params": {k: parse_value(k, params[k]) for k in grid_fields if k in params},  # MLflow keeps text
             **{k: metrics.get(k) for k in ("best_fid", "best_epoch", "best_fid_select", "train_seconds",
                                            "final_sampling_seconds")},
             "epoch_fids": {m.step: m.value for m in sorted(history, key=lambda m: (m.step, m.timestamp))},
             "run_id": run.info.run_id, "trained_by_run_id": tags.get("mnist_diff.trained_by"),
             "samples_dir": tags.get("mnist_diff.samples_dir"),
+            "phase_seconds": {k[len("seconds_"):]: v for k, v in metrics.items() if k.startswith("seconds_")},
             "error": tags.get("error_type") and f"{tags['error_type']}: {tags.get('error_message', '')}"}))
     return sort_records(records), study, pid

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import accel, checkpoint
+from . import accel, checkpoint, timing
 from .config import Config
 from .data import save_grid, to_model_range
 from .diffusion import training_loss
@@ -222,8 +222,9 @@ class Trainer:
         return True
 
     def save(self) -> Path:
-        path = checkpoint.atomic_save(self.state_dict(), checkpoint.step_path(self.ckpt_dir, self.step))
-        checkpoint.prune(self.ckpt_dir)
+        with timing.phase("checkpoints"):
+            path = checkpoint.atomic_save(self.state_dict(), checkpoint.step_path(self.ckpt_dir, self.step))
+            checkpoint.prune(self.ckpt_dir)
         return path
 
     # -- loop ----------------------------------------------------------------------------------
@@ -302,6 +303,7 @@ class Trainer:
                     now = time.perf_counter()
                     ips = len(window) * bs / max(now - t_window, 1e-9)
                     self.train_seconds += now - t_window
+                    timing.add("training", now - t_window)
                     self.epoch_loss = (self.epoch_loss[0] + mean * len(window), self.epoch_loss[1] + len(window))
                     bar.set_postfix(loss=f"{mean:.4f}", img_s=f"{ips:.0f}", epoch=epoch + 1)
                     for cb in self.callbacks:
@@ -326,10 +328,11 @@ class Trainer:
         """Per-epoch outputs, then the callbacks (FID, tracking), then the checkpoint: a checkpoint always
         holds the complete history of the epochs before it, so a resume never loses an epoch's metrics."""
         c = self.config
-        ema_path = checkpoint.atomic_save(
-            {"format_version": checkpoint.FORMAT_VERSION, "config": c.to_dict(), "epoch": epoch,
-             "step": self.step, "ema": self.sampling_model.state_dict()},
-            checkpoint.ema_path(self.ckpt_dir, epoch))
+        with timing.phase("checkpoints"):
+            ema_path = checkpoint.atomic_save(
+                {"format_version": checkpoint.FORMAT_VERSION, "config": c.to_dict(), "epoch": epoch,
+                 "step": self.step, "ema": self.sampling_model.state_dict()},
+                checkpoint.ema_path(self.ckpt_dir, epoch))
         grid_path = sample_grid(self.sampling_model, self.schedule, c, self.grid_dir / f"epoch-{epoch:03d}.png",
                                 progress=self.progress)
         end = EpochEnd(epoch, self.step, loss, ips, self.sampling_model, ema_path, grid_path)
@@ -343,11 +346,12 @@ class Trainer:
 def sample_grid(model, schedule, config: Config, path, progress: bool = False) -> Path:
     """The 8x8 grid of an epoch, drawn with the config's sampler from fixed seeds so epochs compare. With
     `progress`, a bar: on a CPU a DDPM grid at T=1000 takes minutes."""
-    images = generate(model, schedule, num=GRID_IMAGES, seed=GRID_SEED, sampler=config.sampler,
-                      ddim_steps=config.ddim_steps, eta=config.eta, clip_x0=config.clip_x0, batch_size=GRID_IMAGES,
-                      precision=config.precision, progress=progress, desc=f"grid {Path(path).stem}",
-                      compile=config.compile)
-    return save_grid(images, path)
+    with timing.phase("grids"):
+        images = generate(model, schedule, num=GRID_IMAGES, seed=GRID_SEED, sampler=config.sampler,
+                          ddim_steps=config.ddim_steps, eta=config.eta, clip_x0=config.clip_x0,
+                          batch_size=GRID_IMAGES, precision=config.precision, progress=progress,
+                          desc=f"grid {Path(path).stem}", compile=config.compile)
+        return save_grid(images, path)
 
 
 def load_sampling_model(path, device) -> tuple[UNet, Config, dict]:

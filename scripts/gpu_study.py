@@ -19,18 +19,14 @@ import subprocess
 import sys
 import tarfile
 import time
-from itertools import product
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mnist_diff import workload
-from mnist_diff.config import Config
+from mnist_diff.grid import reference_configs
 
-GRID = [dict(schedule=s, timesteps=t, beta_end=b, sampler=m)
-        for s, (t, b), m in product(("linear", "cosine", "quadratic", "sigmoid"), ((200, 0.08), (1000, 0.02)),
-                                    ("ddpm", "ddim"))]
 REPORT_RESERVE_S = 45      # report, figures and packing after the sweep
 STARTUP_S = 75             # worker start, CUDA context, compiling new batch shapes (grid, selection)
 SAFETY = 1.15              # the projection leaves out checkpoints, MLflow logging and Python between steps
@@ -95,7 +91,7 @@ def main() -> int:
     say(f"rates: {rates}")
 
     # 2. the protocol that fits the time left
-    configs = [Config(**point) for point in GRID]
+    configs = reference_configs()
     inception = rates.inception_images_per_s
     available = deadline - time.time() - REPORT_RESERVE_S - STARTUP_S - 60_000 / inception
     fit = workload.fit_protocol(configs, rates, available / SAFETY)

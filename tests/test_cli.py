@@ -124,11 +124,12 @@ def test_train_then_sample_end_to_end(tmp_path, data_dir):
 def test_bench_runs_on_cpu(tmp_path):
     out = tmp_path / "bench.json"
     result = run("bench", "--device", "cpu", "--channels", "8", "--batch-size", "8", "--sample-batch", "4",
-                 "--train-steps", "1", "--sample-steps", "2", "--repeats", "1", "--json", out)
+                 "--train-steps", "1", "--sample-steps", "2", "--repeats", "1", "--no-inception", "--json", out)
     assert result.exit_code == 0, result.output
     import json
     r = json.loads(out.read_text())
     assert r["train_images_per_s"] > 0 and r["ddpm_image_steps_per_s"] > 0 and r["precision"] == "fp32"
+    assert "inception_images_per_s" not in r and "Inception" not in result.output
 
 
 def unavailable_device():

@@ -73,11 +73,11 @@ def test_one_seed_tables_claims_and_files(tmp_path):
     recs, st = load_records_from_json(write_json(tmp_path / "grid_search_results.json", records, study()))
     a = write_report(recs, st, tmp_path / "report")
 
-    means = {k: {json.dumps(g["group"]): g["mean"] for g in v} for k, v in a["means"].items()}
+    means = {k: {json.dumps(g["group"]): g["mean"] for g in v["groups"]} for k, v in a["means"].items()}
     assert means["schedule"] == {'"linear"': 20, '"cosine"': 11, '"quadratic"': 10, '"sigmoid"': 30}
     assert means["timesteps_beta_end"] == {"[200, 0.08]": 18.5, "[1000, 0.02]": 17.0}
     assert means["sampler"] == {'"ddpm"': 16.5, '"ddim"': 19.0}
-    assert a["means"]["schedule"][2]["std"] == pytest.approx((4 / 3) ** 0.5)  # quadratic 9, 11, 9, 11
+    assert a["means"]["schedule"]["groups"][2]["std"] == pytest.approx((4 / 3) ** 0.5)  # quadratic 9, 11, 9, 11
     best = a["best"]
     assert (best["schedule"], best["timesteps"], best["beta_end"], best["sampler"], best["best_fid_mean"]) == \
         ("cosine", 200, 0.08, "ddim", 8)
@@ -173,7 +173,7 @@ def test_two_seeds_mean_std_and_not_enough_seeds_to_tell():
     best = a["best"]  # quadratic T=200 ddpm: 8.8 and 11.0
     assert (best["schedule"], best["timesteps"], best["sampler"]) == ("quadratic", 200, "ddpm")
     assert best["best_fid_mean"] == pytest.approx(9.9) and best["best_fid_std"] == pytest.approx(2.2 / 2 ** 0.5)
-    sampler = {g["group"]: g for g in a["means"]["sampler"]}
+    sampler = {g["group"]: g for g in a["means"]["sampler"]["groups"]}
     assert sampler["ddpm"]["mean"] == pytest.approx(17.95) and sampler["ddim"]["mean"] == pytest.approx(23.15)
     assert sampler["ddpm"]["n"] == 16
 

@@ -94,6 +94,33 @@ def test_training_is_shared_between_samplers(finished_sweep):
         assert len(trained_by) == 1 and trained_by <= {t.user_attrs["mlflow_run_id"] for t in pair}
 
 
+def test_one_point_per_training_runs_first(finished_sweep):
+    tmp_path, _, _ = finished_sweep
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/optuna.db")
+    first = sorted(study.get_trials(), key=lambda t: t.number)[:2]
+    # two trainings (one per seed): their first trials start before any second trial of a training
+    assert {t.params["seed"] for t in first} == {0, 1} and {t.params["sampler"] for t in first} == {"ddpm"}
+
+
+def test_time_by_phase_per_trial_and_summed_on_the_parent(finished_sweep):
+    tmp_path, _, _ = finished_sweep
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("e").experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("mnist_diff.role") == "study")
+    children = [r for r in runs if r.data.tags.get("mnist_diff.role") == "trial"]
+    phases = ("training", "selection_sampling", "selection_fid", "final_sampling", "final_fid", "grids",
+              "checkpoints", "other")
+    for child in children:
+        m = {k: child.data.metrics[f"seconds_{k}"] for k in phases}
+        trained = child.data.tags["mnist_diff.trained_by"] == child.info.run_id
+        assert (m["training"] > 0) == trained and (m["checkpoints"] > 0) == trained
+        assert all(m[k] > 0 for k in ("selection_sampling", "selection_fid", "final_sampling", "final_fid", "grids"))
+        assert m["other"] >= 0
+    for k in phases:  # the parent holds the sums over the trials
+        assert parent.data.metrics[f"seconds_{k}"] == pytest.approx(
+            sum(c.data.metrics[f"seconds_{k}"] for c in children))
+
+
 def test_results_json(finished_sweep):
     tmp_path, _, _ = finished_sweep
     doc = json.loads((tmp_path / "out" / "grid_search_results.json").read_text())
@@ -127,7 +154,10 @@ def test_report_from_the_finished_study(finished_sweep):
                                           f"sqlite:///{tmp_path}/mlflow.db", "--out", str(out)])
     assert result.exit_code == 0, result.output
     text = (out / "report.md").read_text()
-    assert "PARTIAL" not in text and "## Reference claims" in text
+    assert "PARTIAL" not in text
+    # a cosine-only grid lacks 12 of the 16 reference configs: no claims to check
+    assert "## Reference claims" not in text and "The reference claims are not checked" in text
+    assert "## Where the time went" in text and "| selection sampling |" in text
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -155,8 +185,11 @@ def test_report_gives_the_seed_spread(finished_sweep):
         values = by_sampler[sampler]["best_fid"]
         assert len(values) == 2 and by_sampler[sampler]["best_fid_std"] is not None
         assert by_sampler[sampler]["best_fid_mean"] == pytest.approx(sum(values) / 2)
-    ddpm_ddim = report["claims"][3]["spread"]  # 2 seeds: the difference, but no verdict on the seed spread
-    assert ddpm_ddim["n_seeds"] == 2 and ddpm_ddim["shared_training"] and ddpm_ddim["exceeds_seed_spread"] is None
+    # the sampler grouping compares the worse sampler with the better one, paired on the training and seed:
+    # 2 seeds give the difference, but no verdict on the seed spread
+    worse = next(g["vs_best"] for g in report["means"]["sampler"]["groups"] if g["vs_best"]["text"] != "best")
+    assert worse["n_seeds"] == 2 and worse["n_pairs"] == 2 and worse["shared_training"]
+    assert worse["exceeds_seed_spread"] is None
     assert "not enough seeds to tell (needs 3 seeds or more)" in (out / "report.md").read_text()
 
 

@@ -152,16 +152,34 @@ def test_smoke_preset_is_not_warned_about(cached_cpu_bench):
     assert list(cached_cpu_bench.iterdir()) == []
 
 
-def test_bench_fills_the_cache_that_sweep_reads(tmp_path, monkeypatch):
+def test_bench_full_measures_everything_sweep_projects_and_runs_the_study_path(tmp_path, monkeypatch, data_dir,
+                                                                              fid_weights):
     monkeypatch.setenv(bench_cache.ENV, str(tmp_path / "bench"))
+    monkeypatch.setenv("MNIST_DIFF_FID_CACHE", str(tmp_path / "fid-cache"))
     monkeypatch.chdir(tmp_path)
     smoke_model = ["--channels", "8", "--batch-size", "32"]  # the smoke preset's
+    full = ["--full", "--epochs", "1", "--train-samples", "64", "--fid-select-samples", "8", "--fid-samples", "10",
+            "--fid-ref-samples", "16"]
+    full += [*(["--data-dir", data_dir] if data_dir else []), *(["--fid-weights", fid_weights] if fid_weights else [])]
     result = CliRunner().invoke(cli.cli, ["bench", "--device", "cpu", *smoke_model, "--sample-batch", "4",
-                                          "--train-steps", "1", "--sample-steps", "2", "--repeats", "1"])
+                                          "--train-steps", "1", "--sample-steps", "2", "--repeats", "1", *full,
+                                          "--json", str(tmp_path / "b.json")])
     assert result.exit_code == 0, result.output
-    assert bench_cache.load(torch.device("cpu"), 8, 32, "auto")["train_images_per_s"] > 0
+    cached = bench_cache.load(torch.device("cpu"), 8, 32, "auto")
+    assert cached["train_images_per_s"] > 0 and cached["inception_images_per_s"] > 0
+    assert 0 < cached["fid_fixed_seconds"] < 60
+    assert "the reference study (16 configs, default protocol) on this device: " in result.output
+    # --full: one real training with the study's FID protocol scaled down, every phase timed, one table
+    r = json.loads((tmp_path / "b.json").read_text())["full"]
+    assert r["config"]["schedule"] == "cosine" and r["config"]["epochs"] == 1
+    assert set(r["epoch_fids"]) == {"1"} and r["best_epoch"] == 1 and r["best_fid"] > 0
+    assert all(r["seconds"][k] > 0 for k in ("training", "selection_sampling", "selection_fid", "final_sampling",
+                                              "final_fid", "grids", "checkpoints"))
+    assert "full check: cosine, T=200, ddpm, 1 epoch(s)" in result.output and "final FID (best epoch 1)" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json", "bench", "fid-cache"]  # the training: a temp dir
     result = CliRunner().invoke(cli.cli, ["sweep", "--dry-run", "--device", "cpu", "--preset", "smoke"])
     assert result.exit_code == 0 and "measuring" not in result.output and "rates: bench of " in result.output
+    assert "(estimate)" not in result.output  # Inception and the FID fixed cost are measured now
 
 
 def test_sweep_measures_once_without_a_cache(tmp_path, monkeypatch):
