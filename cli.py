@@ -406,6 +406,7 @@ SMOKE = {"epochs": 2, "batch_size": 32, "train_samples": 256, "channels": 8, "wa
 @click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True,
               help="Run each grid point with seeds 0..K-1 (training shared across samplers as usual).")
 @click.option("--grid", "grid_options", multiple=True, metavar="NAME=V1,V2",
+              callback=lambda ctx, param, values: tuple(v for v in values if v.strip()),  # '': not given
               help="Vary any config field too: ddim_steps=10,50,100; coupled fields as one dimension: "
                    "timesteps:beta_end=200:0.08,500:0.04. Repeatable; ';' separates several in one value. "
                    "A dimension replaces the reference one it shares a field with (e.g. sampler=ddim).")

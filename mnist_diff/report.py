@@ -540,8 +540,9 @@ def report_blocks(a: dict, montage_missing: list[str]) -> list[tuple]:
     if a["claims"]:
         b.append(("h2", "Reference claims"))
         if a["varied"]:
-            b.append(("p", "Checked on the points where " + ", ".join(a["varied"]) + " take the reference "
-                           "study's values (the defaults)."))
+            one = len(a["varied"]) == 1
+            b.append(("p", f"Checked on the points where {', '.join(a['varied'])} {'takes' if one else 'take'} the "
+                           f"reference study's value{'' if one else 's'} (the default{'' if one else 's'})."))
         b.append(("table", ["#", "claim", "verdict", "numbers", "vs seed spread"],
                   [[c["claim"], c["text"], f"**{c['verdict']}**", c["numbers"], c["spread"]["text"]]
                    for c in a["claims"]]))

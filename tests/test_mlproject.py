@@ -129,6 +129,23 @@ def test_mlflow_run_main_smoke_runs_every_grid_point(tmp_path):
     assert p["train-samples"] == "''" and p["train_samples"] == "256" and p["epochs"] == "1"
 
 
+def test_mlflow_run_main_with_a_grid(tmp_path):
+    mlflow_run(tmp_path, "-P", "preset=smoke", "-P", "schedule=cosine", "-P", "timesteps=200", "-P", "sampler=ddim",
+               "-P", "grid=ddim_steps=2,5", "-P", f"storage=sqlite:///{tmp_path}/optuna.db", "-P", f"out={tmp_path}/out",
+               "-P", "epochs=1", "-P", "fid-select-samples=2", "-P", "fid-samples=2", "-P", "fid-ref-samples=2")
+    study = optuna.load_study(study_name="mnist-diff-study", storage=f"sqlite:///{tmp_path}/optuna.db")
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert sorted(t.params["ddim_steps"] for t in trials) == [2, 5]
+    assert len([p for p in (tmp_path / "out" / "trainings").iterdir() if p.is_dir()]) == 1  # a sampling field
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    (parent,) = [r for r in runs if r.data.tags.get("mnist_diff.role") == "study"]
+    assert parent.data.params["grid"] == "ddim_steps=2,5"  # as typed; the whole grid as resolved:
+    assert parent.data.params["grid.resolved"] == ("schedule=cosine; timesteps:beta_end=200:0.08; sampler=ddim; "
+                                                   "ddim_steps=2,5; seed=0")
+
+
 def test_mlflow_run_train_with_a_few_parameters(tmp_path):
     mlflow_run(tmp_path, "-e", "train", "-P", f"out={tmp_path}/run", "-P", "timesteps=20", "-P", "ddim-steps=20",
                "-P", "channels=8", "-P", "train-samples=128", "-P", "epochs=1", "-P", "fid-every=0",

@@ -288,3 +288,27 @@ def test_tracker_logs_report_files(tmp_path, monkeypatch):
     a = write_report(one_seed_records(), study(), tmp_path / "out", tracker=tracker)
     logged = {f.path for f in tracker.client.list_artifacts(tracker.run_id, "report")}
     assert logged == {f"report/{name}" for name in a["files"]}
+
+
+def test_a_grid_holding_the_reference_grid_checks_the_claims_at_the_reference_values():
+    """Reference grid x eta {0, 0.5}: the claims use the eta = 0 points (the reference study's value) only,
+    so they come out as on the reference grid, while the tables group by eta too."""
+    recs = []
+    for i, r in enumerate(one_seed_records()):
+        for eta, shift in ((0.0, 0), (0.5, 100)):  # eta = 0.5 much worse, and would flip claims if mixed in
+            recs.append({**r, "trial": 2 * i + (eta > 0), "params": {**r["params"], "eta": eta},
+                         "best_fid": r["best_fid"] + shift * (r["params"]["schedule"] == "linear")})
+    grid = {"schedule": GRID["schedule"], "timesteps_beta_end": GRID["timesteps_beta_end"],
+            "sampler": GRID["sampler"], "eta": [0.0, 0.5], "seed": [0]}
+    a = analyse(recs, {**study(grid), "grid_fields": {"timesteps_beta_end": ["timesteps", "beta_end"]}})
+    assert a["points_expected"] == 32 and a["points_complete"] == 32 and a["varied"] == ["eta"]
+    assert by_claim(a) == EXPECTED_VERDICTS
+    eta = {g["group"]: g for g in a["means"]["eta"]["groups"]}
+    assert eta[0.5]["mean"] - eta[0.0]["mean"] == pytest.approx(100 * 4 / 16)  # linear's 4 configs of 16
+    assert eta[0.0]["vs_best"]["text"] == "best" and eta[0.5]["vs_best"]["n_pairs"] == 16
+    text = to_markdown(report_blocks(a, []))
+    assert "Checked on the points where eta takes the reference study's value (the default)" in text
+    # without the eta = 0 points the grid no longer holds the reference grid: no claims
+    a = analyse([r for r in recs if r["params"]["eta"] == 0.5],
+                {**study({**grid, "eta": [0.5]}), "grid_fields": {}})
+    assert a["claims"] == []
