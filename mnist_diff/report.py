@@ -1,15 +1,14 @@
-"""The study's findings: tables, the reference claims checked against this study's numbers, figures.
+"""The study's findings as data: tables, groupings, the reference claims checked against this study's numbers.
 
 Pure functions turn records (one per trial, the `results` of `grid_search_results.json`, or the same built
-from MLflow by `tracking.load_study_from_mlflow`) into the `report.json` dict; `write_report` then renders it
-as Markdown and HTML and draws the figures. No mlflow import here: a tracker, when given, is duck-typed.
+from MLflow by `tracking.load_study_from_mlflow`) into the `report.json` dict. `write_report` writes the
+files: the text comes from `report_render`, the figures from `report_figures`. No mlflow import here: a
+tracker, when given, is duck-typed.
 """
 from __future__ import annotations
 
-import html
 import json
 import math
-import re
 from collections import defaultdict
 from itertools import product
 from pathlib import Path
@@ -487,244 +486,15 @@ def time_by_phase(records: list[dict]) -> dict:
     return {"trials": len(timed), "seconds": sums}
 
 
-# -- rendering ----------------------------------------------------------------------------------------------
-def _num(x, fmt=".2f") -> str:
-    return "–" if x is None else format(x, fmt)
-
-
-def _pm(mean, std) -> str:
-    return _num(mean) + ("" if std is None else f" ± {std:.2f}")
-
-
 def _group_label(g) -> str:
     return f"T={g[0]}, β_end={g[1]:g}" if isinstance(g, (list, tuple)) else _fmt(g)
-
-
-def report_blocks(a: dict, montage_missing: list[str]) -> list[tuple]:
-    """The report as blocks: (h1|h2|p, text), (ul, items), (table, headers, rows), (img, file, alt)."""
-    b = [("h1", f"Study `{a['study_name']}`: report")]
-    n, k = a["points_expected"], a["points_complete"]
-    b.append(("p", f"**PARTIAL: {k} of {n} grid points complete.** Claims that need the missing points are "
-                   "undetermined; means use the complete points only." if a["partial"]
-              else f"Complete: all {n} grid points have a COMPLETE result."))
-    grid = a["grid"] or {}
-    dims = "; ".join(f"{key} = {v}" for key, v in grid.items())
-    fixed = ", ".join(f"{key}={v}" for key, v in a["fixed"].items())
-    b.append(("p", f"Grid: {dims}." + (f" Fixed: {fixed}." if fixed else "")))
-    clip = {True: "on (clip_x0=True): both samplers clip the predicted x0 to [-1, 1] at every step",
-            False: "off (clip_x0=False): the samplers follow the closed-form updates unclipped",
-            None: "not recorded (studies from before the clip_x0 option always clipped)"}[a["clip_x0"]]
-    b.append(("p", f"**x0 clipping: {clip}.** Clipping changes DDPM (clipped at each of its T steps) and DDIM "
-                   "(clipped at each of its ddim_steps steps, eps recomputed from the clipped x0) differently, "
-                   "so the DDPM-vs-DDIM comparison (claims 4 and 5) holds for this setting only."))
-    b.append(("p", "best FID = the final FID of each config's best epoch; the best epoch is chosen by the per-epoch "
-                   "selection FID (best_fid_select, fewer samples). Lower is better."))
-    if a["multi_seed"]:
-        few = len(a["seeds"]) < MIN_SEEDS
-        b.append(("p", f"Seeds {a['seeds']}: values are mean ± std (sample std, ddof=1) over seeds. "
-                       f"Seed spread method: {a['spread_method']}."
-                       + (f" With {len(a['seeds'])} seeds the seed-spread column says {NOT_ENOUGH_SEEDS}: "
-                          "no difference below can yet be told apart from seed noise." if few else "")))
-    else:
-        b.append(("p", f"One seed ({a['seeds'] or 'none'}): no seed-to-seed spread can be estimated, so no "
-                       "difference below can be told apart from seed noise."))
-    b.append(("p", "Note: the cosine schedule ignores beta_start/beta_end; its two settings differ only in T."))
-
-    b.append(("h2", "Best config" + (" (among the complete points so far)" if a["partial"] else "")))
-    best = a["best"]
-    b.append(("p", "none (no complete result)" if best is None else
-              f"**{_label((best['schedule'], best['timesteps'], best['beta_end'], best['sampler']))}**: best FID "
-              f"{_pm(best['best_fid_mean'], best['best_fid_std'])} (best epoch "
-              f"{', '.join(map(str, best['best_epoch']))})"))
-
-    if a["claims"]:
-        b.append(("h2", "Reference claims"))
-        if a["varied"]:
-            one = len(a["varied"]) == 1
-            b.append(("p", f"Checked on the points where {', '.join(a['varied'])} {'takes' if one else 'take'} the "
-                           f"reference study's value{'' if one else 's'} (the default{'' if one else 's'})."))
-        b.append(("table", ["#", "claim", "verdict", "numbers", "vs seed spread"],
-                  [[c["claim"], c["text"], f"**{c['verdict']}**", c["numbers"], c["spread"]["text"]]
-                   for c in a["claims"]]))
-    else:
-        b.append(("p", "The reference claims are not checked: they need all 16 reference configs (4 schedules × "
-                       "(T, β_end) in {(200, 0.08), (1000, 0.02)} × DDPM, DDIM), which this grid does not hold."))
-
-    extra = list(a["configs"][0]["extra"]) if a["configs"] else []
-    b.append(("h2", "All configs (sorted by best FID)"))
-    b.append(("table", ["schedule", "T", "β_end", "sampler", *extra, "seeds", "best FID", "best epoch",
-                        "best_fid_select", "train s", "final sampling s"],
-              [[r["schedule"], r["timesteps"], f"{r['beta_end']:g}", r["sampler"],
-                *(_fmt(r["extra"][f]) for f in extra), len(r["seeds"]),
-                _pm(r["best_fid_mean"], r["best_fid_std"]), ", ".join(map(str, r["best_epoch"])),
-                _num(r["best_fid_select_mean"]), _num(r["train_seconds_mean"], ".0f"),
-                _num(r["final_sampling_seconds_mean"], ".1f")] for r in a["configs"]]))
-
-    for m in a["means"].values():
-        title = m["title"]
-        b.append(("h2", f"Mean best FID by {title}"))
-        b.append(("table", [title, "mean", "std", "n (complete / expected)", "vs the best (paired over seeds)"],
-                  [[_group_label(g["group"]), _num(g["mean"]), _num(g["std"]), f"{g['n']} / {g['n_expected']}",
-                    g["vs_best"]["text"]] for g in m["groups"]]))
-
-    spent = a["time"]["seconds"]
-    if spent:
-        total = sum(spent.values()) or 1.0
-        b.append(("h2", "Where the time went"))
-        b.append(("p", f"Seconds per phase, summed over the {a['time']['trials']} trials that recorded them "
-                       "(trials on several workers overlap: the sum exceeds the wall time)."))
-        b.append(("table", ["phase", "seconds", "share"],
-                  [[k.replace("_", " "), _num(v, ".1f"), f"{100 * v / total:.0f}%"] for k, v in spent.items()]
-                  + [["total", _num(sum(spent.values()), ".1f"), "100%"]]))
-
-    b.append(("h2", "Missing / incomplete"))
-    b.append(("ul", [f"{_point_label(m['point'])}: {m['state']}"
-                     + ("" if m["trial"] is None else f" (trial {m['trial']})")
-                     + (f": {str(m['error']).splitlines()[0][:200]}" if m["error"] else "") for m in a["missing"]]
-              or ["none"]))
-    if a["off_grid_runs"]:
-        b.append(("p", f"Ignored {len(a['off_grid_runs'])} complete run(s) outside the grid: {a['off_grid_runs']}"))
-
-    b.append(("h2", "Figures"))
-    b.append(("img", "fid_vs_epoch.png", "selection FID against epoch, every config"))
-    b.append(("img", "mean_fid_bars.png", "mean best FID by each grid dimension"))
-    b.append(("img", "samples_montage.png", "each config's samples at its best epoch"))
-    if montage_missing:
-        b.append(("p", "Sample grids not found (left out of the montage): " + "; ".join(montage_missing) + "."))
-    b.append(("img", "schedules.png", "alpha_bar and log-SNR of the grid's schedule settings"))
-    return b
-
-
-def _point_label(d: dict) -> str:
-    extra = tuple((k, v) for k, v in d.items() if k not in (*REFERENCE_FIELDS, "seed"))
-    return _label(Point(d["schedule"], d["timesteps"], d["beta_end"], d["sampler"], d["seed"], extra))
-
-
-def to_markdown(blocks: list[tuple]) -> str:
-    out = []
-    for kind, *rest in blocks:
-        if kind in ("h1", "h2"):
-            out.append("#" * int(kind[1]) + " " + rest[0])
-        elif kind == "p":
-            out.append(rest[0])
-        elif kind == "ul":
-            out.append("\n".join(f"- {i}" for i in rest[0]))
-        elif kind == "table":
-            head, rows = rest
-            cell = lambda x: str(x).replace("|", "\\|")  # noqa: E731
-            out.append("\n".join(["| " + " | ".join(map(cell, head)) + " |", "|" + "---|" * len(head)]
-                                 + ["| " + " | ".join(map(cell, r)) + " |" for r in rows]))
-        elif kind == "img":
-            out.append(f"![{rest[1]}]({rest[0]})")
-    return "\n\n".join(out) + "\n"
-
-
-def _inline(text) -> str:
-    s = html.escape(str(text))
-    s = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", s)
-    return re.sub(r"`(.+?)`", r"<code>\1</code>", s)
-
-
-def to_html(blocks: list[tuple], title: str) -> str:
-    out = []
-    for kind, *rest in blocks:
-        if kind in ("h1", "h2", "p"):
-            out.append(f"<{kind}>{_inline(rest[0])}</{kind}>")
-        elif kind == "ul":
-            out.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in rest[0]) + "</ul>")
-        elif kind == "table":
-            head, rows = rest
-            out.append("<table><tr>" + "".join(f"<th>{_inline(h)}</th>" for h in head) + "</tr>"
-                       + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in rows)
-                       + "</table>")
-        elif kind == "img":
-            out.append(f'<p><img src="{html.escape(rest[0])}" alt="{html.escape(rest[1])}"></p>')
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:3px 6px;font-size:90%}img{max-width:100%}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n")
-
-
-# -- figures ------------------------------------------------------------------------------------------------
-def fid_vs_epoch_figure(complete: dict):
-    """Selection FID against epoch, one panel per schedule; with several seeds, the seed mean per epoch."""
-    from .plots import plt
-    by_cfg = defaultdict(list)
-    for p, r in complete.items():  # `complete` is in grid order, so panels and lines are too
-        by_cfg[p.config].append(r["epoch_fids"])
-    schedules = list(dict.fromkeys(c[0] for c in by_cfg)) or ["(no results)"]
-    fig, axes = plt.subplots(1, len(schedules), figsize=(4 * len(schedules), 3.6), sharey=True, squeeze=False)
-    for ax, s in zip(axes[0], schedules):
-        for cfg in (c for c in by_cfg if c[0] == s):
-            epochs = sorted(set.intersection(*(set(f) for f in by_cfg[cfg])))
-            ys = [np.mean([f[e] for f in by_cfg[cfg]]) for e in epochs]
-            ax.plot(epochs, ys, marker=".", label=f"T={cfg[1]} β={cfg[2]:g} {cfg[3]}"
-                    + "".join(f" {k}={_fmt(v)}" for k, v in cfg[4]))
-        ax.set(title=s, xlabel="epoch")
-        ax.grid(alpha=0.3)
-        if ax.get_lines():
-            ax.set_yscale("log")  # FID falls by an order of magnitude over training
-            ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("selection FID")
-    fig.tight_layout()
-    return fig
-
-
-def mean_bars_figure(means: dict):
-    from .plots import plt
-    fig, axes = plt.subplots(1, len(means), figsize=(4.4 * len(means), 3.6), squeeze=False)
-    for ax, m in zip(axes[0], means.values()):
-        title = m["title"]
-        groups = [g for g in m["groups"] if g["mean"] is not None]
-        x = range(len(groups))
-        ax.bar(x, [g["mean"] for g in groups], yerr=[g["std"] or 0 for g in groups], capsize=4,
-               color=[f"C{i}" for i in x])
-        ax.set_xticks(list(x), [_group_label(g["group"]) for g in groups], fontsize=8)
-        ax.set(title=f"by {title}", ylabel="mean best FID (± std)")
-        ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    return fig
-
-
-def montage_figure(complete: dict):
-    """Each config's grid at its best epoch (of its best seed), in grid order; returns (figure, configs
-    without a grid file)."""
-    from PIL import Image
-    from .plots import plt
-    shown, absent = [], []
-    for cfg in dict.fromkeys(p.config for p in complete):
-        p, r = min(((p, r) for p, r in complete.items() if p.config == cfg), key=lambda x: x[1]["best_fid"])
-        path = Path(r["samples_dir"]) / f"epoch-{r['best_epoch']:03d}.png" if r["samples_dir"] else None
-        if path is not None and path.is_file():
-            shown.append((p, r, path))
-        else:
-            absent.append(_label(cfg) + (f" ({path})" if path else " (no samples_dir)"))
-    cols = min(4, max(1, len(shown)))
-    rows = max(1, -(-len(shown) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.3 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, (p, r, path) in zip(axes.flat, shown):
-        with Image.open(path) as im:
-            ax.imshow(np.asarray(im.convert("L")), cmap="gray", vmin=0, vmax=255)
-        ax.set_title(f"{p.schedule} T={p.timesteps} β={p.beta_end:g} {p.sampler}"
-                     + "".join(f" {k}={_fmt(v)}" for k, v in p.extra) + "\n"
-                     f"FID {r['best_fid']:.2f} @ epoch {r['best_epoch']}", fontsize=8)
-    if not shown:
-        axes[0][0].text(0.5, 0.5, "no sample grids found", ha="center", va="center")
-    fig.tight_layout()
-    return fig, absent
-
-
-def schedule_settings(expected: list[Point], fixed: dict) -> list[tuple]:
-    """(schedule, T, beta_start, beta_end) for each distinct schedule setting in the grid."""
-    b0 = float(fixed.get("beta_start", 1e-4))
-    return list(dict.fromkeys((p.schedule, p.timesteps, b0, p.beta_end) for p in expected))
 
 
 def write_report(records: list[dict], study: dict, out_dir: Path, *, tracker=None) -> dict:
     """Write report.md/.html/.json and the figures into out_dir; log them to `tracker` under report/."""
     from . import plots
+    from .report_figures import fid_vs_epoch_figure, mean_bars_figure, montage_figure, schedule_settings
+    from .report_render import report_blocks, to_html, to_markdown
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     a = analyse(records, study)

@@ -8,7 +8,8 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from mnist_diff.report import (HOLDS, NOT_ENOUGH_SEEDS, NOT_HOLDS, UNDETERMINED, analyse, load_records_from_json,
-                               report_blocks, sign_test, t_interval, to_markdown, write_report)
+                               sign_test, t_interval, write_report)
+from mnist_diff.report_render import report_blocks, to_markdown
 from mnist_diff.tracking import Tracker, load_study_from_mlflow
 
 GRID = {"schedule": ["linear", "cosine", "quadratic", "sigmoid"], "timesteps_beta_end": [[200, 0.08], [1000, 0.02]],
