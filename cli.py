@@ -230,7 +230,8 @@ def checked_tracking_uri(tracking_uri) -> str:
     try:
         tracking.check_reachable(uri)
     except tracking.TrackingUnavailable as err:
-        raise BadInput(str(err))
+        from mnist_diff.redact import redact_text
+        raise BadInput(redact_text(str(err), uri))
     return uri
 
 
@@ -586,7 +587,8 @@ def check_storage(url: str) -> None:
         with engine.connect():
             pass
     except Exception as err:
-        raise BadInput(f"--storage {url} is unreachable: {str(err).splitlines()[0]}")
+        from mnist_diff.redact import redact_text, redact_url
+        raise BadInput(f"--storage {redact_url(url)} is unreachable: {redact_text(str(err).splitlines()[0], url)}")
 
 
 @cli.command()

@@ -31,6 +31,7 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 
 from . import timing
 from .config import Config
+from .redact import redact_url
 from .grid import STUDY_PAIRS, STUDY_SAMPLERS, STUDY_SCHEDULES, Grid, reference_dims
 from .evaluate import Reference
 from .atomic import write_json
@@ -89,7 +90,10 @@ class Sweep:
 def make_storage(url: str, heartbeat: int | None = None, on_stale=None):
     """An RDB storage; SQLite waits up to 60 s for a lock instead of failing with 'database is locked'.
     `on_stale(study, trial)` runs for each trial Optuna fails because its heartbeat stopped."""
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    # A server connection may be dropped while a trial runs for an hour: test it before use, renew it hourly;
+    # a process needs few (the trial and the heartbeat thread).
+    engine_kwargs = ({"connect_args": {"timeout": 60}} if url.startswith("sqlite") else
+                     {"pool_pre_ping": True, "pool_recycle": 3600, "pool_size": 2, "max_overflow": 4})
     kwargs = {}
     if heartbeat:
         kwargs = dict(heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
@@ -295,20 +299,53 @@ class Objective:
         return value if value is not None else result.get("best_fid_select", float("nan"))
 
 
-def parent_run(sweep: Sweep, study: optuna.Study) -> Tracker:
-    """The study's parent MLflow run: found again by tag when the sweep resumes, else created."""
+CLAIM_SUFFIX = ".mnist-diff-claim"
+PARENT_WAIT_S = 120.0
+
+
+def claim_study(sweep: Sweep) -> bool:
+    """True for exactly one `sweep` command per study, however many start at the same instant, on however many
+    machines: creating an Optuna study is atomic in the shared storage (study names are unique), so whoever
+    creates the marker study `<name>.mnist-diff-claim` sets the study up (queues its points, creates its
+    parent run) and the others wait for that."""
+    try:
+        optuna.create_study(study_name=sweep.study_name + CLAIM_SUFFIX, storage=make_storage(sweep.storage))
+        return True
+    except optuna.exceptions.DuplicatedStudyError:
+        return False
+
+
+def _existing_parent(sweep: Sweep, study: optuna.Study, tracker: Tracker, claimed: bool):
+    """The parent run another command made, waiting for it while the claimant creates it; None when this
+    command must create it (it holds the claim, or the claimant died before creating it)."""
+    deadline = time.monotonic() + PARENT_WAIT_S
+    while True:
+        known = study.user_attrs.get("mlflow_parent_run_id")  # read from the storage each time
+        if known:
+            return tracker.client.get_run(known)
+        # Not MLflow before that: the claimant may be creating its store (two SQLite migrations would collide).
+        if claimed or time.monotonic() > deadline:
+            existing = find_study_run(tracker.client, tracker.uri, sweep.experiment, sweep.study_name)  # an old one
+            if existing is None and not claimed:
+                log.warning("study %s: the command that claimed it made no parent run in %.0f s; making one",
+                            sweep.study_name, PARENT_WAIT_S)
+            return existing
+        time.sleep(0.5)
+
+
+def parent_run(sweep: Sweep, study: optuna.Study, claimed: bool = True) -> Tracker:
+    """The study's one parent MLflow run: found again when the sweep resumes or another command made it,
+    else created (by the command that `claim_study` chose)."""
     tracker = Tracker(sweep.tracking_uri, sweep.experiment, run_name=sweep.study_name,
                       tags={"mnist_diff.role": "study", "mnist_diff.study": sweep.study_name})
-    known = study.user_attrs.get("mlflow_parent_run_id")  # set by whichever sweep command came first
-    existing = (tracker.client.get_run(known) if known else
-                find_study_run(tracker.client, tracker.uri, sweep.experiment, sweep.study_name))
+    existing = _existing_parent(sweep, study, tracker, claimed)
     if existing is not None:
         tracker.run_id, tracker.experiment_id = existing.info.run_id, existing.info.experiment_id
         tracker.client.update_run(tracker.run_id, status="RUNNING")
     else:
         tracker.start()
         tracker.log_params({**sweep.fixed, "study_name": sweep.study_name, "grid_size": sweep.size,
-                            "grid": grid_text(sweep.grid), "storage": sweep.storage})
+                            "grid": grid_text(sweep.grid), "storage": redact_url(sweep.storage)})
         tracker.log_dict(study_doc(sweep), "study.json")
     study.set_user_attr("mlflow_parent_run_id", tracker.run_id)
     return tracker
@@ -573,10 +610,11 @@ def run_sweep(sweep: Sweep, workers: int = 1, retry_failed: bool = False) -> dic
     prefetch(sweep)
     optuna.storages.fail_stale_trials(study)  # workers killed -9: StaleTrial marks their runs KILLED, retries
     _requeue_failed(study, sweep, retry_failed)
-    if not study.get_trials(deepcopy=False):  # a new study: queue its points, one of each training first
+    claimed = claim_study(sweep)
+    if claimed and not study.get_trials(deepcopy=False):  # a new study: its points, one of each training first
         for params in trainings_first(sweep):
             enqueue(study, params)
-    parent = parent_run(sweep, study)
+    parent = parent_run(sweep, study, claimed)
     live = {t.user_attrs.get("mlflow_run_id") for t in study.get_trials(deepcopy=False)
             if t.state == optuna.trial.TrialState.RUNNING}
     reconciled = reconcile_orphans(parent.client, parent.uri, sweep.experiment, sweep.study_name, live)

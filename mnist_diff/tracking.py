@@ -20,6 +20,7 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from .redact import redact_url
 from .train import Callback, EpochEnd, ema_decay_at, ema_nominal_step
 
 log = logging.getLogger(__name__)
@@ -79,12 +80,12 @@ def git_commit() -> str | None:
 
 def ui_command(uri: str) -> str:
     if uri.startswith(("http://", "https://")):
-        return f"open {uri}"
-    return f"mlflow ui --backend-store-uri {uri}"
+        return f"open {redact_url(uri)}"
+    return f"mlflow ui --backend-store-uri {redact_url(uri)}"
 
 
 def run_url(uri: str, experiment_id: str, run_id: str) -> str:
-    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    base = redact_url(uri).rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
     return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
 
 

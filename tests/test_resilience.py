@@ -230,7 +230,8 @@ def test_a_worker_that_exits_with_an_error_fails_the_command(tmp_path):
 
 
 def test_parallel_workers_and_separate_commands_share_the_grid(tmp_path):
-    """Two `sweep` commands with --workers 2 each: 4 processes on one SQLite storage, 4 grid points, 2 trainings."""
+    """Two `sweep` commands started together, --workers 2 each: 4 processes on one SQLite storage, 4 grid points,
+    2 trainings, one parent run."""
     env = {**os.environ, "MNIST_DIFF_FID_CACHE": str(tmp_path / "fid-cache")}
     cmd = sweep_cmd(tmp_path, "--workers", "2")
     for flag, value in (("--schedule", "linear"), ("--sampler", "ddim")):
@@ -238,9 +239,9 @@ def test_parallel_workers_and_separate_commands_share_the_grid(tmp_path):
     cmd += ["--schedule", "linear", "--schedule", "cosine"]
     cmd[cmd.index("--epochs") + 1] = "1"
     cmd[cmd.index("--train-samples") + 1] = "64"
-    first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    time.sleep(3)  # so the first command has made the study's parent run
-    second = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # started in the same instant: one of them sets the study up (its queue, its one parent run)
+    first, second = (subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True) for _ in range(2))
     outputs = [p.communicate(timeout=600)[0] for p in (first, second)]
     assert first.returncode == 0 and second.returncode == 0, outputs
     assert not any("database is locked" in o for o in outputs)

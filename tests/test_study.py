@@ -313,3 +313,12 @@ def test_which_failed_points_a_new_sweep_queues_again(tmp_path):
     assert parent_status(study, sweep, interrupted=False)[1] == "2 grid point(s) failed, 2 not run; 0/4 complete"
     assert _requeue_failed(study, sweep, retry_failed=True) == 2  # the rest, deterministic too, with fresh budget
     assert {k: v["retries"] for k, v in queued().items()} == {"linear": 0, "cosine": 1, "quadratic": 0, "sigmoid": 1}
+
+
+def test_one_command_claims_a_study(tmp_path):
+    """However many `sweep` commands start at once, exactly one sets the study up (see the two-command test in
+    test_resilience for the end-to-end version)."""
+    from mnist_diff.study import claim_study
+    sweep = Sweep(study_name="c", out_dir=tmp_path, base=Config(), storage=f"sqlite:///{tmp_path}/optuna.db")
+    assert [claim_study(sweep) for _ in range(3)] == [True, False, False]
+    assert claim_study(Sweep(study_name="other", out_dir=tmp_path, base=Config(), storage=sweep.storage))
