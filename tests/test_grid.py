@@ -176,3 +176,14 @@ def test_report_groups_by_the_varied_fields(custom_sweep, source):
     assert "| schedule | T | β_end | sampler | channels | ddim_steps | seeds |" in text
     assert "## Reference claims" not in text
     assert (out / "samples_montage.png").stat().st_size > 0
+
+
+def test_resuming_with_another_grid_is_refused(custom_sweep):
+    tmp_path, _ = custom_sweep
+    args = ["sweep", "--study-name", "g", "--storage", f"sqlite:///{tmp_path}/optuna.db",
+            "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--experiment", "e", "--out", str(tmp_path / "out"),
+            *TINY, "--schedule", "cosine", "--timesteps", "200", "--sampler", "ddim", "--grid", "channels=8,32",
+            "--grid", "ddim_steps=2,5"]
+    result = CliRunner().invoke(cli.cli, args)
+    assert result.exit_code == 2 and "study 'g' exists with another grid" in result.output, result.output
+    assert len(optuna.load_study(study_name="g", storage=f"sqlite:///{tmp_path}/optuna.db").get_trials()) == 4
