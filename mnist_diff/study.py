@@ -11,13 +11,11 @@ tags name the run that made the training's last optimizer step.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
 import signal
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
@@ -31,6 +29,7 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 
 from . import timing
 from .config import Config
+from .locks import exclusive, file_lock, is_postgres
 from .redact import redact_url
 from .grid import STUDY_PAIRS, STUDY_SAMPLERS, STUDY_SCHEDULES, Grid, reference_dims
 from .evaluate import Reference
@@ -98,6 +97,15 @@ def make_storage(url: str, heartbeat: int | None = None, on_stale=None):
     if heartbeat:
         kwargs = dict(heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
                       heartbeat_stale_trial_callback=on_stale)
+    # The first use of a database creates Optuna's tables: commands starting together on a new database would
+    # collide on it (SQLite: INSERT INTO alembic_version; PostgreSQL: CREATE TYPE ... already exists).
+    if is_postgres(url):
+        with exclusive(url, "optuna-storage-init", Path(".")):
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+    if url.startswith("sqlite:///"):
+        db = Path(url[len("sqlite:///"):]).expanduser()
+        with file_lock(db.parent / f".{db.name}.lock"):
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
     return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
 
 
@@ -143,18 +151,6 @@ def remaining(study: optuna.Study, sweep: Sweep) -> int:
     """Grid points no trial has finished (GridSampler counts FAIL and PRUNED as done, and so do we)."""
     done = {tuple(sorted(t.params.items())) for t in study.get_trials(deepcopy=False) if t.state in DONE_STATES}
     return sweep.size - len(done)
-
-
-@contextmanager
-def training_lock(path: Path):
-    """Exclusive lock on one training config: two workers never train the same model at once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # -- failures and retries -------------------------------------------------------------------------------------
@@ -269,7 +265,8 @@ class Objective:
         with tracker.run():
             trial.set_user_attr("mlflow_run_id", tracker.run_id)
             tracker.set_tags({"mnist_diff.samples_dir": samples_dir})
-            with training_lock(s.out_dir / "trainings" / f"{key}.lock"):
+            # two workers, on this machine or (with PostgreSQL) any other, never train one model at once
+            with exclusive(s.storage, f"training-{key}", s.out_dir / "trainings"):
                 done_marker = train_dir / "training_done.json"
                 if done_marker.exists():
                     trained_by = json.loads(done_marker.read_text())["run_id"]
@@ -315,30 +312,30 @@ def claim_study(sweep: Sweep) -> bool:
         return False
 
 
-def _existing_parent(sweep: Sweep, study: optuna.Study, tracker: Tracker, claimed: bool):
-    """The parent run another command made, waiting for it while the claimant creates it; None when this
-    command must create it (it holds the claim, or the claimant died before creating it)."""
+def _parent_id(sweep: Sweep, study: optuna.Study, claimed: bool) -> str | None:
+    """The parent run id another command recorded in the study, waiting for it while the claimant creates it;
+    None when this command holds the claim (or the claimant died first). Reads Optuna only: until the
+    claimant has made the MLflow store, touching it too would collide (SQLite's migrations do)."""
     deadline = time.monotonic() + PARENT_WAIT_S
     while True:
         known = study.user_attrs.get("mlflow_parent_run_id")  # read from the storage each time
-        if known:
-            return tracker.client.get_run(known)
-        # Not MLflow before that: the claimant may be creating its store (two SQLite migrations would collide).
-        if claimed or time.monotonic() > deadline:
-            existing = find_study_run(tracker.client, tracker.uri, sweep.experiment, sweep.study_name)  # an old one
-            if existing is None and not claimed:
-                log.warning("study %s: the command that claimed it made no parent run in %.0f s; making one",
-                            sweep.study_name, PARENT_WAIT_S)
-            return existing
+        if known or claimed:
+            return known
+        if time.monotonic() > deadline:
+            log.warning("study %s: the command that claimed it made no parent run in %.0f s; making one",
+                        sweep.study_name, PARENT_WAIT_S)
+            return None
         time.sleep(0.5)
 
 
 def parent_run(sweep: Sweep, study: optuna.Study, claimed: bool = True) -> Tracker:
     """The study's one parent MLflow run: found again when the sweep resumes or another command made it,
     else created (by the command that `claim_study` chose)."""
+    known = _parent_id(sweep, study, claimed)
     tracker = Tracker(sweep.tracking_uri, sweep.experiment, run_name=sweep.study_name,
                       tags={"mnist_diff.role": "study", "mnist_diff.study": sweep.study_name})
-    existing = _existing_parent(sweep, study, tracker, claimed)
+    existing = (tracker.client.get_run(known) if known else  # else one made before studies were claimed
+                find_study_run(tracker.client, tracker.uri, sweep.experiment, sweep.study_name))
     if existing is not None:
         tracker.run_id, tracker.experiment_id = existing.info.run_id, existing.info.experiment_id
         tracker.client.update_run(tracker.run_id, status="RUNNING")
@@ -528,7 +525,7 @@ def prefetch(sweep: Sweep) -> None:
     from .evaluate import ensure_reference_stats
     from .device import resolve_device
 
-    with training_lock(sweep.out_dir / "prefetch.lock"):
+    with file_lock(sweep.out_dir / "prefetch.lock"):
         load_mnist(sweep.data_dir, train=True, limit=1)
         reference = Reference(sweep.base.fid_ref, sweep.base.fid_ref_samples, sweep.data_dir, sweep.fid_weights)
         ensure_reference_stats(reference, device=resolve_device(sweep.device))
