@@ -11,10 +11,12 @@ tags name the run that made the training's last optimizer step.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import signal
+import tempfile
 import time
 from dataclasses import dataclass, field
 from itertools import product
@@ -102,9 +104,10 @@ def make_storage(url: str, heartbeat: int | None = None, on_stale=None):
     if is_postgres(url):
         with exclusive(url, "optuna-storage-init", Path(".")):
             return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
-    if url.startswith("sqlite:///"):
-        db = Path(url[len("sqlite:///"):]).expanduser()
-        with file_lock(db.parent / f".{db.name}.lock"):
+    if url.startswith("sqlite:///"):  # the lock file goes to the temp folder: nothing beside the user's files
+        db = Path(url[len("sqlite:///"):]).expanduser().resolve()
+        digest = hashlib.sha256(str(db).encode()).hexdigest()[:16]
+        with file_lock(Path(tempfile.gettempdir()) / "mnist-diff-locks" / f"optuna-{digest}.lock"):
             return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
     return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
 
