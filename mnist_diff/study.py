@@ -19,6 +19,7 @@ import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from itertools import product
 from pathlib import Path
 
@@ -31,7 +32,7 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 
 from . import timing
 from .config import Config
-from .locks import exclusive, file_lock, is_postgres
+from .locks import exclusive, file_lock
 from .redact import redact_url
 from .grid import STUDY_PAIRS, STUDY_SAMPLERS, STUDY_SCHEDULES, Grid, reference_dims
 from .evaluate import Reference
@@ -70,7 +71,7 @@ class Sweep:
     max_retries: int = 2                  # automatic retries per grid point after a failure that may pass
     fixed: dict = field(default_factory=dict)
 
-    @property
+    @cached_property
     def grid(self) -> Grid:
         return Grid.build(reference_dims(self.schedules, self.pairs, self.samplers), list(self.extra), self.seeds)
 
@@ -100,16 +101,11 @@ def make_storage(url: str, heartbeat: int | None = None, on_stale=None):
         kwargs = dict(heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
                       heartbeat_stale_trial_callback=on_stale)
     # The first use of a database creates Optuna's tables: commands starting together on a new database would
-    # collide on it (SQLite: INSERT INTO alembic_version; PostgreSQL: CREATE TYPE ... already exists).
-    if is_postgres(url):
-        with exclusive(url, "optuna-storage-init", Path(".")):
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
-    if url.startswith("sqlite:///"):  # the lock file goes to the temp folder: nothing beside the user's files
-        db = Path(url[len("sqlite:///"):]).expanduser().resolve()
-        digest = hashlib.sha256(str(db).encode()).hexdigest()[:16]
-        with file_lock(Path(tempfile.gettempdir()) / "mnist-diff-locks" / f"optuna-{digest}.lock"):
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+    # collide on it (SQLite: INSERT INTO alembic_version; PostgreSQL: CREATE TYPE ... already exists). The
+    # lock is PostgreSQL's own there, else a file in the temp folder: nothing beside the user's files.
+    name = "optuna-init-" + hashlib.sha256(url.encode()).hexdigest()[:16]
+    with exclusive(url, name, Path(tempfile.gettempdir()) / "mnist-diff-locks"):
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
 
 
 def open_study(sweep: Sweep) -> optuna.Study:
