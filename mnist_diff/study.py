@@ -38,7 +38,8 @@ from .grid import STUDY_PAIRS, STUDY_SAMPLERS, STUDY_SCHEDULES, Grid, reference_
 from .evaluate import Reference
 from .atomic import write_json
 from .experiment import run_experiment, score_saved_training
-from .tracking import Tracker, find_study_run, kill_run, tag_run
+from .shared_trainings import DONE_MARKER, Uploader, mark_done, restore
+from .tracking import Tracker, find_study_run, is_server, kill_run, tag_run
 from .train import NonFiniteLoss
 
 log = logging.getLogger(__name__)
@@ -235,6 +236,20 @@ class StaleTrial:
                  kill=True)
 
 
+class StoredTrainingIndex:
+    """Where a training's files are on the tracking server (`shared_trainings`): a user attribute of the study,
+    so every machine reads the same one. Only the holder of the training's lock writes it."""
+
+    def __init__(self, study: optuna.Study, key: str):
+        self.study, self.attr = study, f"training:{key}"
+
+    def read(self) -> dict:
+        return self.study.user_attrs.get(self.attr, {})  # read from the storage each time
+
+    def write(self, entry: dict) -> None:
+        self.study.set_user_attr(self.attr, entry)
+
+
 class Objective:
     def __init__(self, sweep: Sweep, parent_run_id: str, images_loader):
         self.sweep, self.parent_run_id, self.images_loader = sweep, parent_run_id, images_loader
@@ -266,17 +281,24 @@ class Objective:
             tracker.set_tags({"mnist_diff.samples_dir": samples_dir})
             # two workers, on this machine or (with PostgreSQL) any other, never train one model at once
             with exclusive(s.storage, f"training-{key}", s.out_dir / "trainings"):
-                done_marker = train_dir / "training_done.json"
+                index = StoredTrainingIndex(trial.study, key) if is_server(s.tracking_uri) else None
+                if index is not None:  # no shared disk: the training's files come through the tracking server
+                    restore(train_dir, index, tracker)
+                done_marker = train_dir / DONE_MARKER
                 if done_marker.exists():
                     trained_by = json.loads(done_marker.read_text())["run_id"]
                     result = score_saved_training(config, train_dir, trial_dir, reference=reference,
                                                   device=self.images_loader().device, tracker=tracker,
                                                   progress=s.progress)
                 else:  # train, or finish what an interrupted trial (of either sampler) left
+                    uploads = [Uploader(tracker, index)] if index is not None else []
                     result = run_experiment(config, self.images_loader(), train_dir, out_dir=trial_dir,
-                                            reference=reference, tracker=tracker, resume=True, progress=s.progress)
+                                            reference=reference, tracker=tracker, resume=True, progress=s.progress,
+                                            callbacks=uploads)
                     trained_by = result["trained_by"]  # whoever made the last optimizer step
                     write_json(done_marker, {"run_id": trained_by})
+                    if index is not None:
+                        mark_done(index, trained_by)
             if trained_by is not None:
                 tracker.set_tags({"mnist_diff.trained_by": trained_by})
             attrs = {"best_fid": result.get("best_fid"), "best_epoch": result.get("best_epoch"),

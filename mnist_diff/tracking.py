@@ -41,6 +41,11 @@ def resolve_uri(uri: str | None) -> str:
     return uri
 
 
+def is_server(uri: str | None) -> bool:
+    """Whether runs and their artifacts go to a tracking server (reachable from other machines)."""
+    return resolve_uri(uri).startswith(("http://", "https://"))
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Raise TrackingUnavailable, with a one-line reason, unless the store can be used. Creates nothing."""
     if uri.startswith("sqlite:///"):
@@ -258,6 +263,10 @@ class Tracker:
 
     def log_dict(self, d: dict, artifact_file: str) -> bool:
         return self._guard(artifact_file, self.client.log_dict, self.run_id, d, artifact_file)
+
+    def download(self, run_id: str, artifact_path: str, dst_dir) -> Path:
+        """One artifact of any run, into `dst_dir`; raises when it cannot (unlike the uploads)."""
+        return Path(self.client.download_artifacts(run_id, artifact_path, str(dst_dir)))
 
     def describe(self) -> str:
         return (f"MLflow run {self.run_id}\n  browse: {ui_command(self.uri)}\n"

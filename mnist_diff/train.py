@@ -93,6 +93,7 @@ class Callback:
     def on_train_start(self, trainer: "Trainer") -> None: ...
     def on_log(self, step: int, loss: float, images_per_sec: float) -> None: ...
     def on_epoch_end(self, end: EpochEnd) -> None: ...
+    def on_checkpoint(self, path: Path, step: int, epoch: int) -> None: ...  # a full checkpoint was saved
 
 
 def build_model(config: Config, device) -> UNet:
@@ -225,6 +226,8 @@ class Trainer:
         with timing.phase("checkpoints"):
             path = checkpoint.atomic_save(self.state_dict(), checkpoint.step_path(self.ckpt_dir, self.step))
             checkpoint.prune(self.ckpt_dir)
+        for cb in self.callbacks:
+            cb.on_checkpoint(path, self.step, self.step // self.steps_per_epoch)
         return path
 
     # -- loop ----------------------------------------------------------------------------------

@@ -3,10 +3,14 @@ MNIST_DIFF_TEST_PG): the study claim, the training lock across processes, two `s
 no password in any record. Skipped, saying why, where no server can be reached; under CI they must run."""
 import multiprocessing as mp
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
@@ -21,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SERVER = os.environ.get("MNIST_DIFF_TEST_PG")  # postgresql://user:password@host:port, no database
 
 
-@pytest.fixture
-def pg_url():
+@contextmanager
+def _database():
     """A fresh database on the test server, dropped afterwards."""
     reason = "no PostgreSQL server for the tests: set MNIST_DIFF_TEST_PG (.ci/postgres.sh starts one)"
     try:
@@ -37,10 +41,49 @@ def pg_url():
     name = f"t_{uuid.uuid4().hex[:12]}"
     with conn.cursor() as cur:
         cur.execute(f"CREATE DATABASE {name}")
-    yield f"{SERVER}/{name}"
-    with conn.cursor() as cur:
-        cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    conn.close()
+    try:
+        yield f"{SERVER}/{name}"
+    finally:
+        with conn.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        conn.close()
+
+
+@pytest.fixture
+def pg_url():
+    with _database() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1: runs in PostgreSQL, artifacts proxied into a temp folder."""
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    with _database() as db, socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        sock.close()
+        log = open(folder / "server.log", "w")
+        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", db,
+                                 "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1",
+                                 "--port", str(port), "--workers", "1"],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # GenAI jobs
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 180
+            while True:
+                try:
+                    with urllib.request.urlopen(url + "/health", timeout=2):
+                        break
+                except OSError:
+                    assert proc.poll() is None and time.monotonic() < deadline, (folder / "server.log").read_text()
+                    time.sleep(0.5)
+            yield url
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(60)
+            log.close()
 
 
 def test_one_claim_per_study(pg_url, tmp_path):
@@ -103,3 +146,106 @@ def test_two_sweeps_at_once_on_postgresql(pg_url, tmp_path):
     (parent,) = [r for r in runs if r.data.tags.get("mnist_diff.role") == "study"]
     assert parent.info.status == "FINISHED" and parent.data.tags["mnist_diff.points_done"] == "2/2"
     assert parent.data.params["storage"] == pg_url.replace(f":{password}@", ":***@")
+
+
+def _machine_cmd(study, storage, server, machine: Path, *options) -> list:
+    """One machine's `sweep`: its own working directory and --out (no shared disk), the shared servers."""
+    return [sys.executable, str(ROOT / "cli.py"), "sweep", "--study-name", study, "--storage", storage,
+            "--tracking-uri", server, "--experiment", study, "--out", str(machine / "out"),
+            "--schedule", "cosine", "--timesteps", "200", "--ddim-steps", "5", "--batch-size", "32",
+            "--train-samples", "64", "--channels", "8", "--warmup-steps", "2", "--fid-select-samples", "4", "--fid-samples", "8",
+            "--fid-ref-samples", "16", "--fid-batch-size", "16", "--quiet", *options]
+
+
+def _start(cmd, machine: Path):
+    machine.mkdir()
+    env = {**os.environ, "MNIST_DIFF_FID_CACHE": str(machine / "fid-cache"),
+           "MNIST_DIFF_BENCH_CACHE": str(machine / "bench-cache")}
+    return subprocess.Popen(cmd, cwd=machine, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _runs(server, experiment):
+    client = MlflowClient(server)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("mnist_diff.role") == "study"]
+    return client, parent, [r for r in runs if r.data.tags.get("mnist_diff.role") == "trial"]
+
+
+def _machine_of(run, machines) -> Path:
+    (machine,) = [m for m in machines if run.data.tags["mnist_diff.samples_dir"].startswith(str(m))]
+    return machine
+
+
+def test_two_machines_without_a_shared_disk_share_one_study(pg_url, mlflow_server, tmp_path):
+    """Two `sweep` commands, each with its own folder, started together against one PostgreSQL storage and one
+    tracking server, on one training with two samplers: it is trained once, on one machine, and the other
+    machine scores it from the weights it fetched through the server."""
+    machines = [tmp_path / "m1", tmp_path / "m2"]
+    procs = [_start(_machine_cmd("two", pg_url, mlflow_server, m, "--epochs", "2"), m) for m in machines]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+
+    trials = optuna.load_study(study_name="two", storage=pg_url).get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert {t.params["sampler"] for t in trials} == {"ddpm", "ddim"}
+    client, parent, runs = _runs(mlflow_server, "two")
+    assert parent.info.status == "FINISHED" and parent.data.tags["mnist_diff.points_done"] == "2/2"
+    assert [r.info.status for r in runs] == ["FINISHED"] * 2
+    (trainer,) = [r for r in runs if "steps_per_epoch" in r.data.params]  # trained exactly once
+    (scorer,) = [r for r in runs if "trained_in" in r.data.params]        # the other only sampled and scored
+    assert {r.data.tags["mnist_diff.trained_by"] for r in runs} == {trainer.info.run_id}
+    home, away = _machine_of(trainer, machines), _machine_of(scorer, machines)
+    assert home != away, "both grid points ran on one machine: nothing crossed"
+    assert scorer.data.params["trained_in"].startswith(str(away))
+    key = trainer.data.params["training_key"]
+    for epoch in (1, 2):  # the scorer's copy of each epoch's weights is the trainer's, byte for byte
+        name = f"trainings/{key}/checkpoints/ema-epoch-{epoch:03d}.pt"
+        assert (away / "out" / name).read_bytes() == (home / "out" / name).read_bytes()
+    assert {a.path for a in client.list_artifacts(trainer.info.run_id, "training")} >= {
+        "training/ema-epoch-001.pt", "training/ema-epoch-002.pt", "training/checkpoint-a.pt"}
+
+    report = subprocess.run([sys.executable, str(ROOT / "cli.py"), "report", "--study", "two", "--tracking-uri",
+                             mlflow_server, "--out", str(tmp_path / "report")], capture_output=True, text=True)
+    assert report.returncode == 0, report.stderr
+    assert "cosine" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_a_machine_dies_and_the_other_resumes_from_the_uploaded_checkpoint(pg_url, mlflow_server, tmp_path):
+    """kill -9 the machine that trains, mid-training: the other finds its trial stale, retries the grid point
+    and resumes the training from the last checkpoint that reached the server, not from scratch."""
+    machines = [tmp_path / "m1", tmp_path / "m2"]
+    options = ("--sampler", "ddim", "--epochs", "12", "--fid-every", "0", "--heartbeat", "2")
+    procs = dict(zip(machines, (_start(_machine_cmd("dies", pg_url, mlflow_server, m, *options), m)
+                                for m in machines)))
+    deadline, uploaded = time.monotonic() + 300, None
+    while uploaded is None:  # the index of the training's files on the server, in the shared storage
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs.values())
+        time.sleep(0.2)
+        try:
+            attrs = optuna.load_study(study_name="dies", storage=pg_url).user_attrs
+        except KeyError:  # the study is not made yet
+            continue
+        entry = next((v for k, v in attrs.items() if k.startswith("training:")), {})
+        if entry.get("checkpoint", {}).get("step", 0) >= 4:
+            uploaded = entry["checkpoint"]
+    client = MlflowClient(mlflow_server)
+    victim = _machine_of(client.get_run(uploaded["run_id"]), machines)
+    procs[victim].kill()
+    procs[victim].wait()
+    (survivor,) = [m for m in machines if m != victim]
+    output = procs[survivor].communicate(timeout=600)[0]
+    assert procs[survivor].returncode == 0, output
+
+    trials = optuna.load_study(study_name="dies", storage=pg_url).get_trials()
+    S = optuna.trial.TrialState
+    assert [t.state for t in trials] == [S.FAIL, S.COMPLETE]
+    _, parent, runs = _runs(mlflow_server, "dies")
+    assert parent.info.status == "FINISHED"
+    killed = client.get_run(trials[0].user_attrs["mlflow_run_id"])
+    resumed = client.get_run(trials[1].user_attrs["mlflow_run_id"])
+    assert killed.info.status == "KILLED" and _machine_of(killed, machines) == victim
+    assert _machine_of(resumed, machines) == survivor
+    # it went on from the victim's last uploaded checkpoint (at least the one seen before the kill)
+    assert int(resumed.data.params["resumed_from_step"]) >= uploaded["step"] > 0
+    assert trials[1].user_attrs["trained_by_run_id"] == resumed.info.run_id
+    assert resumed.data.metrics["epoch_loss"] > 0 and trials[1].value is not None
