@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Protocol
@@ -50,7 +51,10 @@ class Uploader(Callback):
     def _upload(self, path: Path, name: str) -> dict | None:
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # the artifact takes the file's name
             staged = Path(tmp) / name
-            os.link(path, staged)
+            try:
+                os.link(path, staged)
+            except OSError:  # a file system without hard links
+                shutil.copyfile(path, staged)
             if not self.tracker.log_artifact(staged, ARTIFACT_DIR):
                 return None
         return {"run_id": self.tracker.run_id, "path": f"{ARTIFACT_DIR}/{name}", "sha": weights_fingerprint(path)}
