@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Protocol
 
-from . import checkpoint
+from . import checkpoint, timing
 from .atomic import write_json
 from .evaluate import weights_fingerprint
 from .train import Callback, EpochEnd
@@ -48,6 +48,7 @@ class Uploader(Callback):
     def __init__(self, tracker, index: TrainingIndex):
         self.tracker, self.index = tracker, index
 
+    @timing.phase("checkpoints")
     def _upload(self, path: Path, name: str) -> dict | None:
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # the artifact takes the file's name
             staged = Path(tmp) / name
@@ -84,6 +85,7 @@ def _local_step(ckpt_dir: Path) -> int:
     return int(re.search(r"\d+", found[0].name).group()) if found else -1
 
 
+@timing.phase("checkpoints")
 def _fetch(tracker, item: dict, target: Path) -> None:
     """Download one indexed file to `target`, atomically, checking its content hash."""
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,8 @@ training's lock and finds no `training_done.json` trains (resuming what an inter
 sampler left); once it is done the other only samples and scores. Per-epoch FIDs are never shared: each
 trial scores every epoch with its own sampler (see `experiment`), and draws its grids and writes its
 `result.json` in its own folder `OUT/trials/<number>/`. `training_done.json` and the `mnist_diff.trained_by`
-tags name the run that made the training's last optimizer step.
+tags name the run that made the training's last optimizer step. With a tracking server, machines share no
+disk: the training's files travel through the server (`shared_trainings`), indexed in the study's storage.
 """
 from __future__ import annotations
 
