@@ -41,16 +41,6 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v. On CUDA the fused kernel. Elsewhere the plain product: for these shapes
-    (49 tokens, head dim c/2) PyTorch's CPU SDPA kernel is slow, and the plain product made the whole width-8
-    UNet 2x faster on the CPU (docs/BENCHMARKS.md)."""
-    if q.is_cuda:
-        return F.scaled_dot_product_attention(q, k, v)
-    weights = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-    return weights.softmax(-1) @ v
-
-
 class Attention(nn.Module):
     def __init__(self, channels: int, heads: int = 4):
         super().__init__()
@@ -64,7 +54,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).transpose(-1, -2).unbind(1)
-        y = attention(q, k, v)  # [b, heads, hw, c/heads]
+        y = F.scaled_dot_product_attention(q, k, v)  # [b, heads, hw, c/heads]
         return x + self.out(y.transpose(-1, -2).reshape(b, c, h, w))
 
 
