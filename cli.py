@@ -70,6 +70,21 @@ class OptionalPath(BlankIsDefault, click.Path):
     pass
 
 
+class Workers(click.ParamType):
+    """`auto` (one worker per visible GPU; 1 without a GPU) or a count >= 1; empty means auto."""
+    name = "auto|N"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value
+        text = str(value).strip()
+        if text in ("", "auto"):
+            return "auto"
+        if not text.isdigit() or int(text) < 1:
+            self.fail(f"{value!r} is neither auto nor a count >= 1", param, ctx)
+        return int(text)
+
+
 class ChoiceList(click.ParamType):
     """Some of `choices` as a comma list in one value (`linear,cosine`), or `all`: as a tuple, in the order of
     `choices`, so the same selection always makes the same grid."""
@@ -427,9 +442,9 @@ SMOKE = {"epochs": 2, "batch_size": 32, "train_samples": 256, "channels": 8, "wa
 @click.option("--preset", type=click.Choice(("study", "smoke")), default="study", show_default=True,
               help="study: the reference study's settings. smoke: every grid point on CPU in minutes "
                    "(tiny model and data, tiny FID counts); options you give still win.")
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Worker processes on this machine, spread over its GPUs in turn: more workers than GPUs "
-                   "share them (several small trainings keep one GPU busier than one).")
+@click.option("--workers", type=Workers(), default="auto", show_default=True,
+              help="Worker processes on this machine, given its GPUs in turn. auto: one per visible GPU (1 "
+                   "without a GPU). More workers than GPUs share them (on an H100 no faster than one each).")
 @click.option("--heartbeat", type=click.IntRange(min=1), default=60, show_default=True,
               help="Seconds between trial heartbeats; a trial silent for twice this is retried.")
 @click.option("--dry-run", is_flag=True,
@@ -472,6 +487,9 @@ def sweep(ctx, study_name, storage, schedules, timesteps_list, samplers, seeds, 
     check_storage(storage)
     tracking_uri = checked_tracking_uri(tracking_uri)
     dev = pick_device(device)
+    if workers == "auto":
+        import torch
+        workers = max(1, torch.cuda.device_count()) if dev.type == "cuda" else 1
 
     from mnist_diff.study import Sweep, WorkersFailed, open_study, run_sweep
     from mnist_diff.train import StopSignals

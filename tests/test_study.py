@@ -165,6 +165,7 @@ def test_report_from_the_finished_study(finished_sweep):
     (["--tracking-uri", "http://127.0.0.1:9"], "unreachable"),
     (["--ddim-steps", "500"], "cannot exceed --timesteps (200)"),
     (["--schedule", "exp"], "'exp' is not one of"),
+    (["--workers", "0"], "'0' is neither auto nor a count >= 1"),
 ])
 def test_sweep_bad_input_creates_nothing(tmp_path, extra, message):
     result = CliRunner().invoke(cli.cli, sweep_args(tmp_path, *extra))
