@@ -32,6 +32,7 @@ from .atomic import write_json
 from .config import Config
 from .evaluate import Reference, compute_fid, weights_fingerprint
 from .generate import generate
+from .samplers import image_seeds
 from .schedules import make_schedule
 from .train import Callback, EpochEnd, Trainer, load_sampling_model, sample_grid
 
@@ -62,11 +63,16 @@ def score_model(model, config: Config, reference: Reference, num: int, *, start:
                       progress=progress, desc=desc, compile=config.compile)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    sampling_seconds = time.perf_counter() - t0
+    return score_images(images, config, reference, time.perf_counter() - t0, fid_cache=fid_cache, phase=phase)
+
+
+def score_images(images: torch.Tensor, config: Config, reference: Reference, sampling_seconds: float, *,
+                 fid_cache=None, phase: str = "selection") -> dict:
+    """The FID of images drawn in `sampling_seconds`, both times counted as `phase` in `timing`."""
     timing.add(f"{phase}_sampling", sampling_seconds)
     # the Inception batch is the device's own (evaluate.default_batch_size), not the sampling batch
     with timing.phase(f"{phase}_fid"):
-        metrics = compute_fid(images, reference, device=device, kid=config.kid, cache_dir=fid_cache)
+        metrics = compute_fid(images, reference, device=images.device, kid=config.kid, cache_dir=fid_cache)
     return {**metrics, "sampling_seconds": sampling_seconds}
 
 
@@ -143,7 +149,8 @@ def fid_due(config: Config, epoch: int, last_epoch: int) -> bool:
 
 class FidSelection(Callback):
     """Scores the EMA model every `fid_every` epochs (and at the last epoch); the scores go to the record and
-    to the epoch's metrics (hence to tracking). Every epoch's grid goes to the record too."""
+    to the epoch's metrics (hence to tracking). Every epoch's grid goes to the record too. The selection images
+    are drawn in the grid's pass (`seeds_for_epoch_end`)."""
 
     def __init__(self, config: Config, reference: Reference, record: SamplingRecord, *, progress: bool = True,
                  fid_cache=None):
@@ -154,12 +161,20 @@ class FidSelection(Callback):
     def on_train_start(self, trainer) -> None:
         self.last_epoch = trainer.total_steps // trainer.steps_per_epoch
 
+    def seeds_for_epoch_end(self, epoch: int) -> list[int]:
+        if not fid_due(self.config, epoch, self.last_epoch):
+            return []
+        images = selection_images(self.config)
+        return image_seeds(self.config.seed, len(images), images.start)
+
     def on_epoch_end(self, end: EpochEnd) -> None:
         self.record.put_grid(end.epoch, end.grid_path)
-        if not fid_due(self.config, end.epoch, self.last_epoch):
+        seeds = self.seeds_for_epoch_end(end.epoch)
+        if not seeds:
             return
-        m = score_selection(end.sampling_model, self.config, self.reference, end.epoch, progress=self.progress,
-                            fid_cache=self.fid_cache)
+        images = torch.stack([end.drawn[s] for s in seeds])
+        m = score_images(images, self.config, self.reference, end.drawn_seconds, fid_cache=self.fid_cache)
+        m = {k: m[k] for k in SCORE_KEYS}
         self.record.put_fid(end.epoch, m)
         end.metrics.update(m)
 

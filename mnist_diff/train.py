@@ -14,6 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -23,8 +24,9 @@ from .config import Config
 from .data import save_grid, to_model_range
 from .diffusion import training_loss
 from .device import autocast
-from .generate import generate
+from .generate import generate_seeds
 from .model import UNet, count_parameters
+from .samplers import image_seeds
 from .schedules import make_schedule
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,8 @@ class EpochEnd:
     ema_path: Path              # this epoch's sampling weights on disk
     grid_path: Path             # this epoch's 8x8 sample grid
     metrics: dict = field(default_factory=dict)  # callbacks add theirs (e.g. fid); kept in the history
+    drawn: dict = field(default_factory=dict)    # seed -> image: what callbacks asked for in the grid's pass
+    drawn_seconds: float = 0.0                   # their share of that pass's time
 
 
 class Callback:
@@ -94,6 +98,10 @@ class Callback:
     def on_log(self, step: int, loss: float, images_per_sec: float) -> None: ...
     def on_epoch_end(self, end: EpochEnd) -> None: ...
     def on_checkpoint(self, path: Path, step: int, epoch: int) -> None: ...  # a full checkpoint was saved
+
+    def seeds_for_epoch_end(self, epoch: int) -> list[int]:
+        """Images (by seed) to draw together with the epoch's grid, handed back in `EpochEnd.drawn`."""
+        return []
 
 
 def build_model(config: Config, device) -> UNet:
@@ -336,9 +344,11 @@ class Trainer:
                 {"format_version": checkpoint.FORMAT_VERSION, "config": c.to_dict(), "epoch": epoch,
                  "step": self.step, "ema": self.sampling_model.state_dict()},
                 checkpoint.ema_path(self.ckpt_dir, epoch))
-        grid_path = sample_grid(self.sampling_model, self.schedule, c, self.grid_dir / f"epoch-{epoch:03d}.png",
-                                progress=self.progress)
-        end = EpochEnd(epoch, self.step, loss, ips, self.sampling_model, ema_path, grid_path)
+        seeds = [s for cb in self.callbacks for s in cb.seeds_for_epoch_end(epoch)]
+        grid_path, drawn, seconds = sample_epoch(self.sampling_model, self.schedule, c,
+                                                 self.grid_dir / f"epoch-{epoch:03d}.png", seeds, progress=self.progress)
+        end = EpochEnd(epoch, self.step, loss, ips, self.sampling_model, ema_path, grid_path,
+                       drawn=dict(zip(seeds, drawn)), drawn_seconds=seconds)
         for cb in self.callbacks:
             cb.on_epoch_end(end)
         self.history.append({"epoch": epoch, "step": self.step, "loss": loss, "images_per_sec": ips, **end.metrics})
@@ -349,12 +359,27 @@ class Trainer:
 def sample_grid(model, schedule, config: Config, path, progress: bool = False) -> Path:
     """The 8x8 grid of an epoch, drawn with the config's sampler from fixed seeds so epochs compare. With
     `progress`, a bar: on a CPU a DDPM grid at T=1000 takes minutes."""
-    with timing.phase("grids"):
-        images = generate(model, schedule, num=GRID_IMAGES, seed=GRID_SEED, sampler=config.sampler,
-                          ddim_steps=config.ddim_steps, eta=config.eta, clip_x0=config.clip_x0,
-                          batch_size=GRID_IMAGES, precision=config.precision, progress=progress,
-                          desc=f"grid {Path(path).stem}", compile=config.compile)
-        return save_grid(images, path)
+    return sample_epoch(model, schedule, config, path, (), progress=progress)[0]
+
+
+def sample_epoch(model, schedule, config: Config, path, seeds: Sequence[int] = (),
+                 progress: bool = False) -> tuple[Path, torch.Tensor, float]:
+    """An epoch's grid (`sample_grid`) and the images of `seeds` (e.g. its FID set), drawn in one pass: a
+    64-image grid alone is a small batch, which on a GPU costs about as long as a full one. Returns the grid's
+    path, the images of `seeds` and their share of the pass's seconds (the grid's share counts as "grids")."""
+    grid_seeds = image_seeds(GRID_SEED, GRID_IMAGES)
+    desc = f"grid {Path(path).stem}" + (f" + {len(seeds):,} images" if seeds else "")
+    t0 = time.perf_counter()
+    images = generate_seeds(model, schedule, [*grid_seeds, *seeds], sampler=config.sampler,
+                            ddim_steps=config.ddim_steps, eta=config.eta, clip_x0=config.clip_x0,
+                            batch_size=config.sample_batch_size, precision=config.precision, progress=progress,
+                            desc=desc, compile=config.compile)
+    if images.device.type == "cuda":
+        torch.cuda.synchronize(images.device)
+    seconds = time.perf_counter() - t0
+    extra_seconds = seconds * len(seeds) / (len(seeds) + GRID_IMAGES)
+    timing.add("grids", seconds - extra_seconds)
+    return save_grid(images[:GRID_IMAGES], path), images[GRID_IMAGES:], extra_seconds
 
 
 def load_sampling_model(path, device) -> tuple[UNet, Config, dict]:

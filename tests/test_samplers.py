@@ -230,3 +230,26 @@ def test_ddim_eta0_deterministic_given_xT_and_eta1_not():
     d1 = ddim_sample(model, s, rng(), steps=10, eta=1.0)
     d2 = ddim_sample(model, s, SameXT("cpu", [11, 12]), steps=10, eta=1.0)
     assert not torch.equal(d1, d2)
+
+
+def test_batch_sizes_fold_a_small_tail_into_the_last_batch():
+    from mnist_diff.generate import batch_sizes
+    assert batch_sizes(2064, 2000) == [2064]            # a 64-image grid rides along with a 2,000-image FID set
+    assert batch_sizes(72, 64) == [72]
+    assert batch_sizes(73, 64) == [64, 9]                # more than an eighth: a batch of its own
+    assert batch_sizes(10_000, 2000) == [2000] * 5
+    assert batch_sizes(16, 64) == [16] and batch_sizes(0, 64) == []
+
+
+def test_an_epochs_grid_and_fid_set_drawn_in_one_pass_are_the_images_drawn_apart(tmp_path):
+    from mnist_diff.config import Config
+    from mnist_diff.train import sample_epoch, sample_grid
+    torch.manual_seed(0)
+    model = UNet(channels=8).eval()
+    config = Config(schedule="linear", timesteps=20, beta_end=0.2, channels=8, sampler="ddpm", ddim_steps=10)
+    s = make_schedule(config.schedule, config.timesteps, config.beta_start, config.beta_end)
+    seeds = image_seeds(config.seed, 9, 3)
+    grid, drawn, seconds = sample_epoch(model, s, config, tmp_path / "together.png", seeds)
+    assert torch.equal(drawn, generate(model, s, num=9, seed=config.seed, start=3, sampler="ddpm", progress=False))
+    apart = sample_grid(model, s, config, tmp_path / "apart.png")
+    assert grid.read_bytes() == apart.read_bytes() and seconds > 0
