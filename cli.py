@@ -173,6 +173,8 @@ fid_options = _apply([
                  help="Batch for the Inception network."),
     sample_batch_option,
     click.option("--kid", is_flag=True, help="Also compute KID."),
+    click.option("--grid-images", type=OptionalInt(min=1, max=1024), default=64, show_default=True,
+                 help="Images in each epoch's sample grid (own seeds; drawn with the selection images)."),
 ])
 
 fid_weights_option = click.option(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import signal
 import threading
 import time
@@ -31,8 +32,7 @@ from .schedules import make_schedule
 
 log = logging.getLogger(__name__)
 LOG_EVERY = 50          # optimizer steps between host syncs (loss readout, non-finite check)
-GRID_IMAGES = 64        # 8x8 sample grid per epoch, always the same seeds so epochs compare
-GRID_SEED = 12345
+GRID_SEED = 12345       # the per-epoch grids' own seeds (config.grid_images of them), the same every epoch
 
 
 class NonFiniteLoss(RuntimeError):
@@ -357,7 +357,7 @@ class Trainer:
 
 
 def sample_grid(model, schedule, config: Config, path, progress: bool = False) -> Path:
-    """The 8x8 grid of an epoch, drawn with the config's sampler from fixed seeds so epochs compare. With
+    """The grid of an epoch (8x8 by default), drawn with the config's sampler from fixed seeds so epochs compare. With
     `progress`, a bar: on a CPU a DDPM grid at T=1000 takes minutes."""
     return sample_epoch(model, schedule, config, path, (), progress=progress)[0]
 
@@ -367,7 +367,8 @@ def sample_epoch(model, schedule, config: Config, path, seeds: Sequence[int] = (
     """An epoch's grid (`sample_grid`) and the images of `seeds` (e.g. its FID set), drawn in one pass: a
     64-image grid alone is a small batch, which on a GPU costs about as long as a full one. Returns the grid's
     path, the images of `seeds` and their share of the pass's seconds (the grid's share counts as "grids")."""
-    grid_seeds = image_seeds(GRID_SEED, GRID_IMAGES)
+    n = config.grid_images
+    grid_seeds = image_seeds(GRID_SEED, n)
     desc = f"grid {Path(path).stem}" + (f" + {len(seeds):,} images" if seeds else "")
     t0 = time.perf_counter()
     images = generate_seeds(model, schedule, [*grid_seeds, *seeds], sampler=config.sampler,
@@ -377,9 +378,9 @@ def sample_epoch(model, schedule, config: Config, path, seeds: Sequence[int] = (
     if images.device.type == "cuda":
         torch.cuda.synchronize(images.device)
     seconds = time.perf_counter() - t0
-    extra_seconds = seconds * len(seeds) / (len(seeds) + GRID_IMAGES)
+    extra_seconds = seconds * len(seeds) / (len(seeds) + n)
     timing.add("grids", seconds - extra_seconds)
-    return save_grid(images[:GRID_IMAGES], path), images[GRID_IMAGES:], extra_seconds
+    return save_grid(images[:n], path, nrow=math.ceil(math.sqrt(n))), images[n:], extra_seconds
 
 
 def load_sampling_model(path, device) -> tuple[UNet, Config, dict]:

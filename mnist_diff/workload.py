@@ -14,7 +14,6 @@ from typing import Iterable, Sequence
 
 from .config import Config
 from .samplers import network_calls
-from .train import GRID_IMAGES
 
 MNIST_SIZES = {"train": 60_000, "test": 10_000}
 HOUR = 3600.0
@@ -93,8 +92,8 @@ def count(configs: Sequence[Config]) -> Workload:
         sel_evals += c.fid_select_samples * len(scored) * calls
         final_images += final
         final_evals += final * calls
-        grid_images += GRID_IMAGES * epochs_done(c)
-        grid_evals += GRID_IMAGES * epochs_done(c) * calls
+        grid_images += c.grid_images * epochs_done(c)
+        grid_evals += c.grid_images * epochs_done(c) * calls
         trial_scores = len(scored) + (1 if final else 0)
         scores += trial_scores
         if trial_scores:

@@ -11,7 +11,7 @@ from mnist_diff.experiment import SamplingRecord, final_images, run_experiment, 
 from mnist_diff.generate import generate
 from mnist_diff.samplers import image_seeds
 from mnist_diff.schedules import make_schedule
-from mnist_diff.train import GRID_IMAGES, GRID_SEED, load_sampling_model
+from mnist_diff.train import GRID_SEED, load_sampling_model
 
 
 def test_final_fid_never_scores_the_selection_images(tmp_path, mnist_small, data_dir, fid_weights, monkeypatch):
@@ -21,7 +21,7 @@ def test_final_fid_never_scores_the_selection_images(tmp_path, mnist_small, data
     select, final = selection_images(config), final_images(config)
     assert (len(select), len(final)) == (6, 8) and not set(select) & set(final)
     seeds = {name: set(image_seeds(config.seed, len(r), r.start)) for name, r in (("select", select), ("final", final))}
-    seeds["grid"] = set(image_seeds(GRID_SEED, GRID_IMAGES))
+    seeds["grid"] = set(image_seeds(GRID_SEED, config.grid_images))
     assert not seeds["select"] & seeds["final"] and not (seeds["select"] | seeds["final"]) & seeds["grid"]
 
     reference = Reference("train", 16, data_dir, fid_weights)
