@@ -182,7 +182,7 @@ def test_two_machines_without_a_shared_disk_share_one_study(pg_url, mlflow_serve
     tracking server, on one training with two samplers: it is trained once, on one machine, and the other
     machine scores it from the weights it fetched through the server."""
     machines = [tmp_path / "m1", tmp_path / "m2"]
-    procs = [_start(_machine_cmd("two", pg_url, mlflow_server, m, "--epochs", "2"), m) for m in machines]
+    procs = [_start(_machine_cmd("two", pg_url, mlflow_server, m, "--epochs", "1"), m) for m in machines]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
 
@@ -199,11 +199,10 @@ def test_two_machines_without_a_shared_disk_share_one_study(pg_url, mlflow_serve
     assert home != away, "both grid points ran on one machine: nothing crossed"
     assert scorer.data.params["trained_in"].startswith(str(away))
     key = trainer.data.params["training_key"]
-    for epoch in (1, 2):  # the scorer's copy of each epoch's weights is the trainer's, byte for byte
-        name = f"trainings/{key}/checkpoints/ema-epoch-{epoch:03d}.pt"
-        assert (away / "out" / name).read_bytes() == (home / "out" / name).read_bytes()
-    assert {a.path for a in client.list_artifacts(trainer.info.run_id, "training")} >= {
-        "training/ema-epoch-001.pt", "training/ema-epoch-002.pt", "training/checkpoint-a.pt"}
+    name = f"trainings/{key}/checkpoints/ema-epoch-001.pt"  # the scorer's copy is the trainer's, byte for byte
+    assert (away / "out" / name).read_bytes() == (home / "out" / name).read_bytes()
+    assert {a.path for a in client.list_artifacts(trainer.info.run_id, "training")} == {
+        "training/ema-epoch-001.pt", "training/checkpoint-a.pt"}
 
     report = subprocess.run([sys.executable, str(ROOT / "cli.py"), "report", "--study", "two", "--tracking-uri",
                              mlflow_server, "--out", str(tmp_path / "report")], capture_output=True, text=True)
