@@ -21,7 +21,6 @@ def atomic_save(obj, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
     return Path(path)
-    return path
 
 
 def load(path: str | os.PathLike, map_location="cpu") -> dict:
@@ -38,6 +37,12 @@ def step_path(folder: str | os.PathLike, step: int) -> Path:
 def ema_path(folder: str | os.PathLike, epoch: int) -> Path:
     """An epoch's sampling (EMA) weights, kept for every epoch so any sampler can score it later."""
     return Path(folder) / f"ema-epoch-{epoch:03d}.pt"
+
+
+def newest_step(folder: str | os.PathLike) -> int:
+    """The step of the newest training checkpoint file in `folder` (by name; not loaded); -1 if none."""
+    found = list_steps(folder)
+    return int(_STEP_FILE.match(found[0].name).group(1)) if found else -1
 
 
 def list_steps(folder: str | os.PathLike) -> list[Path]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -80,11 +79,6 @@ def mark_done(index: TrainingIndex, run_id: str | None) -> None:
     index.write({**index.read(), "done": {"run_id": run_id}})
 
 
-def _local_step(ckpt_dir: Path) -> int:
-    found = checkpoint.list_steps(ckpt_dir)
-    return int(re.search(r"\d+", found[0].name).group()) if found else -1
-
-
 @timing.phase("checkpoints")
 def _fetch(tracker, item: dict, target: Path) -> None:
     """Download one indexed file to `target`, atomically, checking its content hash."""
@@ -106,7 +100,7 @@ def restore(train_dir, index: TrainingIndex, tracker) -> dict:
     ck = entry.get("checkpoint")
     if not ck:
         return fetched
-    index_is_newer = ck["step"] > _local_step(ckpt_dir)
+    index_is_newer = ck["step"] > checkpoint.newest_step(ckpt_dir)
     if index_is_newer:
         _fetch(tracker, ck, checkpoint.step_path(ckpt_dir, ck["step"]))
         fetched["checkpoint_step"] = ck["step"]
