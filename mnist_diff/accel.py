@@ -18,7 +18,7 @@ CPU_SAMPLE_BATCH = 64
 MAX_SAMPLE_BATCH = 2000  # the GPU is saturated long before; 2000 divides the FID counts (2,000 and 10,000)
 SAMPLE_BYTES_PER_IMAGE = 2 << 20  # inference memory per image at width 64 (activations, per-image noise), generous
 
-_failed: set[str] = set()  # "sampling" / "training": compilation failed once in this process, don't retry
+_failed: set[str] = set()  # "sampling" / "training" / "training-graph": failed once in this process, don't retry
 
 
 class CompileFallbackWarning(RuntimeWarning):
@@ -56,7 +56,8 @@ def device_layout(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def fell_back() -> list[str]:
-    """What failed to compile in this process and runs eagerly: "sampling", "training"."""
+    """What failed to compile or capture in this process and runs eagerly: "sampling", "training",
+    "training-graph" (step_graph.py)."""
     return sorted(_failed)
 
 
@@ -67,10 +68,11 @@ def _compile(module: torch.nn.Module, device: torch.device):
     return torch.compile(module, mode=mode, dynamic=False)
 
 
-def _fall_back(kind: str, err: BaseException) -> None:
+def fall_back(kind: str, err: BaseException, what: str = "torch.compile") -> None:
+    """Remember that `kind` failed in this process and say so in one warning."""
     _failed.add(kind)
     first = (str(err).strip().splitlines() or [""])[0][:300]
-    warnings.warn(f"torch.compile failed for {kind} ({type(err).__name__}: {first}); running eagerly",
+    warnings.warn(f"{what} failed for {kind} ({type(err).__name__}: {first}); running eagerly",
                   CompileFallbackWarning, stacklevel=3)
 
 
@@ -98,7 +100,7 @@ class _SamplingTwin:
             try:
                 self.compiled = _compile(self.module, self.device)
             except Exception as err:  # e.g. an unknown backend: raised before the first call
-                _fall_back("sampling", err)
+                fall_back("sampling", err)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, batch: int) -> torch.Tensor:
         if x.device.type == "cuda":
@@ -107,7 +109,7 @@ class _SamplingTwin:
             try:
                 return self._compiled(x, t, batch)
             except Exception as err:  # the call has no side effects: running it again eagerly is safe
-                _fall_back("sampling", err)
+                fall_back("sampling", err)
         return self.module(x, t)
 
     def _compiled(self, x: torch.Tensor, t: torch.Tensor, batch: int) -> torch.Tensor:
@@ -161,7 +163,7 @@ class TrainingModel:
             try:
                 self.compiled = _compile(model, device)
             except Exception as err:
-                _fall_back("training", err)
+                fall_back("training", err)
 
     @property
     def active(self) -> bool:
@@ -179,6 +181,6 @@ class TrainingModel:
         try:
             return forward_backward()
         except Exception as err:
-            _fall_back("training", err)
+            fall_back("training", err)
         generator.set_state(state)
         return forward_backward()

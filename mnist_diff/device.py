@@ -51,9 +51,10 @@ def effective_precision(device, precision: str) -> str:
     return precision
 
 
-def autocast(device, precision: str):
-    """bf16 autocast when the effective precision is bf16; a no-op otherwise."""
+def autocast(device, precision: str, graph_safe: bool = False):
+    """bf16 autocast when the effective precision is bf16; a no-op otherwise. `graph_safe`: without autocast's
+    cache of cast weights, which CUDA-graph capture does not allow."""
     device = torch.device(device)
     if effective_precision(device, precision) == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not graph_safe)
     return contextlib.nullcontext()

@@ -29,6 +29,7 @@ from .generate import generate_seeds
 from .model import UNet, count_parameters
 from .samplers import image_seeds
 from .schedules import make_schedule
+from .step_graph import StepGraph, portable_optimizer_state
 
 log = logging.getLogger(__name__)
 LOG_EVERY = 50          # optimizer steps between host syncs (loss readout, non-finite check)
@@ -166,6 +167,9 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay,
                                            fused=fused or None)
         self.fast_model = accel.TrainingModel(self.model, c.compile)  # compiled forward (+ backward) or eager
+        # on CUDA with compiling on, the whole step as one CUDA graph; it falls back to fast_model
+        self.step_graph = StepGraph(self) if accel.compile_enabled(c.compile, self.device) \
+            and self.device.type == "cuda" else None
         self.noise_gen = torch.Generator(self.device).manual_seed(c.seed)
         self.steps_per_epoch = self.images.shape[0] // c.batch_size  # drop the last partial batch
         self.total_steps = c.epochs * self.steps_per_epoch
@@ -191,7 +195,7 @@ class Trainer:
             "epoch": self.step // self.steps_per_epoch,
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": portable_optimizer_state(self.optimizer),
             "noise_gen": self.noise_gen.get_state(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -239,35 +243,44 @@ class Trainer:
         return path
 
     # -- loop ----------------------------------------------------------------------------------
+    def step_scalars(self, step: int) -> tuple[float, float]:
+        """(learning rate, EMA weight = 1 - decay) of optimizer step `step` (0-based)."""
+        return lr_at(self.config, step), 1.0 - ema_decay_at(self.config, step)
+
+    def forward_backward(self, model, x0: torch.Tensor, graph_safe: bool = False) -> torch.Tensor:
+        """The loss of batch x0 and its gradients, set from scratch: gradients are dropped before the forward
+        (so running it twice is the same as once, and a CUDA graph may reuse their memory)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device, self.config.precision, graph_safe=graph_safe):
+            loss = training_loss(model, self.schedule, x0, self.noise_gen).mean()
+        loss.backward()
+        return loss.detach()
+
     @torch.no_grad()
-    def _update_ema(self) -> None:
-        decay = ema_decay_at(self.config, self.step)
-        torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 1.0 - decay)
-        for b_ema, b in zip(self.ema.buffers(), self.model.buffers()):
-            b_ema.copy_(b)
-
-    def _train_step(self, x0: torch.Tensor) -> torch.Tensor:
-        c = self.config
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(c, self.step)
-
-        def forward_backward() -> torch.Tensor:
-            # gradients dropped before the forward: a CUDA graph may then reuse their memory
-            self.optimizer.zero_grad(set_to_none=True)
-            with autocast(self.device, c.precision):
-                loss = training_loss(self.fast_model, self.schedule, x0, self.noise_gen).mean()
-            loss.backward()
-            return loss
-
-        loss = self.fast_model.step(forward_backward, self.noise_gen)
-        if c.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+    def apply_update(self, ema_weight: float | torch.Tensor) -> None:
+        """Clipping, AdamW at the learning rate in the optimizer, EMA. No host sync: with the learning rate and
+        `ema_weight` as device tensors, a CUDA graph can capture it (step_graph.py)."""
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
         if self.ema is not None:
-            self._update_ema()
+            ema, params = list(self.ema.parameters()), list(self.model.parameters())
+            # a tensor weight must go in as a list: as a lone tensor it would be read back to the host
+            torch._foreach_lerp_(ema, params, [ema_weight] * len(ema) if torch.is_tensor(ema_weight) else ema_weight)
+            for b_ema, b in zip(self.ema.buffers(), self.model.buffers()):
+                b_ema.copy_(b)
+
+    def _train_step(self, x0: torch.Tensor) -> torch.Tensor:
+        lr, ema_weight = self.step_scalars(self.step)
+        loss = self.step_graph.step(x0, lr, ema_weight) if self.step_graph is not None else None
+        if loss is None:  # no graph here (or it fell back): the eager step, its model compiled or not
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            loss = self.fast_model.step(lambda: self.forward_backward(self.fast_model, x0), self.noise_gen)
+            self.apply_update(ema_weight)
         self.step += 1
         self.trained_by = self.run_id
-        return loss.detach()
+        return loss
 
     def _check_losses(self, losses: list[torch.Tensor], first_step: int) -> float:
         """One host sync for a window of steps: raise on the first non-finite loss, return the mean."""
