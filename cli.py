@@ -203,7 +203,8 @@ training_options = _apply([
     click.option("--channels", type=OptionalInt(min=8), default=64, show_default=True,
                  help="UNet base width (multiple of 8); 64 is 2.9M parameters."),
     click.option("--precision", type=click.Choice(("auto", "fp32", "bf16")), default="auto", show_default=True,
-                 help="auto: bf16 autocast on GPUs with native bf16 (compute capability 8.0+), fp32 elsewhere."),
+                 help="auto: bf16 autocast where the device has native bf16 (GPUs of compute capability "
+                      "8.0+, CPUs with AVX512-BF16 or AMX), fp32 elsewhere."),
     click.option("--train-samples", type=OptionalInt(min=1), default=None,
                  help="Train on the first N MNIST images only (smoke runs, tests)."),
     click.option("--max-steps", type=OptionalInt(min=1), default=None, help="Stop after N optimizer steps."),

@@ -1,7 +1,7 @@
 """`bench` results cached per device, so `sweep` projects a study's time from this device's own rates.
 
 One JSON file per device under `~/.cache/mnist-diff/bench/` (or `MNIST_DIFF_BENCH_CACHE`), holding one entry
-per (channels, training batch, requested precision, torch version[, CPU threads]): the things a rate depends
+per (channels, training batch, effective precision, torch version[, CPU threads]): the things a rate depends
 on. `bench` writes its full result there; without one, `sweep` runs a short bench (seconds) and caches that.
 Needs only torch, like `bench`.
 """
@@ -46,7 +46,11 @@ def cache_path(device) -> Path:
 
 
 def entry_key(device, channels: int, batch_size: int, precision: str) -> str:
-    key = f"channels={channels} batch={batch_size} precision={precision} torch={torch.__version__}"
+    """Keyed by the precision that runs ('auto' resolved): an entry measured before auto meant bf16 here is not
+    taken for one."""
+    from .device import effective_precision
+    key = (f"channels={channels} batch={batch_size} precision={effective_precision(device, precision)} "
+           f"torch={torch.__version__}")
     if torch.device(device).type == "cpu":  # CPU rates scale with the threads torch uses
         key += f" threads={torch.get_num_threads()}"
     return key
@@ -66,7 +70,7 @@ def load(device, channels: int, batch_size: int, precision: str) -> dict | None:
 
 
 def save(result: dict, device, precision: str) -> Path:
-    """Cache a `run_bench` result under the precision asked for ('auto' stays 'auto', as `sweep` asks)."""
+    """Cache a `run_bench` result under the precision that ran (see `entry_key`)."""
     path = cache_path(device)
     doc = _read(path) or {"device": device_name(device), "entries": {}}
     doc["entries"][entry_key(device, result["channels"], result["train_batch"], precision)] = result

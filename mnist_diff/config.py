@@ -39,7 +39,7 @@ class Config:
     ema_warmup_steps: int = 400  # the EMA decay ramps linearly from 0 to ema_decay over these steps (train.py)
     channels: int = 64
     seed: int = 0
-    precision: str = "auto"   # auto: bf16 autocast on GPUs with native bf16 (device.py), else fp32
+    precision: str = "auto"   # auto: bf16 autocast where the device has native bf16 (device.py), else fp32
     train_samples: int | None = None  # use only the first N training images (tests, smoke runs)
     max_steps: int | None = None
     # FID protocol

@@ -1,8 +1,10 @@
-"""Device numerics: bf16 autocast only where the GPU has it natively, and the backend flags every command sets."""
+"""Device numerics: bf16 autocast only where the device has it natively, and the backend flags every command sets."""
+from pathlib import Path
+
 import pytest
 import torch
 
-from mnist_diff.device import autocast, configure_backend, effective_precision, native_bf16
+from mnist_diff.device import autocast, configure_backend, cpu_has_bf16, effective_precision, native_bf16
 
 
 @pytest.mark.parametrize("device_type,capability,native", [
@@ -14,19 +16,24 @@ from mnist_diff.device import autocast, configure_backend, effective_precision, 
     ("cuda", (7, 0), False),   # V100
     ("cuda", (6, 1), False),
     ("cuda", None, False),
-    ("cpu", None, False),
     ("mps", None, False),
 ])
 def test_bf16_only_where_native(device_type, capability, native):
     assert native_bf16(device_type, capability) is native
 
 
-def test_precision_on_cpu():
+def test_precision_on_cpu_follows_its_instructions():
     cpu = torch.device("cpu")
-    assert effective_precision(cpu, "auto") == "fp32"
+    flags = Path("/proc/cpuinfo").read_text().split()  # what the kernel says this CPU has
+    assert cpu_has_bf16() is ("avx512_bf16" in flags or "amx_bf16" in flags or "amx_tile" in flags)
+    assert native_bf16("cpu", None) is cpu_has_bf16()
+    auto = "bf16" if cpu_has_bf16() else "fp32"
+    assert effective_precision(cpu, "auto") == auto
     assert effective_precision(cpu, "bf16") == "bf16" and effective_precision(cpu, "fp32") == "fp32"
     x = torch.ones(2, 2)
     with autocast(cpu, "auto"):
+        assert (x @ x).dtype == (torch.bfloat16 if auto == "bf16" else torch.float32)
+    with autocast(cpu, "fp32"):
         assert (x @ x).dtype == torch.float32
     with autocast(cpu, "bf16"):
         assert (x @ x).dtype == torch.bfloat16

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 import cli
 from mnist_diff import bench_cache, workload
 from mnist_diff.config import Config
+from mnist_diff.device import effective_precision
 from mnist_diff.workload import FINAL, GRIDS, INCEPTION, SELECTION, TRAINING, Rates
 
 
@@ -100,7 +101,10 @@ def test_bench_cache_round_trip(tmp_path, monkeypatch):
     path = bench_cache.save(result, cpu, "auto")
     assert path.parent == tmp_path / "bench" and path.name.startswith("cpu-")
     assert bench_cache.load(cpu, 8, 32, "auto") == result
-    assert bench_cache.load(cpu, 64, 32, "auto") is None and bench_cache.load(cpu, 8, 32, "fp32") is None
+    assert bench_cache.load(cpu, 64, 32, "auto") is None
+    auto = effective_precision(cpu, "auto")  # entries are keyed by the precision that runs: auto resolved
+    assert bench_cache.load(cpu, 8, 32, auto) == result
+    assert bench_cache.load(cpu, 8, 32, "fp32" if auto == "bf16" else "bf16") is None
     bench_cache.save({**result, "train_batch": 128}, cpu, "auto")  # a second entry keeps the first
     assert len(json.loads(path.read_text())["entries"]) == 2 and bench_cache.load(cpu, 8, 32, "auto") == result
     path.write_text("{damaged")
