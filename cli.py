@@ -446,8 +446,9 @@ SMOKE = {"epochs": 2, "batch_size": 32, "train_samples": 256, "channels": 8, "wa
               help="study: the reference study's settings. smoke: every grid point on CPU in minutes "
                    "(tiny model and data, tiny FID counts); options you give still win.")
 @click.option("--workers", type=Workers(), default="auto", show_default=True,
-              help="Worker processes on this machine, given its GPUs in turn. auto: one per visible GPU (1 "
-                   "without a GPU). More workers than GPUs share them (on an H100 no faster than one each).")
+              help="Worker processes on this machine, given its GPUs in turn. auto: one per visible GPU; on a "
+                   "CPU 1, or with --preset smoke one per core (at most one per training). More workers than GPUs "
+                   "share them (on an H100 no faster than one each). Several workers show one study bar.")
 @click.option("--heartbeat", type=click.IntRange(min=1), default=60, show_default=True,
               help="Seconds between trial heartbeats; a trial silent for twice this is retried.")
 @click.option("--dry-run", is_flag=True,
@@ -491,8 +492,7 @@ def sweep(ctx, study_name, storage, schedules, timesteps_list, samplers, seeds, 
     tracking_uri = checked_tracking_uri(tracking_uri)
     dev = pick_device(device)
     if workers == "auto":
-        import torch
-        workers = max(1, torch.cuda.device_count()) if dev.type == "cuda" else 1
+        workers = auto_workers(dev, preset, grid.configs(base, max_points))
 
     from mnist_diff.study import Sweep, WorkersFailed, open_study, run_sweep
     from mnist_diff.train import StopSignals
@@ -529,6 +529,18 @@ def sweep(ctx, study_name, storage, schedules, timesteps_list, samplers, seeds, 
     click.echo(f"browse: {tracking.ui_command(tracking_uri)}  (experiment {experiment!r})")
     if failed is not None:
         raise click.ClickException(str(failed))
+
+
+def auto_workers(dev, preset: str, configs) -> int:
+    """`--workers auto`: one per visible GPU. On a CPU, 1, except for the smoke preset: its width-8 model gains
+    little from PyTorch's threads, so one single-threaded worker per core (at most one per training) is
+    faster (2 cores here: 1.16x, docs/BENCHMARKS.md)."""
+    if dev.type == "cuda":
+        import torch
+        return max(1, torch.cuda.device_count())
+    if preset == "smoke" and dev.type == "cpu":
+        return max(1, min(os.cpu_count() or 1, len({c.training_key() for c in configs})))
+    return 1
 
 
 def reference_projection(bench_result: dict, dev, channels: int, batch_size: int, precision: str) -> str:

@@ -19,6 +19,7 @@ import os
 import signal
 import tempfile
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import product
@@ -507,6 +508,8 @@ def _worker_process(sweep: Sweep, parent_run_id: str, gpu: int | None, workers: 
     # Own process group: a Ctrl-C in the terminal reaches only the parent, which passes it on once (a second
     # signal would stop a worker at once, without saving the current step).
     os.setpgrp()
+    # Quiet: N processes' bars on one terminal overwrite each other; the parent shows the study's bar instead.
+    sweep = dataclasses.replace(sweep, progress=False)
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
     import torch
@@ -558,6 +561,7 @@ def _run_workers(sweep: Sweep, parent_run_id: str, workers: int) -> list:
     (as `Interrupted`/KeyboardInterrupt) is passed on to each worker, which saves its trial and stops; then
     the interrupt is raised again."""
     import multiprocessing as mp
+    import multiprocessing.connection  # noqa: F401  (mp.connection.wait)
 
     import torch
     gpus = torch.cuda.device_count()
@@ -570,6 +574,7 @@ def _run_workers(sweep: Sweep, parent_run_id: str, workers: int) -> list:
             p.start()
     except KeyboardInterrupt as err:
         interrupt = err
+    bar = StudyBar(sweep)
     while True:
         if interrupt is not None:
             sig = signal.SIGTERM if "SIGTERM" in str(interrupt) else signal.SIGINT
@@ -580,15 +585,47 @@ def _run_workers(sweep: Sweep, parent_run_id: str, workers: int) -> list:
                     except ProcessLookupError:
                         pass
         try:
-            for p in procs:
-                if p.pid is not None:
-                    p.join()
+            running = [p.sentinel for p in procs if p.pid is not None and p.exitcode is None]
+            while running:
+                mp.connection.wait(running, timeout=STUDY_BAR_SECONDS)
+                bar.update()
+                running = [p.sentinel for p in procs if p.pid is not None and p.exitcode is None]
             break
         except KeyboardInterrupt as err:  # a first or a second signal: pass it on too
             interrupt = err
+    bar.close()
     if interrupt is not None:
         raise interrupt
     return [p.exitcode for p in procs]
+
+
+STUDY_BAR_SECONDS = 5  # how often the parent of several workers reads the study for its bar
+
+
+class StudyBar:
+    """The parent's bar while its workers run: grid points complete (read from the study) and trials running."""
+
+    def __init__(self, sweep: Sweep):
+        from tqdm.auto import tqdm
+        self.sweep, self.study = sweep, None
+        self.bar = tqdm(total=sweep.size, desc=f"study {sweep.study_name}", unit="point", disable=not sweep.progress,
+                        dynamic_ncols=True)
+        self.update()
+
+    def update(self) -> None:
+        if self.bar.disable:
+            return
+        try:
+            self.study = self.study or open_study(self.sweep)
+            done, _ = points_done(self.study, self.sweep)
+            running = len(self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
+        except Exception:  # a bar is no reason to stop a study: the storage may be busy, try again later
+            return
+        self.bar.update(done - self.bar.n)
+        self.bar.set_postfix(running=running)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def points_done(study: optuna.Study, sweep: Sweep) -> tuple[int, str]:

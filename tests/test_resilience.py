@@ -240,10 +240,13 @@ def test_parallel_workers_and_separate_commands_share_the_grid(tmp_path):
     cmd[cmd.index("--epochs") + 1] = "1"
     cmd[cmd.index("--train-samples") + 1] = "64"
     # started in the same instant: one of them sets the study up (its queue, its one parent run)
-    first, second = (subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True) for _ in range(2))
+    loud = [c for c in cmd if c != "--quiet"]  # the first shows its bars: the study's only, not its workers'
+    first, second = (subprocess.Popen(c, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True) for c in (loud, cmd))
     outputs = [p.communicate(timeout=600)[0] for p in (first, second)]
     assert first.returncode == 0 and second.returncode == 0, outputs
+    assert "study r: 100%" in outputs[0] and "4/4" in outputs[0] and "point" in outputs[0], outputs[0]
+    assert "img-step" not in outputs[0] and "train:" not in outputs[0]
     assert not any("database is locked" in o for o in outputs)
     log = (tmp_path / "out" / "training.log").read_text()
     assert "database is locked" not in log

@@ -1,5 +1,6 @@
 """The study's work per phase (counted by hand here), its projection, the bench cache and `sweep --dry-run`."""
 import json
+import os
 from itertools import product
 
 import pytest
@@ -219,3 +220,13 @@ def test_fit_protocol_takes_the_most_faithful_reduction_that_fits():
     assert workload.reduce_protocol(small, 1000, 2, 5000) == small
     assert workload.reduce_protocol(Config(), 500, 4, 2000).to_dict() == {
         **Config().to_dict(), "fid_select_samples": 500, "fid_every": 4, "fid_samples": 2000}
+
+
+def test_workers_auto_is_one_per_core_for_the_smoke_preset_on_a_cpu_and_one_otherwise():
+    from mnist_diff.grid import reference_configs
+    configs = reference_configs(Config())  # 16 points, 8 trainings (the samplers share one)
+    cpu, cores = torch.device("cpu"), os.cpu_count() or 1
+    assert cli.auto_workers(cpu, "smoke", configs) == min(cores, 8)
+    assert cli.auto_workers(cpu, "study", configs) == 1
+    one_training = [c for c in configs if c.training_key() == configs[0].training_key()]
+    assert len(one_training) == 2 and cli.auto_workers(cpu, "smoke", one_training) == 1
