@@ -534,7 +534,7 @@ def sweep(ctx, study_name, storage, schedules, timesteps_list, samplers, seeds, 
 def auto_workers(dev, preset: str, configs) -> int:
     """`--workers auto`: one per visible GPU. On a CPU, 1, except for the smoke preset: its width-8 model gains
     little from PyTorch's threads, so one single-threaded worker per core (at most one per training) is
-    faster (2 cores here: 1.16x, docs/BENCHMARKS.md)."""
+    faster (docs/BENCHMARKS.md, smoke study)."""
     if dev.type == "cuda":
         import torch
         return max(1, torch.cuda.device_count())

@@ -40,31 +40,35 @@ def portable_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
     return state
 
 
+def weights(trainer) -> list[torch.Tensor]:
+    """The tensors a step trains: the model's parameters and the EMA's."""
+    return [*trainer.model.parameters(), *(trainer.ema.parameters() if trainer.ema is not None else ())]
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+
+
 class Snapshot:
     """The training state a step changes (weights, EMA, optimizer state, noise generator), to put back in place:
-    the same tensors, so addresses a graph captured stay valid."""
+    the same tensors, so addresses a graph captured stay valid. `weights` holds the copies of `weights()`."""
 
     def __init__(self, trainer):
         self.trainer = trainer
         self.fresh = not trainer.optimizer.state  # before the first step: AdamW creates its state lazily
-        self.saved = [(t, t.detach().clone()) for t in self._tensors()]
+        live = weights(trainer)
+        self.weights = [w.detach().clone() for w in live]
+        others = [*(trainer.ema.buffers() if trainer.ema is not None else ()), *_optimizer_tensors(trainer.optimizer)]
+        self.saved = [*zip(live, self.weights), *((t, t.detach().clone()) for t in others)]
         self.generator = trainer.noise_gen.get_state()
-
-    def _tensors(self) -> list[torch.Tensor]:
-        t = self.trainer
-        own = [*t.model.parameters(), *(t.ema.parameters() if t.ema is not None else ()),
-               *(t.ema.buffers() if t.ema is not None else ())]
-        return own + [v for s in t.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
 
     @torch.no_grad()
     def restore(self) -> None:
         for live, saved in self.saved:
             live.copy_(saved)
         if self.fresh:  # what AdamW's lazy initialisation would create: zero moments, step 0
-            for s in self.trainer.optimizer.state.values():
-                for v in s.values():
-                    if torch.is_tensor(v):
-                        v.zero_()
+            for v in _optimizer_tensors(self.trainer.optimizer):
+                v.zero_()
         self.trainer.noise_gen.set_state(self.generator)
 
 
@@ -134,19 +138,19 @@ class StepGraph:
                 accel.fall_back(KIND, err, what="CUDA-graph capture")
                 return None
         self.x0.copy_(x0)
+        self._write(lr, ema_weight)
+        return self.replay().clone()
+
+    def _write(self, lr: float, ema_weight: float) -> None:
+        """The step's scalars into the tensors the graph reads."""
         self.lr.fill_(lr)
         self.ema_weight.fill_(ema_weight)
-        return self.replay().clone()
 
     def _body(self) -> torch.Tensor:
         t = self.trainer
         loss = t.forward_backward(self.model, self.x0, graph_safe=True)
         t.apply_update(self.ema_weight)
         return loss
-
-    def _weights(self) -> list[torch.Tensor]:
-        t = self.trainer
-        return [*t.model.parameters(), *(t.ema.parameters() if t.ema is not None else ())]
 
     def _build(self, x0: torch.Tensor) -> None:
         t = self.trainer
@@ -163,23 +167,20 @@ class StepGraph:
         scalars = [t.step_scalars(t.step + i) for i in range(max(WARMUP_STEPS, CHECKED_STEPS))]
         snapshot = Snapshot(t)
         try:
-            start = [w.detach().clone() for w in self._weights()]
             reference = []
             with capture.warmup():
                 for i in range(WARMUP_STEPS):
-                    self.lr.fill_(scalars[i][0])
-                    self.ema_weight.fill_(scalars[i][1])
+                    self._write(*scalars[i])
                     self._body()
                     if i < CHECKED_STEPS:
-                        reference.append([w.detach().clone() for w in self._weights()])
+                        reference.append([w.detach().clone() for w in weights(t)])
             snapshot.restore()
             replay = capture.capture(self._body)
             snapshot.restore()
             for i in range(CHECKED_STEPS):
-                self.lr.fill_(scalars[i][0])
-                self.ema_weight.fill_(scalars[i][1])
+                self._write(*scalars[i])
                 replay()
-                error = update_error(start, reference[i], [w.detach() for w in self._weights()])
+                error = update_error(snapshot.weights, reference[i], [w.detach() for w in weights(t)])
                 if not error <= TOLERANCE:
                     raise RuntimeError(f"replay {i + 1} strays from the eager step by {error:.3g} of its update "
                                        f"(tolerance {TOLERANCE})")

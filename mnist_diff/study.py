@@ -12,6 +12,7 @@ disk: the training's files travel through the server (`shared_trainings`), index
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -19,7 +20,6 @@ import os
 import signal
 import tempfile
 import time
-import dataclasses
 from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import product
