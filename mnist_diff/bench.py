@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from . import accel
+from . import accel, workload
 from .config import Config
 from .device import configure_backend, effective_precision
 from .generate import generate
@@ -66,15 +66,19 @@ def _bench_mode(device, compile: str, *, channels, batch_size, train_steps, samp
                "train_first_call_s": train_first}
         schedules = {"ddpm": make_schedule("linear", sample_steps, 1e-4, 0.2),  # only the step count matters
                      "ddim": make_schedule("linear", 1000)}
-        for name, schedule in schedules.items():
+        runs = [(name, name, sample_batch) for name in schedules]
+        if sample_batch > SMALL_SAMPLE_BATCH:  # a grid's batch: its steps are latency-bound (workload.Rates)
+            runs.append(("ddpm_small", "ddpm", SMALL_SAMPLE_BATCH))
+        for key, name, batch in runs:
             def burst():
-                generate(model, schedule, num=sample_batch, seed=0, sampler=name, ddim_steps=sample_steps,
-                         batch_size=sample_batch, precision=precision, progress=False, compile=compile)
-            rate, _, first = _median_rate(burst, sample_batch * sample_steps, repeats, device)
-            out[f"{name}_image_steps_per_s"], out[f"{name}_first_call_s"] = rate, first
+                generate(model, schedules[name], num=batch, seed=0, sampler=name, ddim_steps=sample_steps,
+                         batch_size=batch, precision=precision, progress=False, compile=compile)
+            rate, _, first = _median_rate(burst, batch * sample_steps, repeats, device)
+            out[f"{key}_image_steps_per_s"], out[f"{key}_first_call_s"] = rate, first
     return out
 
 
+SMALL_SAMPLE_BATCH = 64  # Config.grid_images: the sampling batch of an epoch's grid alone
 INCEPTION_IMAGES = {"cuda": 4000, "cpu": 16}  # per timed repeat: several Inception batches on a GPU
 SCORE_IMAGES = 2000  # the selection FID's size: the fixed cost is timed on a set this big (the n x n path)
 
@@ -105,6 +109,22 @@ def bench_inception(device: torch.device, *, weights_path=None, batch_size: int 
         seconds.append(time.perf_counter() - t0)
     return {"inception_images_per_s": rate, "inception_images_per_s_runs": runs, "inception_first_call_s": first,
             "inception_batch": batch_size, "fid_fixed_seconds": statistics.median(seconds[1:])}
+
+
+def gflop_per_image(channels: int) -> tuple[float, float]:
+    """GFLOP of the UNet per image: (a forward pass, a training step's forward and backward), as
+    torch.utils.flop_counter counts them (convolutions and matrix products; 2 per multiply-add), at batch 1
+    on a CPU copy. Rates times these give the FLOP rate a device sustains."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = UNet(channels=channels)
+    x, t = torch.zeros(1, 1, 28, 28), torch.zeros(1, dtype=torch.long)
+    with FlopCounterMode(display=False) as forward:
+        with torch.no_grad():
+            model(x, t)
+    with FlopCounterMode(display=False) as step:
+        model(x, t).sum().backward()
+    return forward.get_total_flops() / 1e9, step.get_total_flops() / 1e9
 
 
 def run_bench(device: torch.device, *, channels: int = 64, batch_size: int = 128, train_steps: int = 20,
@@ -139,11 +159,14 @@ def run_bench(device: torch.device, *, channels: int = 64, batch_size: int = 128
         "precision": effective_precision(device, precision),
         "channels": channels,
         "parameters": count_parameters(UNet(channels=channels)),
+        **dict(zip(("forward_gflop", "train_gflop"), gflop_per_image(channels))),
         "train_batch": batch_size,
         "sample_batch": sample_batch,
         "sample_steps": sample_steps,
         "repeats": repeats,
         **{k: used[k] for k in ("train_images_per_s", "ddpm_image_steps_per_s", "ddim_image_steps_per_s")},
+        **({"small_sample_batch": SMALL_SAMPLE_BATCH, "ddpm_small_image_steps_per_s":
+            used["ddpm_small_image_steps_per_s"]} if "ddpm_small_image_steps_per_s" in used else {}),
         "modes": modes,
         **fid,
     }
@@ -159,12 +182,24 @@ def format_table(r: dict) -> str:
             ("DDPM image-evaluations/s", "ddpm_image_steps_per_s", f"batch {r['sample_batch']}"),
             ("DDIM image-evaluations/s", "ddim_image_steps_per_s", f"batch {r['sample_batch']}")]
     names = list(modes)
+    if all("ddpm_small_image_steps_per_s" in modes[n] for n in names):
+        rows.append(("DDPM image-evaluations/s", "ddpm_small_image_steps_per_s", f"batch {SMALL_SAMPLE_BATCH}"))
     lines.append(f"{'measure':<26}" + "".join(f"{n:>14}" for n in names) + "   (first call s: "
                  + ", ".join(names) + f"; median of {r['repeats']})")
     for label, key, note in rows:
         first = key.replace("image_steps_per_s", "first_call_s").replace("images_per_s", "first_call_s")
         lines.append(f"{label:<26}" + "".join(f"{modes[n][key]:>14,.0f}" for n in names)
                      + f"   {note}; " + ", ".join(f"{modes[n][first]:.1f}" for n in names))
+    if "forward_gflop" in r:
+        def tflops(n: str) -> str:
+            train = modes[n]["train_images_per_s"] * r["train_gflop"] / 1e3
+            return f"{train:.1f} / {modes[n]['ddpm_image_steps_per_s'] * r['forward_gflop'] / 1e3:.1f}"
+        lines.append(f"{'TFLOP/s train / sample':<26}" + "".join(f"{tflops(n):>14}" for n in names)
+                     + f"   at {r['train_gflop']:.2f} and {r['forward_gflop']:.2f} GFLOP an image (DDPM)")
+    if "ddpm_small_image_steps_per_s" in r:
+        rates = workload.rates_from_bench(r, r["device_type"])
+        lines.append(f"{'sampler step latency':<26}{rates.sample_step_seconds * 1000:>12,.2f}ms   fixed cost of a batch "
+                     f"step, from batches {SMALL_SAMPLE_BATCH} and {r['sample_batch']}: what small batches pay")
     if "inception_images_per_s" in r:
         lines.append(f"{'Inception images/s':<26}{r['inception_images_per_s']:>14,.0f}   batch {r['inception_batch']}; "
                      f"first call {r['inception_first_call_s']:.1f} s")

@@ -34,7 +34,7 @@ from .evaluate import Reference, compute_fid, weights_fingerprint
 from .generate import generate
 from .samplers import image_seeds
 from .schedules import make_schedule
-from .train import Callback, EpochEnd, Trainer, load_sampling_model, sample_grid
+from .train import Callback, EpochEnd, Trainer, load_sampling_model, sample_epoch
 
 SCORE_KEYS = ("fid", "sampling_seconds", "fid_seconds")  # per-epoch values that belong to one sampling config
 
@@ -74,6 +74,19 @@ def score_images(images: torch.Tensor, config: Config, reference: Reference, sam
     with timing.phase(f"{phase}_fid"):
         metrics = compute_fid(images, reference, device=images.device, kid=config.kid, cache_dir=fid_cache)
     return {**metrics, "sampling_seconds": sampling_seconds}
+
+
+def selection_seeds(config: Config) -> list[int]:
+    """The seeds of the selection images, for drawing them in an epoch's grid pass (`train.sample_epoch`)."""
+    images = selection_images(config)
+    return image_seeds(config.seed, len(images), images.start)
+
+
+def score_drawn_selection(images: torch.Tensor, config: Config, reference: Reference, sampling_seconds: float, *,
+                          fid_cache=None) -> dict:
+    """An epoch's selection FID of its selection images, drawn in its grid pass."""
+    m = score_images(images, config, reference, sampling_seconds, fid_cache=fid_cache)
+    return {k: m[k] for k in SCORE_KEYS}
 
 
 def score_selection(model, config: Config, reference: Reference, epoch: int, *, progress=True, fid_cache=None) -> dict:
@@ -162,10 +175,7 @@ class FidSelection(Callback):
         self.last_epoch = trainer.total_steps // trainer.steps_per_epoch
 
     def seeds_for_epoch_end(self, epoch: int) -> list[int]:
-        if not fid_due(self.config, epoch, self.last_epoch):
-            return []
-        images = selection_images(self.config)
-        return image_seeds(self.config.seed, len(images), images.start)
+        return selection_seeds(self.config) if fid_due(self.config, epoch, self.last_epoch) else []
 
     def on_epoch_end(self, end: EpochEnd) -> None:
         self.record.put_grid(end.epoch, end.grid_path)
@@ -173,8 +183,7 @@ class FidSelection(Callback):
         if not seeds:
             return
         images = torch.stack([end.drawn[s] for s in seeds])
-        m = score_images(images, self.config, self.reference, end.drawn_seconds, fid_cache=self.fid_cache)
-        m = {k: m[k] for k in SCORE_KEYS}
+        m = score_drawn_selection(images, self.config, self.reference, end.drawn_seconds, fid_cache=self.fid_cache)
         self.record.put_fid(end.epoch, m)
         end.metrics.update(m)
 
@@ -191,16 +200,20 @@ def score_past_epochs(config: Config, history: list[dict], record: SamplingRecor
     for h in history:
         epoch = h["epoch"]
         grid, known = grid_dir / f"epoch-{epoch:03d}.png", record.grid(epoch)
+        score = fid_due(config, epoch, last_epoch) and record.fid(epoch) is None
         model = None
-        if known is None:
+        if known is None or score:
             model, _, _ = load_sampling_model(record.ema_path(epoch), device)
-            sample_grid(model, schedule, config, grid, progress=progress)
+        if known is None:  # the grid and the selection images in one pass, as in training
+            _, drawn, seconds = sample_epoch(model, schedule, config, grid, selection_seeds(config) if score else (),
+                                             progress=progress)
+            if score:
+                record.put_fid(epoch, score_drawn_selection(drawn, config, reference, seconds, fid_cache=fid_cache))
+                score = False
         elif known != grid.resolve():
             shutil.copyfile(known, grid)
         record.put_grid(epoch, grid)
-        if fid_due(config, epoch, last_epoch) and record.fid(epoch) is None:
-            if model is None:
-                model, _, _ = load_sampling_model(record.ema_path(epoch), device)
+        if score:
             record.put_fid(epoch, score_selection(model, config, reference, epoch, progress=progress,
                                                   fid_cache=fid_cache))
         if tracker is not None:

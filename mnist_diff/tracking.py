@@ -375,6 +375,8 @@ def load_study_from_mlflow(tracking_uri: str, study_name: str) -> tuple[list[dic
     grid_fields = [*REFERENCE_FIELDS, "seed", *extra_fields(study)]
     for run in children:
         tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+        if not all(k in params for k in REFERENCE_FIELDS):  # stopped (SIGTERM, kill) before it logged its
+            continue                                          # parameters: no grid point to report it under
         history = client.get_metric_history(run.info.run_id, "fid")
         records.append(normalize_record({
             "trial": tags.get("mnist_diff.trial"), "state": RUN_STATE.get(run.info.status, run.info.status),

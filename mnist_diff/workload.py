@@ -5,6 +5,12 @@ from rates passed in (`bench_cache` reads and writes the measured ones). No I/O,
 
 A DDPM and a DDIM trial with the same `training_key()` share one training, but each samples its own grids
 and FID images with its own sampler.
+
+Sampling time is not only images × network calls: each sampler step of a batch also costs a fixed latency
+(kernel launches, the sampler's own arithmetic), which dominates small batches such as a 64-image grid at
+T=1000 (1,000 sequential steps). So each sampling phase also lists its passes (how many images are drawn
+together, at how many calls each), and `project` charges every step of every batch `Rates.sample_step_seconds`
+on top of its images.
 """
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from .config import Config
+from .generate import batch_sizes
 from .samplers import network_calls
 
 MNIST_SIZES = {"train": 60_000, "test": 10_000}
@@ -33,6 +40,9 @@ class Phase:
     images: int        # training: images trained on; sampling: images drawn; Inception: images scored
     evaluations: int   # network evaluations: UNet calls (training: one forward+backward per image),
                        # Inception forwards for the Inception phase
+    # sampling phases: (images drawn together, network calls per image, sample batch or 0 for the device's,
+    # how many such passes this phase pays for: fractional where a pass also draws another phase's images)
+    passes: tuple[tuple[int, int, int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -77,23 +87,39 @@ def scored_epochs(c: Config) -> list[int]:
 
 
 def count(configs: Sequence[Config]) -> Workload:
-    """The work of running every config once (one trial each), trainings shared by `training_key()`."""
+    """The work of running every config once (one trial each), trainings shared by `training_key()`. A scored
+    epoch draws its grid and its selection images in one pass (`train.sample_epoch`); other epochs draw the
+    grid alone."""
     train_by_key: dict[str, int] = {}  # training images per shared training
     sel_images = sel_evals = final_images = final_evals = grid_images = grid_evals = 0
+    passes: dict[str, dict[tuple[int, int, int], float]] = {SELECTION: {}, FINAL: {}, GRIDS: {}}
+
+    def add(phase: str, size: int, calls: int, batch: int, weight: float) -> None:
+        if weight:
+            key = (size, calls, batch)
+            passes[phase][key] = passes[phase].get(key, 0.0) + weight
+
     scores = 0
     references = set()
     for c in configs:
         key = c.training_key()
         train_by_key[key] = max(train_by_key.get(key, 0), total_steps(c) * c.batch_size)
         calls = network_calls(c.sampler, c.timesteps, c.ddim_steps)
+        batch = c.sample_batch_size or 0
         scored = scored_epochs(c)
-        final = c.fid_samples if c.fid_samples > 0 and epochs_done(c) >= 1 else 0
+        epochs = epochs_done(c)
+        final = c.fid_samples if c.fid_samples > 0 and epochs >= 1 else 0
         sel_images += c.fid_select_samples * len(scored)
         sel_evals += c.fid_select_samples * len(scored) * calls
         final_images += final
         final_evals += final * calls
-        grid_images += c.grid_images * epochs_done(c)
-        grid_evals += c.grid_images * epochs_done(c) * calls
+        grid_images += c.grid_images * epochs
+        grid_evals += c.grid_images * epochs * calls
+        shared = c.grid_images + c.fid_select_samples  # a scored epoch's pass: its time split by images
+        add(SELECTION, shared, calls, batch, len(scored) * c.fid_select_samples / shared)
+        add(GRIDS, shared, calls, batch, len(scored) * c.grid_images / shared)
+        add(GRIDS, c.grid_images, calls, batch, epochs - len(scored))
+        add(FINAL, final, calls, batch, 1 if final else 0)
         trial_scores = len(scored) + (1 if final else 0)
         scores += trial_scores
         if trial_scores:
@@ -101,8 +127,12 @@ def count(configs: Sequence[Config]) -> Workload:
             references.add((c.fid_ref, min(c.fid_ref_samples or size, size)))
     train_images = sum(train_by_key.values())
     scored_images = sel_images + final_images
-    phases = (Phase(TRAINING, train_images, train_images), Phase(SELECTION, sel_images, sel_evals),
-              Phase(FINAL, final_images, final_evals), Phase(GRIDS, grid_images, grid_evals),
+
+    def sampling(name: str, images: int, evaluations: int) -> Phase:
+        return Phase(name, images, evaluations, tuple((*k, w) for k, w in sorted(passes[name].items())))
+
+    phases = (Phase(TRAINING, train_images, train_images), sampling(SELECTION, sel_images, sel_evals),
+              sampling(FINAL, final_images, final_evals), sampling(GRIDS, grid_images, grid_evals),
               Phase(INCEPTION, scored_images, scored_images))
     return Workload(phases, trials=len(configs), trainings=len(train_by_key), fid_scores=scores,
                     reference_images=sum(n for _, n in references))
@@ -116,10 +146,23 @@ class Rates:
     fid_fixed_seconds: float             # per FID score, besides its images
     estimated: tuple[str, ...] = ()      # names of the fields above that are estimates, not measurements
     source: str = ""                     # where the measured ones come from
+    sample_batch: int = 0                # the batch sample_evaluations_per_s was measured at (0: unknown)
+    sample_step_seconds: float = 0.0     # fixed seconds of each sampler step of a batch, besides its images
+
+    def sampling_seconds(self, images: int, calls: int, batch: int = 0) -> float:
+        """Seconds to draw `images` together at `calls` network calls each, in batches of `batch` (0: the
+        measured batch): each step of a batch of b images costs L + b (1/rate - L/B), where B is the measured
+        batch, which makes a step of B images cost exactly B/rate."""
+        batch = batch or self.sample_batch or images
+        latency = self.sample_step_seconds
+        per_image = 1 / self.sample_evaluations_per_s - (latency / self.sample_batch if self.sample_batch else 0)
+        return calls * sum(latency + b * per_image for b in batch_sizes(images, batch))
 
 
 def rates_from_bench(result: dict, device_type: str, source: str = "") -> Rates:
-    """Rates from a `bench` result; what it lacks (Inception, the FID fixed cost) is a stated estimate."""
+    """Rates from a `bench` result; what it lacks (Inception, the FID fixed cost) is a stated estimate. The
+    per-step latency follows from the sampling rates at two batch sizes (`sample_step_latency`); a bench
+    without the small batch gives none (0: every step costs only its images)."""
     if "sample_image_steps_per_s" in result:
         sampling = result["sample_image_steps_per_s"]
     else:  # one network call costs the same in either sampler: their mean is one rate, less noisy
@@ -133,16 +176,35 @@ def rates_from_bench(result: dict, device_type: str, source: str = "") -> Rates:
     if fixed is None:
         fixed = FID_FIXED_SECONDS_ESTIMATE
         estimated.append("fid_fixed_seconds")
-    return Rates(result["train_images_per_s"], sampling, inception, fixed, tuple(estimated), source)
+    batch = int(result.get("sample_batch") or 0)
+    latency = 0.0
+    if batch and result.get("small_sample_batch") and result.get("ddpm_small_image_steps_per_s"):
+        latency = sample_step_latency(batch, sampling, result["small_sample_batch"],
+                                      result["ddpm_small_image_steps_per_s"])
+    return Rates(result["train_images_per_s"], sampling, inception, fixed, tuple(estimated), source,
+                 sample_batch=batch, sample_step_seconds=latency)
+
+
+def sample_step_latency(batch: int, rate: float, small_batch: int, small_rate: float) -> float:
+    """The fixed seconds L of a sampler step in the model t(b) = L + b c, from the step times of two batch
+    sizes (b / rate each); kept within [0, the small batch's step time]."""
+    if batch <= small_batch:
+        return 0.0
+    t_big, t_small = batch / rate, small_batch / small_rate
+    per_image = (t_big - t_small) / (batch - small_batch)
+    return min(max(t_small - small_batch * per_image, 0.0), t_small)
 
 
 def project(w: Workload, r: Rates) -> dict[str, float]:
     """Seconds per phase."""
+    def sampling(name: str) -> float:
+        return sum(weight * r.sampling_seconds(size, calls, batch) for size, calls, batch, weight in w.phase(name).passes)
+
     return {
         TRAINING: w.phase(TRAINING).images / r.train_images_per_s,
-        SELECTION: w.phase(SELECTION).evaluations / r.sample_evaluations_per_s,
-        FINAL: w.phase(FINAL).evaluations / r.sample_evaluations_per_s,
-        GRIDS: w.phase(GRIDS).evaluations / r.sample_evaluations_per_s,
+        SELECTION: sampling(SELECTION),
+        FINAL: sampling(FINAL),
+        GRIDS: sampling(GRIDS),
         INCEPTION: w.phase(INCEPTION).images / r.inception_images_per_s + w.fid_scores * r.fid_fixed_seconds,
     }
 
@@ -198,7 +260,8 @@ def format_table(w: Workload, r: Rates | None) -> str:
     basis = {}
     if r is not None:
         basis = {TRAINING: f"{r.train_images_per_s:,.0f} images/s",
-                 SELECTION: f"{r.sample_evaluations_per_s:,.0f} evaluations/s",
+                 SELECTION: f"{r.sample_evaluations_per_s:,.0f} evaluations/s"
+                            + (f" + {r.sample_step_seconds * 1e3:.2f} ms a batch step" if r.sample_step_seconds else ""),
                  INCEPTION: f"{r.inception_images_per_s:,.0f} images/s{est('inception_images_per_s')} + "
                             f"{r.fid_fixed_seconds:g} s x {w.fid_scores} scores{est('fid_fixed_seconds')}"}
         basis[FINAL] = basis[GRIDS] = basis[SELECTION]

@@ -8,6 +8,15 @@ The protocol: the study's 16 configs, 20 epochs, batch 128 always; the per-epoch
 every N epochs) and the final FID's images are reduced along `workload.PROTOCOL_STEPS` until the projection
 from this device's own bench rates fits. `--rehearse` runs the same steps tiny on a CPU (smoke preset, one
 schedule) so that a mistake costs no GPU time.
+
+A study longer than one device call: plan it for the device time of both calls (`--plan`), let the first call
+stop at its `--budget` (the sweep saves its trials and checkpoints), then, on the same warm machine, finish it:
+
+    python scripts/gpu_study.py --budget 560 --plan 790 --pack "$OUT/gpu-study.tar.gz"
+    python scripts/gpu_study.py --resume --budget 220 --pack "$OUT/gpu-study.tar.gz"
+
+`--resume` reads the run folder's bench and protocol, runs the same `sweep` (which goes on where it stopped)
+and the report.
 """
 from __future__ import annotations
 
@@ -58,18 +67,49 @@ def run(cmd: list[str], timeout: float) -> int | str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--budget", type=float, default=560, help="seconds for everything, from now")
+    ap.add_argument("--budget", type=float, default=560, help="seconds for this call, from now")
+    ap.add_argument("--plan", type=float, default=None,
+                    help="seconds the whole study may take over this call and a --resume call (default: --budget)")
+    ap.add_argument("--resume", action="store_true", help="finish the run folder's study: its bench and protocol")
     ap.add_argument("--workers", type=int, default=3, help="sweep workers sharing the GPU")
     ap.add_argument("--run-dir", default="runs/gpu", help="where the study's stores and outputs go")
     ap.add_argument("--pack", default=None, help="write the report, results, logs and stores to this .tar.gz")
     ap.add_argument("--rehearse", action="store_true", help="CPU rehearsal: tiny bench, smoke preset, 1 schedule")
     args = ap.parse_args()
+    if args.plan is not None and args.plan < args.budget:
+        ap.error("--plan is the whole study's time: at least --budget")
     deadline = time.time() + args.budget
     run_dir = (ROOT / args.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     stores = ["--storage", f"sqlite:///{run_dir}/optuna.db", "--tracking-uri", f"sqlite:///{run_dir}/mlflow.db"]
+    if args.resume:
+        if not (run_dir / "protocol.json").exists():
+            ap.error(f"--resume: no study to finish in {run_dir} (protocol.json is missing)")
+        protocol = json.loads((run_dir / "protocol.json").read_text())
+        say(f"resuming the study of {run_dir}: {protocol}")
+    else:
+        protocol = plan_study(args, run_dir, py, plan_end=time.time() + (args.plan or args.budget))
 
+    # 3. the study, stopped in time (SIGTERM: trials saved, results written) to leave room for the report
+    sweep_rc = run([py, "cli.py", "sweep", "--study-name", "gpu-study", *stores, "--out", str(run_dir / "sweep"),
+                    "--workers", str(protocol["workers"]), "--heartbeat", "30", "--quiet", *protocol["args"]],
+                   timeout=deadline - time.time() - REPORT_RESERVE_S)
+    if sweep_rc == "timeout":
+        say(f"the study goes on with: python3 scripts/gpu_study.py --resume --run-dir {args.run_dir} --budget N")
+
+    # 4. the report, from MLflow
+    report_rc = run([py, "cli.py", "report", "--study", "gpu-study", "--tracking-uri", stores[3],
+                     "--out", str(run_dir / "report")], timeout=max(10, deadline - time.time() - 10))
+    if args.pack:
+        pack(run_dir, Path(args.pack))
+    say(f"done: sweep exit {sweep_rc}, report exit {report_rc}; {deadline - time.time():.0f} s of the budget left")
+    return 0 if sweep_rc == 0 and report_rc == 0 else 1
+
+
+def plan_study(args, run_dir: Path, py: str, plan_end: float) -> dict:
+    """Bench this device, then fit the protocol into the time left until `plan_end`; written to protocol.json
+    (what `--resume` reads)."""
     # 1. bench: the figures for docs/BENCHMARKS.md, cached for the sweep's projection; warms inductor's cache
     bench_json = run_dir / "bench.json"
     bench_args = (["--device", "cpu", "--compile", "off", "--repeats", "1", "--train-steps", "1",
@@ -90,10 +130,11 @@ def main() -> int:
     rates = workload.rates_from_bench(bench, bench["device_type"], source="bench.json")
     say(f"rates: {rates}")
 
-    # 2. the protocol that fits the time left
+    # 2. the protocol that fits the time left: each call pays for a start and a report
+    calls = 2 if args.plan is not None and args.plan > args.budget else 1
     configs = reference_configs()
     inception = rates.inception_images_per_s
-    available = deadline - time.time() - REPORT_RESERVE_S - STARTUP_S - 60_000 / inception
+    available = plan_end - time.time() - calls * (REPORT_RESERVE_S + STARTUP_S) - 60_000 / inception
     fit = workload.fit_protocol(configs, rates, available / SAFETY)
     epochs = 20
     if fit is None:  # even the smallest protocol does not fit: fewer epochs, said loudly
@@ -105,28 +146,16 @@ def main() -> int:
         say(f"NOT FAITHFUL: even the smallest FID protocol does not fit; {epochs} epochs instead of 20")
     (select, every, final), projected = fit
     say(f"protocol: selection FID on {select} images every {every} epoch(s), final FID on {final} images; "
-        f"{epochs} epochs; projected {projected:.0f} s (serial) of {available:.0f} s available")
-    protocol = ["--fid-select-samples", str(select), "--fid-every", str(every), "--fid-samples", str(final),
-                "--epochs", str(epochs), *safe_mode]
+        f"{epochs} epochs; projected {projected:.0f} s (serial) of {available:.0f} s available in {calls} call(s)")
+    sweep_args = ["--fid-select-samples", str(select), "--fid-every", str(every), "--fid-samples", str(final),
+                  "--epochs", str(epochs), *safe_mode]
     if args.rehearse:
-        protocol = ["--preset", "smoke", "--schedule", "linear", "--timesteps", "200", "--device", "cpu"]
-    (run_dir / "protocol.json").write_text(json.dumps(
-        {"fid_select_samples": select, "fid_every": every, "fid_samples": final, "epochs": epochs,
-         "projected_serial_s": projected, "available_s": available, "workers": args.workers, "safe_mode": safe_mode,
-         "rehearsal": args.rehearse}, indent=1))
-
-    # 3. the study, stopped in time (SIGTERM: trials saved, results written) to leave room for the report
-    sweep_rc = run([py, "cli.py", "sweep", "--study-name", "gpu-study", *stores, "--out", str(run_dir / "sweep"),
-                    "--workers", str(args.workers), "--heartbeat", "30", "--quiet", *protocol],
-                   timeout=deadline - time.time() - REPORT_RESERVE_S)
-
-    # 4. the report, from MLflow
-    report_rc = run([py, "cli.py", "report", "--study", "gpu-study", "--tracking-uri", stores[3],
-                     "--out", str(run_dir / "report")], timeout=max(10, deadline - time.time() - 10))
-    if args.pack:
-        pack(run_dir, Path(args.pack))
-    say(f"done: sweep exit {sweep_rc}, report exit {report_rc}; {deadline - time.time():.0f} s of the budget left")
-    return 0 if sweep_rc == 0 and report_rc == 0 else 1
+        sweep_args = ["--preset", "smoke", "--schedule", "linear", "--timesteps", "200", "--device", "cpu"]
+    protocol = {"fid_select_samples": select, "fid_every": every, "fid_samples": final, "epochs": epochs,
+                "projected_serial_s": projected, "available_s": available, "calls": calls, "workers": args.workers,
+                "safe_mode": safe_mode, "rehearsal": args.rehearse, "args": sweep_args}
+    (run_dir / "protocol.json").write_text(json.dumps(protocol, indent=1))
+    return protocol
 
 
 def pack(run_dir: Path, dest: Path) -> None:

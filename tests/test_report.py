@@ -141,6 +141,10 @@ def test_mlflow_and_json_loaders_give_the_same_records(tmp_path):
     records += [record(16, "linear", 200, "ddpm", None, state="FAIL", error="OutOfMemoryError: CUDA out of memory"),
                 record(17, "sigmoid", 1000, "ddim", None, state="FAIL(KILLED)")]
     uri, parent = mlflow_study(tmp_path, records, study())
+    # a trial's run stopped before it logged its parameters (the sweep got SIGTERM as the trial started)
+    client = MlflowClient(uri)
+    client.create_run(client.get_run(parent).info.experiment_id, tags={
+        "mlflow.parentRunId": parent, "mnist_diff.role": "trial", "mnist_diff.study": "s1", "mnist_diff.trial": "18"})
     from_json, st_json = load_records_from_json(write_json(tmp_path / "r.json", records, study()))
     from_mlflow, st_mlflow, parent_id = load_study_from_mlflow(uri, "s1")
     assert parent_id == parent

@@ -83,6 +83,47 @@ def test_projection_and_warning():
     assert [workload.format_duration(x) for x in (44.6, 390, 77_890)] == ["45 s", "6 min 30 s", "21 h 38 min"]
 
 
+def test_small_batches_pay_the_step_latency():
+    """t(b) = L + b c per sampler step: L = 1 ms, c = 5 us. The two rates bench measures give back L."""
+    big, small = 2000 / (1e-3 + 2000 * 5e-6), 64 / (1e-3 + 64 * 5e-6)
+    assert workload.sample_step_latency(2000, big, 64, small) == pytest.approx(1e-3)
+    assert workload.sample_step_latency(2000, big, 64, big) == 0.0  # no faster per image at 2000: no latency
+    assert workload.sample_step_latency(2000, big, 64, small / 100) == pytest.approx(64 / (small / 100))  # capped
+    assert workload.sample_step_latency(64, big, 64, small) == 0.0  # one batch size: nothing to tell apart
+    r = workload.rates_from_bench({"train_images_per_s": 1.0, "ddpm_image_steps_per_s": big,
+                                   "ddim_image_steps_per_s": big, "sample_batch": 2000, "small_sample_batch": 64,
+                                   "ddpm_small_image_steps_per_s": small}, "cuda")
+    assert (r.sample_batch, r.sample_step_seconds) == (2000, pytest.approx(1e-3))
+    assert r.sampling_seconds(64, 1000) == pytest.approx(1000 * (1e-3 + 64 * 5e-6))  # a grid at T=1000: 1.32 s
+    assert r.sampling_seconds(10_000, 1) == pytest.approx(5 * (1e-3 + 2000 * 5e-6))  # 5 batches of 2,000
+    assert r.sampling_seconds(2064, 1) == pytest.approx(1e-3 + 2064 * 5e-6)  # the tail joins the last batch
+    assert r.sampling_seconds(300, 1, batch=100) == pytest.approx(3 * (1e-3 + 100 * 5e-6))  # a config's own batch
+    # no latency measured: a pass costs its evaluations at the rate, whatever its batches
+    flat = Rates(1.0, big, 1.0, 0.0)
+    assert flat.sampling_seconds(64, 1000) == pytest.approx(64_000 / big)
+    assert "1.00 ms a batch step" in workload.format_table(workload.count(reference_study()), r)
+
+
+def test_passes_and_their_projection_with_latency():
+    base = Config(timesteps=20, beta_end=0.2, ddim_steps=5, epochs=5, batch_size=32, train_samples=100, fid_every=2,
+                  fid_select_samples=10, fid_samples=30, fid_ref="test")
+    w = workload.count([base])
+    # epochs 2, 4 and 5 draw the grid (64) and the selection (10) in one pass of 74; epochs 1 and 3 the grid alone
+    assert w.phase(SELECTION).passes == ((74, 20, 0, pytest.approx(3 * 10 / 74)),)
+    assert w.phase(GRIDS).passes == ((64, 20, 0, 2.0), (74, 20, 0, pytest.approx(3 * 64 / 74)))
+    assert w.phase(FINAL).passes == ((30, 20, 0, 1.0),)
+    r = Rates(1.0, 1000.0, 1.0, 0.0, sample_batch=50, sample_step_seconds=0.01)
+    per_image = 1 / 1000 - 0.01 / 50
+    s = workload.project(w, r)
+    # 74 images at batch 50: batches of 50 and 24, each step paying 10 ms
+    pass74 = 20 * (2 * 0.01 + 74 * per_image)
+    assert s[SELECTION] == pytest.approx(3 * 10 / 74 * pass74)
+    # 64 images at batch 50: 50 and a tail of 14 (over an eighth of a batch, so a batch of its own)
+    assert s[GRIDS] == pytest.approx(2 * 20 * (2 * 0.01 + 64 * per_image) + 3 * 64 / 74 * pass74)
+    assert s[FINAL] == pytest.approx(20 * (0.01 + 30 * per_image))
+    assert workload.count([base.replace(sample_batch_size=16)]).phase(FINAL).passes == ((30, 20, 16, 1.0),)
+
+
 def test_rates_from_bench_label_estimates():
     bench = {"train_images_per_s": 123.0, "ddpm_image_steps_per_s": 441.0, "ddim_image_steps_per_s": 457.0}
     r = workload.rates_from_bench(bench, "cpu")
@@ -185,6 +226,27 @@ def test_bench_full_measures_everything_sweep_projects_and_runs_the_study_path(t
     result = CliRunner().invoke(cli.cli, ["sweep", "--dry-run", "--device", "cpu", "--preset", "smoke"])
     assert result.exit_code == 0 and "measuring" not in result.output and "rates: bench of " in result.output
     assert "(estimate)" not in result.output  # Inception and the FID fixed cost are measured now
+
+
+def test_bench_measures_a_grid_sized_batch_for_the_step_latency():
+    from mnist_diff.bench import format_table, run_bench
+    r = run_bench(torch.device("cpu"), channels=8, batch_size=8, train_steps=1, sample_batch=80, sample_steps=2,
+                  repeats=1, compile="off", inception=False)
+    assert r["small_sample_batch"] == 64 and r["ddpm_small_image_steps_per_s"] > 0
+    rates = workload.rates_from_bench(r, "cpu")
+    assert rates.sample_batch == 80 and 0 <= rates.sample_step_seconds <= 64 / r["ddpm_small_image_steps_per_s"]
+    assert "sampler step latency" in format_table(r) and "batch 64" in format_table(r)
+    assert "TFLOP/s train / sample" in format_table(r)
+
+
+def test_flops_per_image_of_the_default_unet():
+    """Issue 10's figure, 0.70 GFLOP per evaluation at width 64; a training step is about three forwards (the
+    backward computes gradients of both inputs and weights); width 32 is a quarter (channels squared)."""
+    from mnist_diff.bench import gflop_per_image
+    forward, train = gflop_per_image(64)
+    assert forward == pytest.approx(0.7017, abs=1e-4) and train == pytest.approx(2.1042, abs=1e-4)
+    assert train / forward == pytest.approx(3.0, abs=0.01)
+    assert gflop_per_image(32)[0] == pytest.approx(forward / 4, rel=0.01)
 
 
 def test_sweep_measures_once_without_a_cache(tmp_path, monkeypatch):
