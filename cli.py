@@ -175,6 +175,9 @@ fid_options = _apply([
     click.option("--kid", is_flag=True, help="Also compute KID."),
     click.option("--grid-images", type=OptionalInt(min=1, max=1024), default=64, show_default=True,
                  help="Images in each epoch's sample grid (own seeds; drawn with the selection images)."),
+    click.option("--grid-every", type=OptionalInt(min=0), default=1, show_default=True,
+                 help="Draw the sample grid every N epochs and at the last (0: never). Set it to --fid-every "
+                      "and each grid is drawn in its epoch's selection pass: small batches cost GPU time."),
 ])
 
 fid_weights_option = click.option(

@@ -51,6 +51,7 @@ class Config:
     fid_batch_size: int = 500
     kid: bool = False
     grid_images: int = 64            # images in each epoch's sample grid (an 8x8 grid), from their own seeds
+    grid_every: int = 1              # draw the grid every N epochs and at the last (0: never)
     # how it runs, not what it computes (outside the training key; see RUNTIME_FIELDS)
     compile: str = "auto"                   # torch.compile the UNet: auto (on for CUDA), on, off
     sample_batch_size: int | None = None    # images per sampling batch; None: what the device holds
@@ -96,6 +97,12 @@ class Config:
         return _stable_hash(self.sampling_dict())
 
 
+def epoch_due(every: int, epoch: int, last_epoch: int) -> bool:
+    """Whether a per-epoch output (selection FID: `fid_every`, sample grid: `grid_every`) is due: every
+    `every` epochs and at the last one; never when `every` is 0."""
+    return every > 0 and (epoch % every == 0 or epoch == last_epoch)
+
+
 def _stable_hash(d: dict) -> str:
     blob = json.dumps(d, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -103,7 +110,7 @@ def _stable_hash(d: dict) -> str:
 
 SAMPLING_FIELDS = ("sampler", "ddim_steps", "eta", "clip_x0")
 EVAL_FIELDS = ("fid_every", "fid_select_samples", "fid_samples", "fid_ref", "fid_ref_samples",
-               "fid_batch_size", "kid", "grid_images")
+               "fid_batch_size", "kid", "grid_images", "grid_every")
 # Speed settings. They live in the config (not as separate arguments) because the config is what reaches
 # every place that trains or samples, and what config.json and MLflow record; like the sampling and FID fields
 # they stay out of the training key and the resume check: a run may resume with other values.
@@ -144,5 +151,6 @@ def validate(c: Config) -> None:
     need(c.fid_ref_samples is None or c.fid_ref_samples >= 2, "--fid-ref-samples must be >= 2")
     need(c.fid_batch_size >= 1, "--fid-batch-size must be >= 1")
     need(1 <= c.grid_images <= 1024, f"--grid-images must be in [1, 1024], got {c.grid_images}")
+    need(c.grid_every >= 0, f"--grid-every must be >= 0, got {c.grid_every}")
     need(c.compile in COMPILE_CHOICES, f"unknown --compile {c.compile!r}; choose one of {', '.join(COMPILE_CHOICES)}")
     need(c.sample_batch_size is None or c.sample_batch_size >= 1, "--sample-batch-size must be >= 1")

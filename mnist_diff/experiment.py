@@ -29,7 +29,7 @@ import torch
 
 from . import checkpoint, timing
 from .atomic import write_json
-from .config import Config
+from .config import Config, epoch_due
 from .evaluate import Reference, compute_fid, weights_fingerprint
 from .generate import generate
 from .samplers import image_seeds
@@ -156,8 +156,7 @@ class SamplingRecord:
 
 def fid_due(config: Config, epoch: int, last_epoch: int) -> bool:
     """Whether an epoch gets a selection FID: every `fid_every` epochs, and the last one."""
-    every = config.fid_every
-    return every > 0 and (epoch % every == 0 or epoch == last_epoch)
+    return epoch_due(config.fid_every, epoch, last_epoch)
 
 
 class FidSelection(Callback):
@@ -178,7 +177,8 @@ class FidSelection(Callback):
         return selection_seeds(self.config) if fid_due(self.config, epoch, self.last_epoch) else []
 
     def on_epoch_end(self, end: EpochEnd) -> None:
-        self.record.put_grid(end.epoch, end.grid_path)
+        if end.grid_path is not None:
+            self.record.put_grid(end.epoch, end.grid_path)
         seeds = self.seeds_for_epoch_end(end.epoch)
         if not seeds:
             return
@@ -191,34 +191,33 @@ class FidSelection(Callback):
 def score_past_epochs(config: Config, history: list[dict], record: SamplingRecord, grid_dir, *,
                       last_epoch: int, reference: Reference, device, tracker=None, progress=True,
                       fid_cache=None) -> None:
-    """Epochs trained before this run, maybe under another sampling config: put this config's grid of each in
-    `grid_dir` (a copy of a valid one from the record, else drawn), score the due ones the record has no FID
-    for, from the saved per-epoch EMA weights, and log them to this run's tracker, which has not seen them."""
+    """Epochs trained before this run, maybe under another sampling config: put this config's grid of each
+    epoch due one (`grid_every`) in `grid_dir` (a copy of a valid one from the record, else drawn), score the
+    due ones the record has no FID for, from the saved per-epoch EMA weights, and log them to this run's
+    tracker, which has not seen them."""
     schedule = make_schedule(config.schedule, config.timesteps, config.beta_start, config.beta_end)
     grid_dir = Path(grid_dir)
     grid_dir.mkdir(parents=True, exist_ok=True)
     for h in history:
         epoch = h["epoch"]
-        grid, known = grid_dir / f"epoch-{epoch:03d}.png", record.grid(epoch)
+        grid = grid_dir / f"epoch-{epoch:03d}.png" if epoch_due(config.grid_every, epoch, last_epoch) else None
+        known = record.grid(epoch) if grid is not None else None
+        draw_grid = grid is not None and known is None
         score = fid_due(config, epoch, last_epoch) and record.fid(epoch) is None
-        model = None
-        if known is None or score:
+        if draw_grid or score:  # the grid and the selection images in one pass, as in training
             model, _, _ = load_sampling_model(record.ema_path(epoch), device)
-        if known is None:  # the grid and the selection images in one pass, as in training
-            _, drawn, seconds = sample_epoch(model, schedule, config, grid, selection_seeds(config) if score else (),
-                                             progress=progress)
+            _, drawn, seconds = sample_epoch(model, schedule, config, grid if draw_grid else None,
+                                             selection_seeds(config) if score else (), progress=progress)
             if score:
                 record.put_fid(epoch, score_drawn_selection(drawn, config, reference, seconds, fid_cache=fid_cache))
-                score = False
-        elif known != grid.resolve():
+        if known is not None and known != grid.resolve():
             shutil.copyfile(known, grid)
-        record.put_grid(epoch, grid)
-        if score:
-            record.put_fid(epoch, score_selection(model, config, reference, epoch, progress=progress,
-                                                  fid_cache=fid_cache))
+        if grid is not None:
+            record.put_grid(epoch, grid)
         if tracker is not None:
             tracker.log_metrics({"epoch_loss": h["loss"], **(record.fid(epoch) or {})}, step=epoch)
-            tracker.log_image(grid, key="samples", step=epoch)
+            if grid is not None:
+                tracker.log_image(grid, key="samples", step=epoch)
 
 
 def best_epoch(history: list[dict]) -> tuple[int, float | None] | None:

@@ -309,7 +309,8 @@ class TrackingCallback(Callback):
     def on_epoch_end(self, end: EpochEnd) -> None:
         self.tracker.log_metrics({"epoch_loss": end.loss, "train_images_per_sec": end.images_per_sec,
                                   **end.metrics}, step=end.epoch)
-        self.tracker.log_image(end.grid_path, key="samples", step=end.epoch)
+        if end.grid_path is not None:
+            self.tracker.log_image(end.grid_path, key="samples", step=end.epoch)
 
 
 def log_final(tracker: Tracker, result: dict, out_dir: Path, best_checkpoint: Path | None,

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import accel, checkpoint, timing
-from .config import Config
+from .config import Config, epoch_due
 from .data import save_grid, to_model_range
 from .diffusion import training_loss
 from .device import autocast
@@ -88,7 +88,7 @@ class EpochEnd:
     images_per_sec: float
     sampling_model: torch.nn.Module   # the EMA model (or the raw one with EMA off), in eval mode
     ema_path: Path              # this epoch's sampling weights on disk
-    grid_path: Path             # this epoch's 8x8 sample grid
+    grid_path: Path | None      # this epoch's 8x8 sample grid; None where none is due (`grid_every`)
     metrics: dict = field(default_factory=dict)  # callbacks add theirs (e.g. fid); kept in the history
     drawn: dict = field(default_factory=dict)    # seed -> image: what callbacks asked for in the grid's pass
     drawn_seconds: float = 0.0                   # their share of that pass's time
@@ -358,8 +358,13 @@ class Trainer:
                  "step": self.step, "ema": self.sampling_model.state_dict()},
                 checkpoint.ema_path(self.ckpt_dir, epoch))
         seeds = [s for cb in self.callbacks for s in cb.seeds_for_epoch_end(epoch)]
-        grid_path, drawn, seconds = sample_epoch(self.sampling_model, self.schedule, c,
-                                                 self.grid_dir / f"epoch-{epoch:03d}.png", seeds, progress=self.progress)
+        grid_path = self.grid_dir / f"epoch-{epoch:03d}.png"
+        if not epoch_due(c.grid_every, epoch, self.total_steps // self.steps_per_epoch):
+            grid_path = None
+        drawn, seconds = [], 0.0
+        if grid_path is not None or seeds:
+            grid_path, drawn, seconds = sample_epoch(self.sampling_model, self.schedule, c, grid_path, seeds,
+                                                     progress=self.progress)
         end = EpochEnd(epoch, self.step, loss, ips, self.sampling_model, ema_path, grid_path,
                        drawn=dict(zip(seeds, drawn)), drawn_seconds=seconds)
         for cb in self.callbacks:
@@ -376,13 +381,15 @@ def sample_grid(model, schedule, config: Config, path, progress: bool = False) -
 
 
 def sample_epoch(model, schedule, config: Config, path, seeds: Sequence[int] = (),
-                 progress: bool = False) -> tuple[Path, torch.Tensor, float]:
-    """An epoch's grid (`sample_grid`) and the images of `seeds` (e.g. its FID set), drawn in one pass: a
-    64-image grid alone is a small batch, which on a GPU costs about as long as a full one. Returns the grid's
-    path, the images of `seeds` and their share of the pass's seconds (the grid's share counts as "grids")."""
-    n = config.grid_images
+                 progress: bool = False) -> tuple[Path | None, torch.Tensor, float]:
+    """An epoch's grid (`sample_grid`, at `path`; None: no grid) and the images of `seeds` (e.g. its FID set),
+    drawn in one pass: a 64-image grid alone is a small batch, which on a GPU costs about as long as a full one.
+    Returns the grid's path, the images of `seeds` and their share of the pass's seconds (the grid's share
+    counts as "grids")."""
+    n = config.grid_images if path is not None else 0
     grid_seeds = image_seeds(GRID_SEED, n)
-    desc = f"grid {Path(path).stem}" + (f" + {len(seeds):,} images" if seeds else "")
+    parts = ([f"grid {Path(path).stem}"] if n else []) + ([f"{len(seeds):,} images"] if seeds else [])
+    desc = " + ".join(parts)
     t0 = time.perf_counter()
     images = generate_seeds(model, schedule, [*grid_seeds, *seeds], sampler=config.sampler,
                             ddim_steps=config.ddim_steps, eta=config.eta, clip_x0=config.clip_x0,
@@ -393,7 +400,8 @@ def sample_epoch(model, schedule, config: Config, path, seeds: Sequence[int] = (
     seconds = time.perf_counter() - t0
     extra_seconds = seconds * len(seeds) / (len(seeds) + n)
     timing.add("grids", seconds - extra_seconds)
-    return save_grid(images[:n], path, nrow=math.ceil(math.sqrt(n))), images[n:], extra_seconds
+    grid = save_grid(images[:n], path, nrow=math.ceil(math.sqrt(n))) if n else None
+    return grid, images[n:], extra_seconds
 
 
 def load_sampling_model(path, device) -> tuple[UNet, Config, dict]:

@@ -18,7 +18,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from .config import Config
+from .config import Config, epoch_due
 from .generate import batch_sizes
 from .samplers import network_calls
 
@@ -81,15 +81,18 @@ def epochs_done(c: Config) -> int:
 def scored_epochs(c: Config) -> list[int]:
     """The epochs scored for selection: every `fid_every`-th and the last (experiment.FidSelection)."""
     last = epochs_done(c)
-    if c.fid_every <= 0:
-        return []
-    return [e for e in range(1, last + 1) if e % c.fid_every == 0 or e == last]
+    return [e for e in range(1, last + 1) if epoch_due(c.fid_every, e, last)]
+
+
+def grid_epochs(c: Config) -> list[int]:
+    """The epochs that get a sample grid: every `grid_every`-th and the last (train.Trainer)."""
+    last = epochs_done(c)
+    return [e for e in range(1, last + 1) if epoch_due(c.grid_every, e, last)]
 
 
 def count(configs: Sequence[Config]) -> Workload:
-    """The work of running every config once (one trial each), trainings shared by `training_key()`. A scored
-    epoch draws its grid and its selection images in one pass (`train.sample_epoch`); other epochs draw the
-    grid alone."""
+    """The work of running every config once (one trial each), trainings shared by `training_key()`. An epoch
+    due both a grid and a selection FID draws them in one pass (`train.sample_epoch`); others draw what is due."""
     train_by_key: dict[str, int] = {}  # training images per shared training
     sel_images = sel_evals = final_images = final_evals = grid_images = grid_evals = 0
     passes: dict[str, dict[tuple[int, int, int], float]] = {SELECTION: {}, FINAL: {}, GRIDS: {}}
@@ -106,19 +109,20 @@ def count(configs: Sequence[Config]) -> Workload:
         train_by_key[key] = max(train_by_key.get(key, 0), total_steps(c) * c.batch_size)
         calls = network_calls(c.sampler, c.timesteps, c.ddim_steps)
         batch = c.sample_batch_size or 0
-        scored = scored_epochs(c)
-        epochs = epochs_done(c)
-        final = c.fid_samples if c.fid_samples > 0 and epochs >= 1 else 0
+        scored, grids = scored_epochs(c), grid_epochs(c)
+        both = len(set(scored) & set(grids))
+        final = c.fid_samples if c.fid_samples > 0 and epochs_done(c) >= 1 else 0
         sel_images += c.fid_select_samples * len(scored)
         sel_evals += c.fid_select_samples * len(scored) * calls
         final_images += final
         final_evals += final * calls
-        grid_images += c.grid_images * epochs
-        grid_evals += c.grid_images * epochs * calls
-        shared = c.grid_images + c.fid_select_samples  # a scored epoch's pass: its time split by images
-        add(SELECTION, shared, calls, batch, len(scored) * c.fid_select_samples / shared)
-        add(GRIDS, shared, calls, batch, len(scored) * c.grid_images / shared)
-        add(GRIDS, c.grid_images, calls, batch, epochs - len(scored))
+        grid_images += c.grid_images * len(grids)
+        grid_evals += c.grid_images * len(grids) * calls
+        shared = c.grid_images + c.fid_select_samples  # an epoch drawing both: its time split by images
+        add(SELECTION, shared, calls, batch, both * c.fid_select_samples / shared)
+        add(GRIDS, shared, calls, batch, both * c.grid_images / shared)
+        add(SELECTION, c.fid_select_samples, calls, batch, len(scored) - both)
+        add(GRIDS, c.grid_images, calls, batch, len(grids) - both)
         add(FINAL, final, calls, batch, 1 if final else 0)
         trial_scores = len(scored) + (1 if final else 0)
         scores += trial_scores
@@ -216,10 +220,11 @@ PROTOCOL_STEPS = ((2000, 1, 10000), (1000, 1, 10000), (1000, 2, 10000), (1000, 2
 
 
 def reduce_protocol(c: Config, select: int, every: int, final: int) -> Config:
-    """c with at most `select` selection images, scoring at most every `every` epochs, at most `final` final
-    images: never more work than c asked for."""
+    """c with at most `select` selection images, scoring (and drawing grids) at most every `every` epochs, at
+    most `final` final images: never more work than c asked for."""
     return c.replace(fid_select_samples=min(c.fid_select_samples, select),
-                     fid_every=c.fid_every and max(c.fid_every, every), fid_samples=min(c.fid_samples, final))
+                     fid_every=c.fid_every and max(c.fid_every, every), fid_samples=min(c.fid_samples, final),
+                     grid_every=c.grid_every and max(c.grid_every, every))
 
 
 def fit_protocol(configs: Sequence[Config], rates: Rates, seconds: float

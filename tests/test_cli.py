@@ -149,6 +149,7 @@ MORE_BAD = [
     (["report", "--results", "GARBAGE"], "not a grid_search_results.json"),
     (["sweep", "--no-tracking"], "drop --no-tracking"),
     (["sweep", "--seeds", "0"], "--seeds"),
+    (["train", "--grid-every", "-1"], "--grid-every"),
     (["bench", "--channels", "12"], "multiple of 8"),
     (["bench", "--compile", "fast"], "'fast' is not one of"),
 ]

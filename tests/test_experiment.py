@@ -7,7 +7,8 @@ from conftest import TINY
 from mnist_diff import checkpoint
 from mnist_diff.config import Config
 from mnist_diff.evaluate import Reference, compute_fid
-from mnist_diff.experiment import SamplingRecord, final_images, run_experiment, selection_images
+from mnist_diff.experiment import (SamplingRecord, final_images, run_experiment, score_saved_training,
+                                   selection_images)
 from mnist_diff.generate import generate
 from mnist_diff.samplers import image_seeds
 from mnist_diff.schedules import make_schedule
@@ -62,3 +63,21 @@ def test_sampling_record_keeps_each_sampler_apart_and_drops_stale_entries(tmp_pa
     assert again.grid(1) is None and again.fid(1) is not None  # an overwritten grid is not ddim's any more
     checkpoint.atomic_save({"format_version": 1, "ema": torch.ones(3)}, checkpoint.ema_path(ckpt_dir, 1))
     assert again.fid(1) is None  # the epoch was trained again: its old FID is not about these weights
+
+
+def test_grid_every_draws_grids_on_due_epochs_only_in_training_and_in_a_shared_training(tmp_path, data_dir,
+                                                                                      fid_weights, mnist_small):
+    """--grid-every 2 over 3 epochs: grids at epochs 2 and 3 (the last), in the training run and in a run of
+    another sampler that scores the saved training; the selection FID still every epoch."""
+    reference = Reference("train", 16, data_dir, fid_weights)
+    config = Config(**{**TINY, "epochs": 3, "grid_every": 2, "grid_images": 4, "fid_select_samples": 4,
+                       "fid_samples": 0, "fid_ref_samples": 16, "fid_batch_size": 16})
+    result = run_experiment(config, mnist_small[:128], tmp_path / "run", reference=reference, progress=False,
+                            fid_cache=tmp_path / "fid-cache")
+    assert sorted(p.name for p in (tmp_path / "run" / "samples").iterdir()) == ["epoch-002.png", "epoch-003.png"]
+    assert sorted(result["epoch_fids"]) == [1, 2, 3]
+    ddpm = config.replace(sampler="ddpm")
+    other = score_saved_training(ddpm, tmp_path / "run", tmp_path / "ddpm", reference=reference, device="cpu",
+                                 progress=False, fid_cache=tmp_path / "fid-cache")
+    assert sorted(p.name for p in (tmp_path / "ddpm" / "samples").iterdir()) == ["epoch-002.png", "epoch-003.png"]
+    assert sorted(other["epoch_fids"]) == [1, 2, 3] and other["epoch_fids"] != result["epoch_fids"]

@@ -122,6 +122,13 @@ def test_passes_and_their_projection_with_latency():
     assert s[GRIDS] == pytest.approx(2 * 20 * (2 * 0.01 + 64 * per_image) + 3 * 64 / 74 * pass74)
     assert s[FINAL] == pytest.approx(20 * (0.01 + 30 * per_image))
     assert workload.count([base.replace(sample_batch_size=16)]).phase(FINAL).passes == ((30, 20, 16, 1.0),)
+    # grids every 3rd epoch (3 and the last, 5); selection at 2, 4, 5: only epoch 5 draws both in one pass
+    sparse = workload.count([base.replace(grid_every=3)])
+    assert workload.grid_epochs(base.replace(grid_every=3)) == [3, 5]
+    assert sparse.phase(SELECTION).passes == ((10, 20, 0, 2.0), (74, 20, 0, pytest.approx(10 / 74)))
+    assert sparse.phase(GRIDS).passes == ((64, 20, 0, 1.0), (74, 20, 0, pytest.approx(64 / 74)))
+    assert (sparse.phase(GRIDS).images, sparse.phase(SELECTION).images) == (2 * 64, 3 * 10)
+    assert workload.count([base.replace(grid_every=0)]).phase(GRIDS).passes == ()
 
 
 def test_rates_from_bench_label_estimates():
@@ -273,15 +280,17 @@ def test_fit_protocol_takes_the_most_faithful_reduction_that_fits():
     # (1000, 1, 10000): selection 20 x 1000 x 5200 = 104 M evaluations, final 52 M, grids 6.656 M
     (step, seconds) = workload.fit_protocol(configs, rates, full - 1)
     assert step == (1000, 1, 10000) and seconds == pytest.approx(100 + 104 + 52 + 6.656)
-    # (1000, 2, 10000) scores epochs 2, 4, ..., 20: 10 of them
+    # (1000, 2, 10000) scores epochs 2, 4, ..., 20 (10 of them) and draws their grids only
     step, seconds = workload.fit_protocol(configs, rates, 100 + 104 + 52 + 6.656 - 1)
-    assert step == (1000, 2, 10000) and seconds == pytest.approx(100 + 52 + 52 + 6.656)
+    assert step == (1000, 2, 10000) and seconds == pytest.approx(100 + 52 + 52 + 6.656 / 2)
     assert workload.fit_protocol(configs, rates, 100) is None  # the training alone takes that long
-    # never more work than asked for: a config scoring less keeps its own counts, fid_every 0 stays 0
+    # never more work than asked for: a config scoring less keeps its own counts, fid_every 0 stays 0 (its
+    # grids are thinned like anyone's)
     small = Config(fid_select_samples=100, fid_every=0, fid_samples=0)
-    assert workload.reduce_protocol(small, 1000, 2, 5000) == small
+    assert workload.reduce_protocol(small, 1000, 2, 5000) == small.replace(grid_every=2)
+    assert workload.reduce_protocol(small.replace(grid_every=0), 1000, 2, 5000).grid_every == 0
     assert workload.reduce_protocol(Config(), 500, 4, 2000).to_dict() == {
-        **Config().to_dict(), "fid_select_samples": 500, "fid_every": 4, "fid_samples": 2000}
+        **Config().to_dict(), "fid_select_samples": 500, "fid_every": 4, "fid_samples": 2000, "grid_every": 4}
 
 
 def test_workers_auto_is_one_per_core_for_the_smoke_preset_on_a_cpu_and_one_otherwise():
