@@ -22,6 +22,10 @@ STUDY_SCHEDULES = ("linear", "cosine", "quadratic", "sigmoid")
 STUDY_PAIRS = ((200, 0.08), (1000, 0.02))  # (T, beta_end)
 STUDY_SAMPLERS = ("ddpm", "ddim")
 MAX_POINTS = 256
+# The protocol a study's claims are checked on: the reference study's (20 epochs, batch 128, beta_start 1e-4, an
+# FID after every epoch) with this project's FID set sizes, all of them `Config`'s defaults. `report` names
+# every one a study changed.
+PROTOCOL_FIELDS = ("epochs", "batch_size", "beta_start", "fid_every", "fid_select_samples", "fid_samples")
 _TYPES = {f.name: str(f.type) for f in dataclasses.fields(Config)}
 
 

@@ -467,6 +467,7 @@ def analyse(records: list[dict], study: dict) -> dict:
     fixed = study.get("fixed") or {}
     return {"study_name": study.get("study_name"), "grid": study.get("grid"), "fixed": fixed,
             "clip_x0": fixed.get("clip_x0"),  # None: a study from before the option (its samplers clipped)
+            "protocol_changes": protocol_changes(fixed),
             "points_expected": len(expected), "points_complete": len(complete), "partial": bool(missing),
             "seeds": seeds, "multi_seed": len(seeds) > 1, "spread_method": SPREAD_METHOD,
             "configs": table, "best": table[0] if table else None,
@@ -475,6 +476,23 @@ def analyse(records: list[dict], study: dict) -> dict:
             "varied": [f for f in extra_fields(study) if len({dict(p.extra)[f] for p in expected}) > 1],
             "missing": missing, "off_grid_runs": [r["run_id"] or r["trial"] for r in off_grid],
             "time": time_by_phase(records)}
+
+
+def protocol_changes(fixed: dict) -> dict:
+    """{field: {"value", "default"}} for each protocol field (`grid.PROTOCOL_FIELDS`) the study fixed away from
+    its default; a field the study did not record is not judged."""
+    from .config import Config
+    from .grid import PROTOCOL_FIELDS
+
+    def same(a, b) -> bool:
+        try:
+            return math.isclose(float(a), float(b), rel_tol=1e-9)
+        except (TypeError, ValueError):
+            return str(a) == str(b)
+
+    defaults = Config()
+    return {k: {"value": fixed[k], "default": getattr(defaults, k)} for k in PROTOCOL_FIELDS
+            if k in fixed and not same(fixed[k], getattr(defaults, k))}
 
 
 def time_by_phase(records: list[dict]) -> dict:

@@ -27,6 +27,12 @@ def report_blocks(a: dict, montage_missing: list[str]) -> list[tuple]:
     dims = "; ".join(f"{key} = {v}" for key, v in grid.items())
     fixed = ", ".join(f"{key}={v}" for key, v in a["fixed"].items())
     b.append(("p", f"Grid: {dims}." + (f" Fixed: {fixed}." if fixed else "")))
+    changes = a.get("protocol_changes")
+    if changes:
+        named = ", ".join(f"{k} {c['value']} (default {c['default']})" for k, c in changes.items())
+        b.append(("p", f"**Not the default protocol: {named}.** The defaults are the reference study's (20 epochs, "
+                       "batch 128, an FID after every epoch) with 2,000 selection and 10,000 final images; the "
+                       "claims below are checked on this study's protocol."))
     clip = {True: "on (clip_x0=True): both samplers clip the predicted x0 to [-1, 1] at every step",
             False: "off (clip_x0=False): the samplers follow the closed-form updates unclipped",
             None: "not recorded (studies from before the clip_x0 option always clipped)"}[a["clip_x0"]]

@@ -98,6 +98,8 @@ def test_one_seed_tables_claims_and_files(tmp_path):
     assert json.loads((out / "report.json").read_text())["claims"][2]["verdict"] == NOT_HOLDS
     md = (out / "report.md").read_text()
     assert "Complete: all 16 grid points" in md and "PARTIAL" not in md
+    assert a["protocol_changes"] == {"epochs": {"value": 4, "default": 20}}  # batch 128, beta_start 1e-4: defaults
+    assert "**Not the default protocol: epochs 4 (default 20).**" in md
     assert "no seed-to-seed spread can be estimated" in md and "cosine schedule ignores beta_start/beta_end" in md
     assert "x0 clipping: not recorded" in md and "DDPM-vs-DDIM comparison (claims 4 and 5)" in md
     assert "| cosine | 200 | 0.08 | ddim | 1 | 8.00 | 3 | 9.00 | 105 | 2.0 |" in md
