@@ -4,14 +4,13 @@ training step, the real sampling path and the real FID code (`Trainer`, `generat
 from the tracking stack, so it runs on a bare GPU machine (Inception needs torch-fidelity and its weights)."""
 from __future__ import annotations
 
-import platform
 import statistics
 import tempfile
 import time
 
 import torch
 
-from . import accel, workload
+from . import accel, bench_cache, workload
 from .config import Config
 from .device import configure_backend, effective_precision
 from .generate import generate
@@ -151,7 +150,7 @@ def run_bench(device: torch.device, *, channels: int = 64, batch_size: int = 128
         except Exception as err:  # e.g. offline without a weights file: the training/sampling rates still stand
             fid = {"inception_error": f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"}
     return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": bench_cache.device_name(device),
         "device_type": device.type,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,

@@ -12,11 +12,11 @@ schedule) so that a mistake costs no GPU time.
 A study longer than one device call: plan it for the device time of both calls (`--plan`), let the first call
 stop at its `--budget` (the sweep saves its trials and checkpoints), then, on the same warm machine, finish it:
 
-    python scripts/gpu_study.py --budget 560 --plan 790 --pack "$OUT/gpu-study.tar.gz"
-    python scripts/gpu_study.py --resume --budget 220 --pack "$OUT/gpu-study.tar.gz"
+    python scripts/gpu_study.py --budget 575 --plan 810 --pack "$OUT/gpu-study.tar.gz"
+    python scripts/gpu_study.py --resume --budget 235 --pack "$OUT/gpu-study2.tar.gz"
 
 `--resume` reads the run folder's bench and protocol, runs the same `sweep` (which goes on where it stopped)
-and the report.
+and the report. `--bench FILE` plans with an earlier bench of the same card instead of benching again.
 """
 from __future__ import annotations
 
@@ -71,6 +71,9 @@ def main() -> int:
     ap.add_argument("--plan", type=float, default=None,
                     help="seconds the whole study may take over this call and a --resume call (default: --budget)")
     ap.add_argument("--resume", action="store_true", help="finish the run folder's study: its bench and protocol")
+    ap.add_argument("--bench", dest="bench_from", default=None,
+                    help="plan with this bench JSON of the same card (docs/study/bench-*.json) instead of benching: "
+                         "about 2 minutes of device time less, and no new bench figures")
     ap.add_argument("--workers", type=int, default=3, help="sweep workers sharing the GPU")
     ap.add_argument("--run-dir", default="runs/gpu", help="where the study's stores and outputs go")
     ap.add_argument("--pack", default=None, help="write the report, results, logs and stores to this .tar.gz")
@@ -112,20 +115,12 @@ def plan_study(args, run_dir: Path, py: str, plan_end: float) -> dict:
     (what `--resume` reads)."""
     # 1. bench: the figures for docs/BENCHMARKS.md, cached for the sweep's projection; warms inductor's cache
     bench_json = run_dir / "bench.json"
-    bench_args = (["--device", "cpu", "--compile", "off", "--repeats", "1", "--train-steps", "1",
-                   "--sample-steps", "2"] if args.rehearse else
-                  ["--repeats", "3", "--train-steps", "30", "--sample-steps", "20"])
     safe_mode = []  # what the sweep adds when the default GPU path (bf16, compiled) failed in bench
-    rc = run([py, "cli.py", "bench", *bench_args, "--json", str(bench_json)], timeout=min(240, args.budget / 3))
-    if rc == "timeout":  # slow compilation, not a failure: eager rates for the projection, the sweep as is
-        say("bench ran out of time: a quick eager bench for the projection")
-        run([py, "cli.py", "bench", "--compile", "off", "--repeats", "1", "--train-steps", "20",
-             "--sample-steps", "10", "--json", str(bench_json)], timeout=90)
-    elif rc != 0:  # eager failed too (bench falls back from compiling by itself)
-        say("bench failed: once more in fp32, eager; the study then runs that way")
-        safe_mode = ["--precision", "fp32", "--compile", "off"]
-        run([py, "cli.py", "bench", *safe_mode, "--repeats", "1", "--train-steps", "20", "--sample-steps", "10",
-             "--json", str(bench_json)], timeout=120)
+    if args.bench_from:
+        bench_json.write_text(Path(args.bench_from).read_text())
+        seed_bench_cache(json.loads(bench_json.read_text()))
+    else:
+        safe_mode = run_bench(args, bench_json, py)
     bench = json.loads(bench_json.read_text())
     rates = workload.rates_from_bench(bench, bench["device_type"], source="bench.json")
     say(f"rates: {rates}")
@@ -156,6 +151,41 @@ def plan_study(args, run_dir: Path, py: str, plan_end: float) -> dict:
                 "safe_mode": safe_mode, "rehearsal": args.rehearse, "args": sweep_args}
     (run_dir / "protocol.json").write_text(json.dumps(protocol, indent=1))
     return protocol
+
+
+def run_bench(args, bench_json: Path, py: str) -> list[str]:
+    """`cli.py bench` into bench_json, with fallbacks. Returns what the sweep must add when the default GPU path
+    (bf16, compiled) failed in bench."""
+    bench_args = (["--device", "cpu", "--compile", "off", "--repeats", "1", "--train-steps", "1",
+                   "--sample-steps", "2"] if args.rehearse else
+                  ["--repeats", "3", "--train-steps", "30", "--sample-steps", "20"])
+    rc = run([py, "cli.py", "bench", *bench_args, "--json", str(bench_json)], timeout=min(240, args.budget / 3))
+    if rc == "timeout":  # slow compilation, not a failure: eager rates for the projection, the sweep as is
+        say("bench ran out of time: a quick eager bench for the projection")
+        run([py, "cli.py", "bench", "--compile", "off", "--repeats", "1", "--train-steps", "20",
+             "--sample-steps", "10", "--json", str(bench_json)], timeout=90)
+    elif rc != 0:  # eager failed too (bench falls back from compiling by itself)
+        say("bench failed: once more in fp32, eager; the study then runs that way")
+        safe_mode = ["--precision", "fp32", "--compile", "off"]
+        run([py, "cli.py", "bench", *safe_mode, "--repeats", "1", "--train-steps", "20", "--sample-steps", "10",
+             "--json", str(bench_json)], timeout=120)
+        return safe_mode
+    return []
+
+
+def seed_bench_cache(result: dict) -> None:
+    """Put a bench of this card where `sweep`'s projection looks, so that it does not run a quick bench (which
+    compiles) of its own."""
+    import torch
+
+    from mnist_diff import bench_cache
+    device = torch.device(result["device_type"])
+    if device.type == "cuda" and not torch.cuda.is_available():
+        say("no CUDA here: the sweep's projection measures its own quick bench")
+        return
+    if bench_cache.device_name(device) != result["device"]:
+        say(f"the bench is of {result['device']}, this is {bench_cache.device_name(device)}: planning with its rates")
+    bench_cache.save(result, device, result["precision"])
 
 
 def pack(run_dir: Path, dest: Path) -> None:
