@@ -6,6 +6,7 @@ Bad input exits with code 2 and a one-line reason before any work starts.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -512,9 +513,10 @@ def sweep(ctx, study_name, storage, schedules, timesteps_list, samplers, seeds, 
             open_study(spec)
         except ValueError as err:
             raise BadInput(str(err))
-    print_projection(spec, dev)
+    projection = print_projection(spec, dev)
     if dry_run:
         return
+    spec = dataclasses.replace(spec, projection=projection)
     failed = None
     try:
         with StopSignals():
@@ -582,9 +584,10 @@ def study_grid(schedules, steps, samplers, seeds: int, grid_options, grid_file, 
     return grid, extra
 
 
-def print_projection(spec, dev) -> None:
+def print_projection(spec, dev) -> dict | None:
     """The study's work per phase and its projected time at this device's bench rates (measured and cached
-    on first use); one line more when that exceeds an hour. The full grid, whatever a resumed study has done."""
+    on first use); one line more when that exceeds an hour. The full grid, whatever a resumed study has done.
+    Returns the projection for the study's record (None without rates): seconds per phase, serial."""
     from itertools import product
 
     from mnist_diff import bench_cache, workload
@@ -608,6 +611,9 @@ def print_projection(spec, dev) -> None:
                                        suggest_smoke=spec.fixed.get("preset") != "smoke")
     if line:
         click.echo(line)
+    if rates is None:
+        return None
+    return {"device": f"{dev.type} ({name})", "rates": rates.source, "seconds": workload.project(work, rates)}
 
 
 def check_storage(url: str) -> None:

@@ -475,7 +475,7 @@ def analyse(records: list[dict], study: dict) -> dict:
             "claims": check_claims(*subset) if (subset := reference_subset(complete, expected)) else [],
             "varied": [f for f in extra_fields(study) if len({dict(p.extra)[f] for p in expected}) > 1],
             "missing": missing, "off_grid_runs": [r["run_id"] or r["trial"] for r in off_grid],
-            "time": time_by_phase(records)}
+            "time": {**time_by_phase(records), "projection": study.get("projection")}}
 
 
 def protocol_changes(fixed: dict) -> dict:

@@ -98,6 +98,13 @@ def report_blocks(a: dict, montage_missing: list[str]) -> list[tuple]:
         b.append(("table", ["phase", "seconds", "share"],
                   [[k.replace("_", " "), _num(v, ".1f"), f"{100 * v / total:.0f}%"] for k, v in spent.items()]
                   + [["total", _num(sum(spent.values()), ".1f"), "100%"]]))
+    projected = a["time"].get("projection")
+    if projected:
+        from .workload import format_duration as _duration
+        parts = ", ".join(f"{k} {_duration(v)}" for k, v in projected["seconds"].items())
+        b.append(("p", f"Projected when the study started, serial, at the rates of {projected['device']}: {parts}; "
+                       f"total {_duration(sum(projected['seconds'].values()))} ({projected['rates']}). The sums "
+                       "above overlap where several workers ran at once; each pays its own start-up and compiling."))
 
     b.append(("h2", "Missing / incomplete"))
     b.append(("ul", [f"{_point_label(m['point'])}: {m['state']}"

@@ -73,6 +73,7 @@ class Sweep:
     heartbeat: int = 60
     max_retries: int = 2                  # automatic retries per grid point after a failure that may pass
     fixed: dict = field(default_factory=dict)
+    projection: dict | None = None        # cli.print_projection's, recorded in study.json for the report
 
     @cached_property
     def grid(self) -> Grid:
@@ -378,8 +379,9 @@ def grid_text(grid: Grid) -> str:
 
 def study_doc(sweep: Sweep) -> dict:
     """What a reader needs to know of the study besides its trials (study.json, grid_search_results.json)."""
-    return {"study_name": sweep.study_name, "grid": sweep.grid_description(), "grid_fields": sweep.grid.fields(),
-            "fixed": sweep.fixed}
+    doc = {"study_name": sweep.study_name, "grid": sweep.grid_description(), "grid_fields": sweep.grid.fields(),
+           "fixed": sweep.fixed}
+    return {**doc, "projection": sweep.projection} if sweep.projection else doc
 
 
 REFERENCE_FIELDS = ("schedule", "timesteps", "beta_end", "sampler", "seed")  # in every record, varied or not

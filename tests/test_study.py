@@ -14,7 +14,7 @@ from PIL import Image
 
 import cli
 from conftest import TINY as TINY_CONFIG
-from mnist_diff import checkpoint
+from mnist_diff import checkpoint, workload
 from mnist_diff.config import Config
 from mnist_diff.evaluate import Reference
 from mnist_diff.experiment import score_selection
@@ -158,6 +158,10 @@ def test_report_from_the_finished_study(finished_sweep):
     # a cosine-only grid lacks 12 of the 16 reference configs: no claims to check
     assert "## Reference claims" not in text and "The reference claims are not checked" in text
     assert "## Where the time went" in text and "| selection sampling |" in text
+    # the projection printed at the start, kept in study.json: projected and spent time side by side
+    assert "Projected when the study started, serial, at the rates of cpu (" in text
+    doc = json.loads((tmp_path / "out" / "grid_search_results.json").read_text())
+    assert set(doc["projection"]["seconds"]) == set(workload.PHASES)
 
 
 @pytest.mark.parametrize("extra,message", [
