@@ -89,14 +89,6 @@ def score_drawn_selection(images: torch.Tensor, config: Config, reference: Refer
     return {k: m[k] for k in SCORE_KEYS}
 
 
-def score_selection(model, config: Config, reference: Reference, epoch: int, *, progress=True, fid_cache=None) -> dict:
-    """An epoch's selection FID: the selection images only."""
-    images = selection_images(config)
-    m = score_model(model, config, reference, len(images), start=images.start, progress=progress,
-                    fid_cache=fid_cache, desc=f"FID epoch {epoch}")
-    return {k: m[k] for k in SCORE_KEYS}
-
-
 class SamplingRecord:
     """What one sampling config made of one training's per-epoch EMA weights: selection FIDs and sample
     grids, in `<train_dir>/sampling/<sampling key>-n<selection images>-<reference>.json`. An epoch's entry

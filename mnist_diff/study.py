@@ -379,9 +379,8 @@ def grid_text(grid: Grid) -> str:
 
 def study_doc(sweep: Sweep) -> dict:
     """What a reader needs to know of the study besides its trials (study.json, grid_search_results.json)."""
-    doc = {"study_name": sweep.study_name, "grid": sweep.grid_description(), "grid_fields": sweep.grid.fields(),
-           "fixed": sweep.fixed}
-    return {**doc, "projection": sweep.projection} if sweep.projection else doc
+    return {"study_name": sweep.study_name, "grid": sweep.grid_description(), "grid_fields": sweep.grid.fields(),
+            "fixed": sweep.fixed, "projection": sweep.projection}
 
 
 REFERENCE_FIELDS = ("schedule", "timesteps", "beta_end", "sampler", "seed")  # in every record, varied or not
@@ -576,6 +575,7 @@ def _run_workers(sweep: Sweep, parent_run_id: str, workers: int) -> list:
             p.start()
     except KeyboardInterrupt as err:
         interrupt = err
+    from .study_bar import STUDY_BAR_SECONDS, StudyBar
     bar = StudyBar(sweep)
     while True:
         if interrupt is not None:
@@ -599,35 +599,6 @@ def _run_workers(sweep: Sweep, parent_run_id: str, workers: int) -> list:
     if interrupt is not None:
         raise interrupt
     return [p.exitcode for p in procs]
-
-
-STUDY_BAR_SECONDS = 5  # how often the parent of several workers reads the study for its bar
-
-
-class StudyBar:
-    """The parent's bar while its workers run: grid points complete (read from the study) and trials running."""
-
-    def __init__(self, sweep: Sweep):
-        from tqdm.auto import tqdm
-        self.sweep, self.study = sweep, None
-        self.bar = tqdm(total=sweep.size, desc=f"study {sweep.study_name}", unit="point", disable=not sweep.progress,
-                        dynamic_ncols=True)
-        self.update()
-
-    def update(self) -> None:
-        if self.bar.disable:
-            return
-        try:
-            self.study = self.study or open_study(self.sweep)
-            done, _ = points_done(self.study, self.sweep)
-            running = len(self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
-        except Exception:  # a bar is no reason to stop a study: the storage may be busy, try again later
-            return
-        self.bar.update(done - self.bar.n)
-        self.bar.set_postfix(running=running)
-
-    def close(self) -> None:
-        self.bar.close()
 
 
 def points_done(study: optuna.Study, sweep: Sweep) -> tuple[int, str]:

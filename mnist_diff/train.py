@@ -374,18 +374,12 @@ class Trainer:
         self.model.train()
 
 
-def sample_grid(model, schedule, config: Config, path, progress: bool = False) -> Path:
-    """The grid of an epoch (8x8 by default), drawn with the config's sampler from fixed seeds so epochs compare. With
-    `progress`, a bar: on a CPU a DDPM grid at T=1000 takes minutes."""
-    return sample_epoch(model, schedule, config, path, (), progress=progress)[0]
-
-
 def sample_epoch(model, schedule, config: Config, path, seeds: Sequence[int] = (),
                  progress: bool = False) -> tuple[Path | None, torch.Tensor, float]:
-    """An epoch's grid (`sample_grid`, at `path`; None: no grid) and the images of `seeds` (e.g. its FID set),
-    drawn in one pass: a 64-image grid alone is a small batch, which on a GPU costs about as long as a full one.
-    Returns the grid's path, the images of `seeds` and their share of the pass's seconds (the grid's share
-    counts as "grids")."""
+    """An epoch's grid at `path` (None: no grid) and the images of `seeds` (e.g. its FID set), drawn in one pass:
+    a 64-image grid alone is a small batch, which on a GPU costs about as long as a full one. The grid (8x8 by
+    default) has fixed seeds of its own, so epochs compare. Returns the grid's path, the images of `seeds` and
+    their share of the pass's seconds (the grid's share counts as "grids")."""
     n = config.grid_images if path is not None else 0
     grid_seeds = image_seeds(GRID_SEED, n)
     parts = ([f"grid {Path(path).stem}"] if n else []) + ([f"{len(seeds):,} images"] if seeds else [])

@@ -94,7 +94,6 @@ def count(configs: Sequence[Config]) -> Workload:
     """The work of running every config once (one trial each), trainings shared by `training_key()`. An epoch
     due both a grid and a selection FID draws them in one pass (`train.sample_epoch`); others draw what is due."""
     train_by_key: dict[str, int] = {}  # training images per shared training
-    sel_images = sel_evals = final_images = final_evals = grid_images = grid_evals = 0
     passes: dict[str, dict[tuple[int, int, int], float]] = {SELECTION: {}, FINAL: {}, GRIDS: {}}
 
     def add(phase: str, size: int, calls: int, batch: int, weight: float) -> None:
@@ -112,12 +111,6 @@ def count(configs: Sequence[Config]) -> Workload:
         scored, grids = scored_epochs(c), grid_epochs(c)
         both = len(set(scored) & set(grids))
         final = c.fid_samples if c.fid_samples > 0 and epochs_done(c) >= 1 else 0
-        sel_images += c.fid_select_samples * len(scored)
-        sel_evals += c.fid_select_samples * len(scored) * calls
-        final_images += final
-        final_evals += final * calls
-        grid_images += c.grid_images * len(grids)
-        grid_evals += c.grid_images * len(grids) * calls
         shared = c.grid_images + c.fid_select_samples  # an epoch drawing both: its time split by images
         add(SELECTION, shared, calls, batch, both * c.fid_select_samples / shared)
         add(GRIDS, shared, calls, batch, both * c.grid_images / shared)
@@ -129,14 +122,17 @@ def count(configs: Sequence[Config]) -> Workload:
         if trial_scores:
             size = MNIST_SIZES[c.fid_ref]
             references.add((c.fid_ref, min(c.fid_ref_samples or size, size)))
+
+    def sampling(name: str) -> Phase:  # images and evaluations follow from the passes (a share of a pass: its images)
+        items = sorted(passes[name].items())
+        return Phase(name, round(sum(w * size for (size, _, _), w in items)),
+                     round(sum(w * size * calls for (size, calls, _), w in items)),
+                     tuple((*k, w) for k, w in items))
+
     train_images = sum(train_by_key.values())
-    scored_images = sel_images + final_images
-
-    def sampling(name: str, images: int, evaluations: int) -> Phase:
-        return Phase(name, images, evaluations, tuple((*k, w) for k, w in sorted(passes[name].items())))
-
-    phases = (Phase(TRAINING, train_images, train_images), sampling(SELECTION, sel_images, sel_evals),
-              sampling(FINAL, final_images, final_evals), sampling(GRIDS, grid_images, grid_evals),
+    selection, final_phase, grids_phase = sampling(SELECTION), sampling(FINAL), sampling(GRIDS)
+    scored_images = selection.images + final_phase.images
+    phases = (Phase(TRAINING, train_images, train_images), selection, final_phase, grids_phase,
               Phase(INCEPTION, scored_images, scored_images))
     return Workload(phases, trials=len(configs), trainings=len(train_by_key), fid_scores=scores,
                     reference_images=sum(n for _, n in references))

@@ -243,7 +243,7 @@ def test_batch_sizes_fold_a_small_tail_into_the_last_batch():
 
 def test_an_epochs_grid_and_fid_set_drawn_in_one_pass_are_the_images_drawn_apart(tmp_path):
     from mnist_diff.config import Config
-    from mnist_diff.train import sample_epoch, sample_grid
+    from mnist_diff.train import sample_epoch
     torch.manual_seed(0)
     model = UNet(channels=8).eval()
     config = Config(schedule="linear", timesteps=20, beta_end=0.2, channels=8, sampler="ddpm", ddim_steps=10)
@@ -251,5 +251,5 @@ def test_an_epochs_grid_and_fid_set_drawn_in_one_pass_are_the_images_drawn_apart
     seeds = image_seeds(config.seed, 9, 3)
     grid, drawn, seconds = sample_epoch(model, s, config, tmp_path / "together.png", seeds)
     assert torch.equal(drawn, generate(model, s, num=9, seed=config.seed, start=3, sampler="ddpm", progress=False))
-    apart = sample_grid(model, s, config, tmp_path / "apart.png")
+    apart, _, _ = sample_epoch(model, s, config, tmp_path / "apart.png")
     assert grid.read_bytes() == apart.read_bytes() and seconds > 0

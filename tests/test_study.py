@@ -17,10 +17,10 @@ from conftest import TINY as TINY_CONFIG
 from mnist_diff import checkpoint, workload
 from mnist_diff.config import Config
 from mnist_diff.evaluate import Reference
-from mnist_diff.experiment import score_selection
+from mnist_diff.experiment import score_model, selection_images
 from mnist_diff.schedules import make_schedule
 from mnist_diff.study import Objective, Sweep, open_study, parent_run
-from mnist_diff.train import Interrupted, StopSignals, load_sampling_model, sample_grid
+from mnist_diff.train import Interrupted, StopSignals, load_sampling_model, sample_epoch
 
 TINY = ["--epochs", "2", "--batch-size", "32", "--train-samples", "64", "--channels", "8", "--warmup-steps", "2",
         "--fid-select-samples", "8", "--fid-samples", "10", "--fid-ref-samples", "16", "--fid-batch-size", "16",
@@ -263,7 +263,8 @@ def test_a_takeover_scores_every_epoch_with_its_own_sampler(tmp_path, monkeypatc
     reference = Reference("train", 16, data_dir, fid_weights)
     for sampler, epoch in (("ddim", 1), ("ddpm", 2)):
         model, _, _ = load_sampling_model(checkpoint.ema_path(ckpt_dir, epoch), "cpu")
-        expected = score_selection(model, base.replace(sampler=sampler), reference, epoch, progress=False)["fid"]
+        config = base.replace(sampler=sampler)
+        expected = score_model(model, config, reference, len(selection_images(config)), progress=False)["fid"]
         assert fids[sampler][epoch] == pytest.approx(expected, rel=1e-4), (sampler, epoch)
     for epoch in (1, 2):
         assert fids["ddim"][epoch] != pytest.approx(fids["ddpm"][epoch], rel=1e-3)  # the samplers' FIDs differ
@@ -275,7 +276,7 @@ def test_a_takeover_scores_every_epoch_with_its_own_sampler(tmp_path, monkeypatc
         assert samples.parent.name == f"{t.number:04d}"  # the trial's own folder
         for epoch in (1, 2):
             model, _, _ = load_sampling_model(checkpoint.ema_path(ckpt_dir, epoch), "cpu")
-            fresh = sample_grid(model, schedule, base.replace(sampler=sampler), tmp_path / f"{sampler}-{epoch}.png")
+            fresh, _, _ = sample_epoch(model, schedule, base.replace(sampler=sampler), tmp_path / f"{sampler}-{epoch}.png")
             assert (np.asarray(Image.open(samples / f"epoch-{epoch:03d}.png")) == np.asarray(Image.open(fresh))).all()
 
     # a run that trains nothing is never named: as if the finisher had died before writing training_done.json
