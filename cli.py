@@ -593,27 +593,32 @@ def print_projection(spec, dev) -> dict | None:
     from mnist_diff import bench_cache, workload
 
     space = spec.search_space()
-    work = workload.count([spec.config_for(dict(zip(space, values))) for values in product(*space.values())])
-    c, name = spec.base, bench_cache.device_name(dev)
-    rates = None
+    configs = [spec.config_for(dict(zip(space, values))) for values in product(*space.values())]
+    name = bench_cache.device_name(dev)
+    rates = {}  # one bench per model the grid trains (`workload.rate_key`): a grid over widths has several
     try:
-        bench = bench_cache.load(dev, c.channels, c.batch_size, c.precision)
-        if bench is None:
-            click.echo("measuring this device for the projection (a few seconds, then cached)...")
-            bench = bench_cache.measure(dev, c.channels, c.batch_size, c.precision)
-        how = "quick bench" if bench.get("quick") else "bench"
-        rates = workload.rates_from_bench(
-            bench, dev.type, source=f"{how} of {name}, cached in {bench_cache.cache_path(dev)}")
+        for key, c in {workload.rate_key(c): c for c in configs}.items():
+            bench = bench_cache.load(dev, c.channels, c.batch_size, c.precision)
+            if bench is None:
+                click.echo(f"measuring this device for the projection (channels {c.channels}, batch {c.batch_size}; "
+                           "a few seconds, then cached)...")
+                bench = bench_cache.measure(dev, c.channels, c.batch_size, c.precision)
+            how = "quick bench" if bench.get("quick") else "bench"
+            rates[key] = workload.rates_from_bench(
+                bench, dev.type, source=f"{how} of {name}, cached in {bench_cache.cache_path(dev)}")
     except Exception as err:  # a projection is advice: it never stops the study
         click.echo(f"no time projection: measuring this device failed ({type(err).__name__}: {err})")
-    click.echo(workload.format_table(work, rates))
-    line = workload.long_study_warning(work, rates, f"{dev.type} ({name})",
+        rates = None
+    click.echo(workload.format_table(configs, rates))
+    line = workload.long_study_warning(configs, rates, f"{dev.type} ({name})",
                                        suggest_smoke=spec.fixed.get("preset") != "smoke")
     if line:
         click.echo(line)
     if rates is None:
         return None
-    return {"device": f"{dev.type} ({name})", "rates": rates.source, "seconds": workload.project(work, rates)}
+    sources = "; ".join(dict.fromkeys(r.source for r in rates.values()))
+    return {"device": f"{dev.type} ({name})", "rates": sources,
+            "seconds": workload.project_configs(configs, rates)}
 
 
 def check_storage(url: str) -> None:

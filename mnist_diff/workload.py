@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from .config import Config, epoch_due
 from .generate import batch_sizes
@@ -24,6 +24,11 @@ from .samplers import network_calls
 
 MNIST_SIZES = {"train": 60_000, "test": 10_000}
 HOUR = 3600.0
+
+# What a bench's rates depend on (`bench_cache` keys its entries by them): a grid over any of them, e.g.
+# `--grid channels=32,64`, is projected group by group, each at its own rates. All are training fields, so a
+# shared training never spans two groups.
+RATE_FIELDS = ("channels", "batch_size", "precision")
 
 TRAINING, SELECTION, FINAL, GRIDS, INCEPTION = (
     "training", "selection sampling", "final sampling", "grids", "Inception")
@@ -195,6 +200,28 @@ def sample_step_latency(batch: int, rate: float, small_batch: int, small_rate: f
     return min(max(t_small - small_batch * per_image, 0.0), t_small)
 
 
+def rate_key(c: Config) -> tuple:
+    """The values of `RATE_FIELDS`: configs with equal keys run at the same bench rates."""
+    return tuple(getattr(c, f) for f in RATE_FIELDS)
+
+
+def _rates_of(rates: Rates | Mapping[tuple, Rates], c: Config) -> Rates:
+    return rates if isinstance(rates, Rates) else rates[rate_key(c)]
+
+
+def project_configs(configs: Sequence[Config], rates: Rates | Mapping[tuple, Rates]) -> dict[str, float]:
+    """Seconds per phase of running every config once (`count`), each group of equal `rate_key` at its own
+    rates (`rates`: a `Rates` for all, or a mapping from `rate_key` to `Rates`)."""
+    groups: dict[tuple, list[Config]] = {}
+    for c in configs:
+        groups.setdefault(rate_key(c), []).append(c)
+    total = dict.fromkeys(PHASES, 0.0)
+    for group in groups.values():
+        for phase, seconds in project(count(group), _rates_of(rates, group[0])).items():
+            total[phase] += seconds
+    return total
+
+
 def project(w: Workload, r: Rates) -> dict[str, float]:
     """Seconds per phase."""
     def sampling(name: str) -> float:
@@ -223,12 +250,12 @@ def reduce_protocol(c: Config, select: int, every: int, final: int) -> Config:
                      grid_every=c.grid_every and max(c.grid_every, every))
 
 
-def fit_protocol(configs: Sequence[Config], rates: Rates, seconds: float
+def fit_protocol(configs: Sequence[Config], rates: Rates | Mapping[tuple, Rates], seconds: float
                  ) -> tuple[tuple[int, int, int], float] | None:
     """The first of PROTOCOL_STEPS whose projected time for `configs` fits in `seconds`, and that time;
     None when even the last does not fit (then the training alone, or nearly, is too long)."""
     for step in PROTOCOL_STEPS:
-        total = sum(project(count([reduce_protocol(c, *step) for c in configs]), rates).values())
+        total = sum(project_configs([reduce_protocol(c, *step) for c in configs], rates).values())
         if total <= seconds:
             return step, total
     return None
@@ -251,20 +278,42 @@ def _table(rows: Iterable[Sequence[str]], right: Sequence[bool]) -> list[str]:
                       ).rstrip() for r in rows]
 
 
-def format_table(w: Workload, r: Rates | None) -> str:
-    """The study's work per phase and, with rates, its projected time: the text `sweep` prints."""
-    seconds = project(w, r) if r is not None else {}
+def rate_labels(keys: Iterable[tuple]) -> dict[tuple, str]:
+    """A short name for each rate group: the `RATE_FIELDS` that differ between them, e.g. 'channels 32'."""
+    keys = list(dict.fromkeys(keys))
+    varying = [i for i, f in enumerate(RATE_FIELDS) if len({k[i] for k in keys}) > 1]
+    return {k: ", ".join(f"{RATE_FIELDS[i]} {k[i]}" for i in varying) for k in keys}
 
-    def est(*names):
-        return " (estimate)" if r is not None and any(n in r.estimated for n in names) else ""
+
+def format_table(configs: Sequence[Config], rates: Rates | Mapping[tuple, Rates] | None) -> str:
+    """The work of running every config once, per phase, and, with rates, its projected time: the text `sweep`
+    prints. Where the configs run at different rates (a grid over `channels`), the 'at' column names each
+    group's where they differ."""
+    w = count(configs)
+    seconds = project_configs(configs, rates) if rates is not None else {}
+    groups: dict[str, Rates] = {}  # a short name of each rate group -> its rates
+    if rates is not None:
+        labels = rate_labels(rate_key(c) for c in configs)
+        groups = {labels[rate_key(c)]: _rates_of(rates, c) for c in configs}
+
+    def est(r: Rates, name: str) -> str:
+        return " (estimate)" if name in r.estimated else ""
+
+    def at(text) -> str:
+        texts = {label: text(r) for label, r in groups.items()}
+        if len(set(texts.values())) == 1:
+            return next(iter(texts.values()))
+        return "; ".join(f"{t} ({label})" for label, t in texts.items())
 
     basis = {}
-    if r is not None:
-        basis = {TRAINING: f"{r.train_images_per_s:,.0f} images/s",
-                 SELECTION: f"{r.sample_evaluations_per_s:,.0f} evaluations/s"
-                            + (f" + {r.sample_step_seconds * 1e3:.2f} ms a batch step" if r.sample_step_seconds else ""),
-                 INCEPTION: f"{r.inception_images_per_s:,.0f} images/s{est('inception_images_per_s')} + "
-                            f"{r.fid_fixed_seconds:g} s x {w.fid_scores} scores{est('fid_fixed_seconds')}"}
+    if groups:
+        basis = {TRAINING: at(lambda r: f"{r.train_images_per_s:,.0f} images/s"),
+                 SELECTION: at(lambda r: f"{r.sample_evaluations_per_s:,.0f} evaluations/s"
+                               + (f" + {r.sample_step_seconds * 1e3:.2f} ms a batch step" if r.sample_step_seconds
+                                  else "")),
+                 INCEPTION: at(lambda r: f"{r.inception_images_per_s:,.0f} images/s"
+                               f"{est(r, 'inception_images_per_s')} + {r.fid_fixed_seconds:g} s x {w.fid_scores} "
+                               f"scores{est(r, 'fid_fixed_seconds')}")}
         basis[FINAL] = basis[GRIDS] = basis[SELECTION]
     rows = [("phase", "images", "network evals", "projected", "at")]
     for p in w.phases:
@@ -274,11 +323,13 @@ def format_table(w: Workload, r: Rates | None) -> str:
     head = (f"Study work: {w.trials} trials, {w.trainings} trainings, {w.fid_scores} FID scores; "
             f"{w.sampling_evaluations:,} UNet evaluations for sampling.")
     lines = [head, *_table(rows, right=(False, True, True, True, False))]
-    if r is not None and r.source:
-        lines.append(f"rates: {r.source}")
+    sources = at(lambda r: r.source) if groups else ""
+    if sources:
+        lines.append(f"rates: {sources}")
     if w.reference_images:
         ref = ""
-        if r is not None:
+        if groups:  # Inception does not depend on the UNet: the first group's rate
+            r = next(iter(groups.values()))
             note = ", estimate" if "inception_images_per_s" in r.estimated else ""
             ref = f" (~{format_duration(w.reference_images / r.inception_images_per_s)}{note})"
         lines.append(f"not in the total: the FID reference statistics, {w.reference_images:,} real images through "
@@ -286,11 +337,12 @@ def format_table(w: Workload, r: Rates | None) -> str:
     return "\n".join(lines)
 
 
-def long_study_warning(w: Workload, r: Rates | None, device: str, suggest_smoke: bool = True) -> str | None:
+def long_study_warning(configs: Sequence[Config], rates: Rates | Mapping[tuple, Rates] | None, device: str,
+                       suggest_smoke: bool = True) -> str | None:
     """One line when the projection exceeds an hour (pointing at the smoke preset); None otherwise."""
-    if r is None:
+    if rates is None:
         return None
-    total = sum(project(w, r).values())
+    total = sum(project_configs(configs, rates).values())
     if total <= HOUR:
         return None
     line = f"This study is projected to take {format_duration(total)} on {device}"

@@ -134,8 +134,7 @@ def plan_study(args, run_dir: Path, py: str, plan_end: float) -> dict:
     epochs = 20
     if fit is None:  # even the smallest protocol does not fit: fewer epochs, said loudly
         step = workload.PROTOCOL_STEPS[-1]
-        full = sum(workload.project(workload.count([workload.reduce_protocol(c, *step) for c in configs]),
-                                    rates).values())
+        full = sum(workload.project_configs([workload.reduce_protocol(c, *step) for c in configs], rates).values())
         epochs = max(1, int(20 * available / SAFETY / full))
         fit = (step, full * epochs / 20)
         say(f"NOT FAITHFUL: even the smallest FID protocol does not fit; {epochs} epochs instead of 20")

@@ -68,19 +68,51 @@ def test_small_grid_counts():
 def test_projection_and_warning():
     base = Config(timesteps=20, beta_end=0.2, ddim_steps=5, epochs=5, batch_size=32, train_samples=100, fid_every=2,
                   fid_select_samples=10, fid_samples=30, fid_ref="test")
-    w = workload.count([base, base.replace(sampler="ddim")])
+    configs = [base, base.replace(sampler="ddim")]
+    w = workload.count(configs)
     r = Rates(train_images_per_s=96, sample_evaluations_per_s=50, inception_images_per_s=4, fid_fixed_seconds=3)
     s = workload.project(w, r)
     assert s[TRAINING] == pytest.approx(480 / 96)
     assert s[SELECTION] == pytest.approx(3 * 10 * 25 / 50) and s[FINAL] == pytest.approx(30 * 25 / 50)
     assert s[GRIDS] == pytest.approx(5 * 64 * 25 / 50)
     assert s[INCEPTION] == pytest.approx(2 * 60 / 4 + 8 * 3)
-    assert workload.long_study_warning(w, r, "cpu") is None  # about 4 min
+    assert workload.project_configs(configs, r) == s
+    assert workload.long_study_warning(configs, r, "cpu") is None  # about 4 min
     slow = Rates(1, 1, 4, 3)
-    line = workload.long_study_warning(w, slow, "cpu")
+    line = workload.long_study_warning(configs, slow, "cpu")
     assert line.startswith("This study is projected to take 2 h ") and "--preset smoke" in line
-    assert "--preset smoke" not in workload.long_study_warning(w, slow, "cpu", suggest_smoke=False)
+    assert "--preset smoke" not in workload.long_study_warning(configs, slow, "cpu", suggest_smoke=False)
     assert [workload.format_duration(x) for x in (44.6, 390, 77_890)] == ["45 s", "6 min 30 s", "21 h 38 min"]
+
+
+def test_a_grid_over_widths_is_projected_at_each_widths_rates():
+    """Two widths, each at its own bench: the projection is the sum of the two groups' projections, a DDPM and
+    a DDIM trial of one width still share a training, and the table names each width's rate."""
+    base = Config(timesteps=20, beta_end=0.2, ddim_steps=5, epochs=5, batch_size=32, train_samples=100, fid_every=2,
+                  fid_select_samples=10, fid_samples=30, fid_ref="test", channels=8)
+    narrow = [base, base.replace(sampler="ddim")]
+    wide = [c.replace(channels=16) for c in narrow]
+    fast = Rates(train_images_per_s=96, sample_evaluations_per_s=50, inception_images_per_s=4, fid_fixed_seconds=3,
+                 source="bench A")
+    slow = Rates(train_images_per_s=24, sample_evaluations_per_s=10, inception_images_per_s=4, fid_fixed_seconds=3,
+                 source="bench A")
+    rates = {workload.rate_key(narrow[0]): fast, workload.rate_key(wide[0]): slow}
+    s = workload.project_configs(narrow + wide, rates)
+    # per width: 480 training images (one training for both samplers); 3 x 10 selection, 30 final and 5 x 64 grid
+    # images at 25 calls each (20 DDPM + 5 DDIM); Inception alike at both widths
+    assert s[TRAINING] == pytest.approx(480 / 96 + 480 / 24)
+    assert s[SELECTION] == pytest.approx(3 * 10 * 25 / 50 + 3 * 10 * 25 / 10)
+    assert s[GRIDS] == pytest.approx(5 * 64 * 25 / 50 + 5 * 64 * 25 / 10)
+    assert s[INCEPTION] == pytest.approx(2 * (2 * 60 / 4 + 8 * 3))
+    assert workload.project_configs(narrow, rates) == workload.project(workload.count(narrow), fast)
+    table = workload.format_table(narrow + wide, rates)
+    assert "4 trials, 2 trainings" in table
+    assert "96 images/s (channels 8); 24 images/s (channels 16)" in table
+    assert "50 evaluations/s (channels 8); 10 evaluations/s (channels 16)" in table
+    assert "\nrates: bench A\n" in table and "4 images/s + 3 s x 16 scores" in table  # alike: said once
+    assert workload.long_study_warning(narrow + wide, rates, "cpu") is None
+    with pytest.raises(KeyError):  # a width with no rates is a caller's bug, not a silent guess
+        workload.project_configs([base.replace(channels=32)], rates)
 
 
 def test_small_batches_pay_the_step_latency():
@@ -101,7 +133,7 @@ def test_small_batches_pay_the_step_latency():
     # no latency measured: a pass costs its evaluations at the rate, whatever its batches
     flat = Rates(1.0, big, 1.0, 0.0)
     assert flat.sampling_seconds(64, 1000) == pytest.approx(64_000 / big)
-    assert "1.00 ms a batch step" in workload.format_table(workload.count(reference_study()), r)
+    assert "1.00 ms a batch step" in workload.format_table(reference_study(), r)
 
 
 def test_passes_and_their_projection_with_latency():
@@ -136,7 +168,7 @@ def test_rates_from_bench_label_estimates():
     r = workload.rates_from_bench(bench, "cpu")
     assert (r.train_images_per_s, r.sample_evaluations_per_s, r.inception_images_per_s) == (123, 449, 4)
     assert set(r.estimated) == {"inception_images_per_s", "fid_fixed_seconds"}
-    assert "4 images/s (estimate)" in workload.format_table(workload.count(reference_study()), r)
+    assert "4 images/s (estimate)" in workload.format_table(reference_study(), r)
     measured = workload.rates_from_bench({**bench, "inception_images_per_s": 1500.0}, "cuda")
     assert measured.inception_images_per_s == 1500 and measured.estimated == ("fid_fixed_seconds",)
     assert workload.rates_from_bench(bench, "cuda").inception_images_per_s == 2000
@@ -195,6 +227,19 @@ def test_sweep_dry_run_prints_the_work_and_creates_nothing(cached_cpu_bench):
     warnings = [line for line in out.splitlines() if line.startswith("This study is projected to take")]
     assert len(warnings) == 1 and "--preset smoke" in warnings[0]
     assert list(cached_cpu_bench.iterdir()) == []  # no study, run, store or folder
+
+
+def test_sweep_dry_run_projects_each_width_of_a_grid_at_its_own_rates(cached_cpu_bench):
+    bench_cache.save({**BENCH_CPU[1], "channels": 16, "train_images_per_s": 57.2}, torch.device("cpu"), "auto")
+    result = CliRunner().invoke(cli.cli, ["sweep", "--dry-run", "--device", "cpu", "--preset", "smoke",
+                                          "--schedule", "cosine", "--grid", "channels=8,16"])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "8 trials, 4 trainings" in out and "measuring" not in out
+    assert "114 images/s (channels 8); 57 images/s (channels 16)" in out
+    training = next(line for line in out.splitlines() if line.startswith("training "))
+    # the smoke preset trains 2 epochs of 256 images (8 steps of 32): 2 trainings of 512 images per width
+    assert workload.format_duration(2 * 512 / 114.4 + 2 * 512 / 57.2) in training
 
 
 def test_smoke_preset_is_not_warned_about(cached_cpu_bench):
