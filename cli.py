@@ -485,6 +485,12 @@ def sweep(ctx, study_name, storage, schedules, timesteps_list, samplers, seeds, 
     schedules, samplers = selected(schedules, SCHEDULES), selected(samplers, SAMPLERS)
     steps = selected(timesteps_list, ("200", "1000"))
     grid, extra = study_grid(schedules, steps, samplers, seeds, grid_options, grid_file, max_points)
+    for dim in extra:  # a typed option the grid would silently override
+        for field in dim.fields:
+            given = field in fields and fields[field] is not None  # None: MLproject's '' (not given)
+            if given and ctx.get_parameter_source(field) is click.core.ParameterSource.COMMANDLINE:
+                raise BadInput(f"--{field.replace('_', '-')} {fields[field]} is also the grid dimension "
+                               f"'{dim.label}': give {field} in one place")
     base = make_config(**fields)  # the fixed settings; each point then sets its grid fields
     from mnist_diff.grid import GridError
     try:

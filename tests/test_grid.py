@@ -85,6 +85,10 @@ def _ddim_over(t: int) -> str:
     (["--grid", "ddim_steps=50,500"], "grid point (schedule=linear, timesteps=200, beta_end=0.08, sampler=ddpm, "
                                       "ddim_steps=500): --ddim-steps (500) cannot exceed --timesteps (200)"),
     (["--grid", "timesteps:beta_end=200:0.08,300:0.00001"], "--beta-end (1e-05) must be greater than --beta-start"),
+    (["--grid", "channels=8,16", "--channels", "32"],
+     "--channels 32 is also the grid dimension 'channels': give channels in one place"),
+    (["--ddim-steps", "20", "--grid", "ddim_steps=10,50"],
+     "--ddim-steps 20 is also the grid dimension 'ddim_steps': give ddim_steps in one place"),
     (["--seeds", "17"], "the grid has 272 points, more than --max-points 256"),
     (["--grid", "eta=0,1", "--max-points", "16"], "the grid has 32 points, more than --max-points 16"),
 ])
