@@ -12,12 +12,10 @@ disk: the training's files travel through the server (`shared_trainings`), index
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
 import os
-import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -42,6 +40,7 @@ from .atomic import write_json
 from .experiment import run_experiment, score_saved_training
 from .shared_trainings import DONE_MARKER, Uploader, mark_done, restore
 from .tracking import Tracker, find_study_run, is_server, kill_run, tag_run
+from .workers import run_workers
 from .train import NonFiniteLoss
 
 log = logging.getLogger(__name__)
@@ -505,27 +504,7 @@ def work(sweep: Sweep, parent_run_id: str) -> None:
             return
 
 
-def _worker_process(sweep: Sweep, parent_run_id: str, gpu: int | None, workers: int) -> None:
-    # Own process group: a Ctrl-C in the terminal reaches only the parent, which passes it on once (a second
-    # signal would stop a worker at once, without saving the current step).
-    os.setpgrp()
-    # Quiet: N processes' bars on one terminal overwrite each other; the parent shows the study's bar instead.
-    sweep = dataclasses.replace(sweep, progress=False)
-    if gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    import torch
-    # Share the CPU cores: N workers each using every core oversubscribe them (OpenMP threads spin).
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
-    _setup_logging(sweep.out_dir)
-    from .train import StopSignals
-    try:
-        with StopSignals():
-            work(sweep, parent_run_id)
-    except KeyboardInterrupt:  # stopped by the parent: the trial is saved and marked; no traceback
-        raise SystemExit(130)
-
-
-def _setup_logging(out_dir: Path) -> None:
+def setup_logging(out_dir: Path) -> None:
     handler = logging.FileHandler(out_dir / "training.log")
     handler.setFormatter(logging.Formatter(f"%(asctime)s [pid {os.getpid()}] %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
@@ -555,50 +534,6 @@ def prefetch(sweep: Sweep) -> None:
         load_mnist(sweep.data_dir, train=True, limit=1)
         reference = Reference(sweep.base.fid_ref, sweep.base.fid_ref_samples, sweep.data_dir, sweep.fid_weights)
         ensure_reference_stats(reference, device=resolve_device(sweep.device))
-
-
-def _run_workers(sweep: Sweep, parent_run_id: str, workers: int) -> list:
-    """Start the worker processes and wait for them; return their exit codes. SIGTERM or SIGINT received here
-    (as `Interrupted`/KeyboardInterrupt) is passed on to each worker, which saves its trial and stops; then
-    the interrupt is raised again."""
-    import multiprocessing as mp
-    import multiprocessing.connection  # noqa: F401  (mp.connection.wait)
-
-    import torch
-    gpus = torch.cuda.device_count()
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker_process, args=(sweep, parent_run_id, i % gpus if gpus > 1 else None, workers))
-             for i in range(workers)]
-    interrupt = None
-    try:
-        for p in procs:
-            p.start()
-    except KeyboardInterrupt as err:
-        interrupt = err
-    from .study_bar import STUDY_BAR_SECONDS, StudyBar
-    bar = StudyBar(sweep)
-    while True:
-        if interrupt is not None:
-            sig = signal.SIGTERM if "SIGTERM" in str(interrupt) else signal.SIGINT
-            for p in procs:
-                if p.pid is not None and p.exitcode is None:
-                    try:
-                        os.kill(p.pid, sig)
-                    except ProcessLookupError:
-                        pass
-        try:
-            running = [p.sentinel for p in procs if p.pid is not None and p.exitcode is None]
-            while running:
-                mp.connection.wait(running, timeout=STUDY_BAR_SECONDS)
-                bar.update()
-                running = [p.sentinel for p in procs if p.pid is not None and p.exitcode is None]
-            break
-        except KeyboardInterrupt as err:  # a first or a second signal: pass it on too
-            interrupt = err
-    bar.close()
-    if interrupt is not None:
-        raise interrupt
-    return [p.exitcode for p in procs]
 
 
 def points_done(study: optuna.Study, sweep: Sweep) -> tuple[int, str]:
@@ -652,10 +587,10 @@ def run_sweep(sweep: Sweep, workers: int = 1, retry_failed: bool = False) -> dic
     codes, interrupted, error = [], False, None
     try:
         if workers <= 1:
-            _setup_logging(sweep.out_dir)
+            setup_logging(sweep.out_dir)
             work(sweep, parent.run_id)
         else:
-            codes = _run_workers(sweep, parent.run_id, workers)
+            codes = run_workers(sweep, parent.run_id, workers)
     except KeyboardInterrupt:
         interrupted = True
         raise
