@@ -207,6 +207,8 @@ def config_table(complete: dict) -> list[dict]:
                      "best_fid_select_mean": stats([r["best_fid_select"] for r in rs])["mean"],
                      "train_seconds_mean": stats([r["train_seconds"] for r in rs])["mean"],
                      "final_sampling_seconds_mean": stats([r["final_sampling_seconds"] for r in rs])["mean"],
+                     # the trial's whole cost (training, sampling, FIDs, I/O): what a width or sampler costs
+                     "trial_seconds_mean": stats([sum(r["phase_seconds"].values()) or None for r in rs])["mean"],
                      "run_ids": [r["run_id"] for r in rs]})
     return sorted(rows, key=lambda r: (r["best_fid_mean"], r["schedule"], r["timesteps"], r["sampler"]))
 

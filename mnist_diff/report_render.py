@@ -75,12 +75,13 @@ def report_blocks(a: dict, montage_missing: list[str]) -> list[tuple]:
     extra = list(a["configs"][0]["extra"]) if a["configs"] else []
     b.append(("h2", "All configs (sorted by best FID)"))
     b.append(("table", ["schedule", "T", "β_end", "sampler", *extra, "seeds", "best FID", "best epoch",
-                        "best_fid_select", "train s", "final sampling s"],
+                        "best_fid_select", "train s", "final sampling s", "trial s"],
               [[r["schedule"], r["timesteps"], f"{r['beta_end']:g}", r["sampler"],
                 *(_fmt(r["extra"][f]) for f in extra), len(r["seeds"]),
                 _pm(r["best_fid_mean"], r["best_fid_std"]), ", ".join(map(str, r["best_epoch"])),
                 _num(r["best_fid_select_mean"]), _num(r["train_seconds_mean"], ".0f"),
-                _num(r["final_sampling_seconds_mean"], ".1f")] for r in a["configs"]]))
+                _num(r["final_sampling_seconds_mean"], ".1f"), _num(r["trial_seconds_mean"], ".0f")]
+               for r in a["configs"]]))
 
     for m in a["means"].values():
         title = m["title"]

@@ -38,6 +38,8 @@ def record(trial, schedule, T, sampler, fid, seed=0, state="COMPLETE", samples_d
     if state == "COMPLETE":  # FID falls, bottoms out at epoch 3, rises a little
         r.update(best_fid=fid, best_epoch=3, best_fid_select=fid + 1, train_seconds=100.0 + trial,
                  final_sampling_seconds=20.0 if sampler == "ddpm" else 2.0,
+                 phase_seconds={"training": 100.0 + trial, "final_sampling": 20.0 if sampler == "ddpm" else 2.0,
+                                "selection_fid": 3.0},
                  epoch_fids={str(e): fid + d for e, d in ((1, 60), (2, 10), (3, 1), (4, 2))})
     return r
 
@@ -102,7 +104,8 @@ def test_one_seed_tables_claims_and_files(tmp_path):
     assert "**Not the default protocol: epochs 4 (default 20).**" in md
     assert "no seed-to-seed spread can be estimated" in md and "cosine schedule ignores beta_start/beta_end" in md
     assert "x0 clipping: not recorded" in md and "DDPM-vs-DDIM comparison (claims 4 and 5)" in md
-    assert "| cosine | 200 | 0.08 | ddim | 1 | 8.00 | 3 | 9.00 | 105 | 2.0 |" in md
+    # trial s: the trial's phases summed, 105 + 2 + 3
+    assert "| cosine | 200 | 0.08 | ddim | 1 | 8.00 | 3 | 9.00 | 105 | 2.0 | 110 |" in md
     # the four sigmoid configs have no grid file here: left out of the montage, and said so
     assert len(a["montage_missing"]) == 4 and all(m.startswith("sigmoid") for m in a["montage_missing"])
     assert "Sample grids not found" in md
@@ -130,6 +133,7 @@ def mlflow_study(tmp_path, records, st):
         metrics = [Metric("fid", v, 0, int(e)) for e, v in r.get("epoch_fids", {}).items()]
         metrics += [Metric(k, float(r[k]), 0, 0) for k in ("best_fid", "best_epoch", "best_fid_select",
                                                             "train_seconds", "final_sampling_seconds") if k in r]
+        metrics += [Metric(f"seconds_{k}", v, 0, 0) for k, v in r.get("phase_seconds", {}).items()]
         client.log_batch(run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()])
         if status[r["state"]]:
             client.set_terminated(run_id, status=status[r["state"]])
