@@ -31,7 +31,7 @@ import optuna
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 from . import timing
-from .config import Config
+from .config import RUNTIME_FIELDS, Config
 from .locks import exclusive, file_lock
 from .redact import redact_url
 from .grid import STUDY_PAIRS, STUDY_SAMPLERS, STUDY_SCHEDULES, Grid, reference_dims
@@ -49,6 +49,9 @@ DEFAULT_STORAGE = "sqlite:///optuna.db"
 # Failures that the same config reproduces: retrying them would only spend the GPU again (a ValueError is an
 # invalid config). Any other exception (CUDA OOM, a full disk, a tracking or storage blip) may pass on a retry.
 DETERMINISTIC_ERRORS = (NonFiniteLoss, ValueError)
+# Fixed settings a resumed study may change: how fast it runs, not what it computes (the Inception batch changes
+# no feature; the preset only fills in settings, which are compared themselves).
+RESUMABLE_FIELDS = RUNTIME_FIELDS + ("fid_batch_size", "preset")
 WORKER_LOST = "WorkerLost: the worker stopped sending heartbeats (killed, OOM-killed, or its machine went down)"
 
 
@@ -121,10 +124,22 @@ def open_study(sweep: Sweep) -> optuna.Study:
     known = study.user_attrs.get("grid")
     if known is not None and known != sweep.grid_description():
         raise ValueError(f"study {sweep.study_name!r} exists with another grid: {json.dumps(known)}")
+    changed = changed_settings(study.user_attrs.get("fixed") or {}, sweep.fixed)
+    if changed:  # its finished trials would be set against trials of other settings
+        raise ValueError(f"study {sweep.study_name!r} exists with other settings: {changed}; give those, or "
+                         "another --study-name")
     if known is None:
         study.set_user_attr("grid", sweep.grid_description())
         study.set_user_attr("fixed", sweep.fixed)
     return study
+
+
+def changed_settings(recorded: dict, now: dict) -> str:
+    """The fixed settings of a resumed study that differ from those it was created with, e.g. 'epochs 20 (now
+    5)'; '' when none. Speed settings (`RESUMABLE_FIELDS`) may change, and a field the study did not record
+    (added to the code since) is taken as unchanged."""
+    return ", ".join(f"{k} {recorded[k]} (now {v})" for k, v in now.items()
+                     if k not in RESUMABLE_FIELDS and k in recorded and recorded[k] != v)
 
 
 def trainings_first(sweep: Sweep) -> list[dict]:

@@ -182,6 +182,27 @@ def test_sweep_refuses_an_existing_study_with_another_grid(tmp_path, monkeypatch
     assert len(optuna.load_study(study_name="s", storage=storage).get_trials()) == 0
 
 
+def test_sweep_refuses_to_resume_a_study_with_other_settings(tmp_path, monkeypatch):
+    """Its finished trials would be mixed with trials of another protocol; speed settings may change."""
+    import optuna
+
+    from mnist_diff.config import Config
+    from mnist_diff.study import Sweep
+    monkeypatch.chdir(tmp_path)
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    study = optuna.create_study(study_name="s", storage=storage)
+    study.set_user_attr("grid", Sweep(study_name="s", out_dir=tmp_path, base=Config()).grid_description())
+    study.set_user_attr("fixed", {"epochs": 20, "fid_select_samples": 2000, "compile": "off", "fid_batch_size": 50})
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = run("sweep", "--study-name", "s", "--storage", storage, "--out", tmp_path / "out", "--epochs", "5",
+                 "--fid-select-samples", "500", "--compile", "on")
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == ("Error: study 's' exists with other settings: epochs 20 (now 5), "
+                                     "fid_select_samples 2000 (now 500); give those, or another --study-name")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert len(optuna.load_study(study_name="s", storage=storage).get_trials()) == 0
+
+
 def test_dry_run_shows_clip_x0_and_ema_warmup(tmp_path):
     result = run("train", "--dry-run", "--out", tmp_path / "o")
     config = json.loads(result.output)
