@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -84,6 +85,24 @@ class Workers(click.ParamType):
         if not text.isdigit() or int(text) < 1:
             self.fail(f"{value!r} is neither auto nor a count >= 1", param, ctx)
         return int(text)
+
+
+class Duration(click.ParamType):
+    """A time span: seconds (`600`), or numbers with units h, m/min, s (`25m`, `1h30m`, `1.5h`); empty: not
+    given. Returns seconds."""
+    name = "DURATION"
+    UNITS = {"h": 3600, "m": 60, "min": 60, "s": 1, "": 1}
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, (int, float)):
+            return value
+        text = str(value).strip().lower().replace(" ", "")
+        if not text:
+            return None
+        parts = re.findall(r"(\d+(?:\.\d+)?)(h|min|m|s|)", text)
+        if not parts or "".join(n + u for n, u in parts) != text or float(parts[0][0]) <= 0:
+            self.fail(f"{value!r} is not a time span such as 600, 90s, 25m or 1h30m", param, ctx)
+        return sum(float(n) * self.UNITS[u] for n, u in parts)
 
 
 class ChoiceList(click.ParamType):
@@ -458,6 +477,11 @@ SMOKE = {"epochs": 2, "batch_size": 32, "train_samples": 256, "channels": 8, "wa
 @click.option("--dry-run", is_flag=True,
               help="Print the study's work per phase and its projected time on this device, then exit: "
                    "creates no study, run or folder.")
+@click.option("--time-budget", type=Duration(), default=None,
+              help="Fit the study into this time on this device (e.g. 25m, 1h30m): where the projection is longer, "
+                   "score fewer selection images, fewer epochs or fewer final images (workload.PROTOCOL_STEPS, most "
+                   "faithful first); epochs and training are never cut. Exit 2 when even the smallest protocol "
+                   "does not fit.")
 @click.option("--max-retries", type=click.IntRange(min=0), default=2, show_default=True,
               help="Retries per grid point, each resuming from the last checkpoint, after a failure that may pass "
                    "(CUDA OOM, disk, network, tracking or storage errors, a dead worker). A non-finite loss or an "
@@ -472,7 +496,7 @@ SMOKE = {"epochs": 2, "batch_size": 32, "train_samples": 256, "channels": 8, "wa
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
 def sweep(ctx, study_name, storage, schedules, timesteps_list, samplers, seeds, grid_options, grid_file, max_points,
-          preset, workers, heartbeat, dry_run, max_retries, retry_failed, fid_weights, tracking_uri, experiment,
+          preset, workers, heartbeat, dry_run, time_budget, max_retries, retry_failed, fid_weights, tracking_uri, experiment,
           no_tracking, device, data_dir, out, quiet, **fields):
     """Run (or resume) a study as an Optuna grid, every trial tracked in MLflow: the reference study (4
     schedules x 2 (T, beta_end) x 2 samplers), narrowed by --schedule/--timesteps/--sampler, extended by --grid."""
@@ -501,6 +525,8 @@ def sweep(ctx, study_name, storage, schedules, timesteps_list, samplers, seeds, 
     check_storage(storage)
     tracking_uri = checked_tracking_uri(tracking_uri)
     dev = pick_device(device)
+    if time_budget is not None:
+        base = fit_to_budget(grid, base, max_points, dev, time_budget)
     if workers == "auto":
         workers = auto_workers(dev, preset, grid.configs(base, max_points))
 
@@ -590,6 +616,58 @@ def study_grid(schedules, steps, samplers, seeds: int, grid_options, grid_file, 
     return grid, extra
 
 
+def projection_rates(configs, dev) -> dict:
+    """This device's bench rates for each model the configs train (`workload.rate_key`: a grid over widths has
+    several), from the bench cache, or measured (a short bench) and cached when missing."""
+    from mnist_diff import bench_cache, workload
+
+    name, rates = bench_cache.device_name(dev), {}
+    for key, c in {workload.rate_key(c): c for c in configs}.items():
+        bench = bench_cache.load(dev, c.channels, c.batch_size, c.precision)
+        if bench is None:
+            click.echo(f"measuring this device for the projection (channels {c.channels}, batch {c.batch_size}; "
+                       "a few seconds, then cached)...")
+            bench = bench_cache.measure(dev, c.channels, c.batch_size, c.precision)
+        how = "quick bench" if bench.get("quick") else "bench"
+        rates[key] = workload.rates_from_bench(
+            bench, dev.type, source=f"{how} of {name}, cached in {bench_cache.cache_path(dev)}")
+    return rates
+
+
+def fit_to_budget(grid, base, max_points: int, dev, seconds: float):
+    """`base` with the most faithful FID protocol (`workload.PROTOCOL_STEPS`) whose projected time on this device
+    fits in `seconds`; base itself when it fits as it is. BadInput when nothing fits or nothing can be measured."""
+    from mnist_diff import workload
+    budget = workload.format_duration(seconds)
+    varied = sorted(set(workload.PROTOCOL_KNOBS) & {f for d in grid.dims for f in d.fields})
+    if varied:
+        raise BadInput(f"--time-budget chooses the FID protocol, which the grid varies ({', '.join(varied)}): "
+                       "drop one of them")
+    configs = grid.configs(base, max_points)
+    try:
+        rates = projection_rates(configs, dev)
+    except Exception as err:
+        raise BadInput(f"--time-budget {budget}: measuring this device failed ({type(err).__name__}: {err})")
+    asked = sum(workload.project_configs(configs, rates).values())
+    if asked <= seconds:
+        click.echo(f"--time-budget {budget}: the protocol as given fits (projected {workload.format_duration(asked)})")
+        return base
+    fit = workload.fit_protocol(configs, rates, seconds)
+    if fit is None:
+        smallest = [workload.reduce_protocol(c, *workload.PROTOCOL_STEPS[-1]) for c in configs]
+        least = sum(workload.project_configs(smallest, rates).values())
+        raise BadInput(f"--time-budget {budget}: even the smallest FID protocol is projected at "
+                       f"{workload.format_duration(least)} on this device; give more time, fewer --epochs or a "
+                       "smaller grid")
+    (select, every, final), projected = fit
+    fitted = workload.reduce_protocol(base, select, every, final)
+    click.echo(f"--time-budget {budget}: the protocol as given is projected at {workload.format_duration(asked)}; "
+               f"running selection FID on {fitted.fid_select_samples:,} images every {fitted.fid_every} epoch(s) "
+               f"(grids with them), final FID on {fitted.fid_samples:,} (projected "
+               f"{workload.format_duration(projected)})")
+    return fitted
+
+
 def print_projection(spec, dev) -> dict | None:
     """The study's work per phase and its projected time at this device's bench rates (measured and cached
     on first use); one line more when that exceeds an hour. The full grid, whatever a resumed study has done.
@@ -600,31 +678,20 @@ def print_projection(spec, dev) -> dict | None:
 
     space = spec.search_space()
     configs = [spec.config_for(dict(zip(space, values))) for values in product(*space.values())]
-    name = bench_cache.device_name(dev)
-    rates = {}  # one bench per model the grid trains (`workload.rate_key`): a grid over widths has several
     try:
-        for key, c in {workload.rate_key(c): c for c in configs}.items():
-            bench = bench_cache.load(dev, c.channels, c.batch_size, c.precision)
-            if bench is None:
-                click.echo(f"measuring this device for the projection (channels {c.channels}, batch {c.batch_size}; "
-                           "a few seconds, then cached)...")
-                bench = bench_cache.measure(dev, c.channels, c.batch_size, c.precision)
-            how = "quick bench" if bench.get("quick") else "bench"
-            rates[key] = workload.rates_from_bench(
-                bench, dev.type, source=f"{how} of {name}, cached in {bench_cache.cache_path(dev)}")
+        rates = projection_rates(configs, dev)
     except Exception as err:  # a projection is advice: it never stops the study
         click.echo(f"no time projection: measuring this device failed ({type(err).__name__}: {err})")
         rates = None
     click.echo(workload.format_table(configs, rates))
-    line = workload.long_study_warning(configs, rates, f"{dev.type} ({name})",
-                                       suggest_smoke=spec.fixed.get("preset") != "smoke")
+    device = f"{dev.type} ({bench_cache.device_name(dev)})"
+    line = workload.long_study_warning(configs, rates, device, suggest_smoke=spec.fixed.get("preset") != "smoke")
     if line:
         click.echo(line)
     if rates is None:
         return None
     sources = "; ".join(dict.fromkeys(r.source for r in rates.values()))
-    return {"device": f"{dev.type} ({name})", "rates": sources,
-            "seconds": workload.project_configs(configs, rates)}
+    return {"device": device, "rates": sources, "seconds": workload.project_configs(configs, rates)}
 
 
 def check_storage(url: str) -> None:

@@ -242,6 +242,9 @@ PROTOCOL_STEPS = ((2000, 1, 10000), (1000, 1, 10000), (1000, 2, 10000), (1000, 2
                   (500, 4, 5000), (500, 4, 2000), (250, 5, 2000), (250, 10, 1000))
 
 
+PROTOCOL_KNOBS = ("fid_select_samples", "fid_every", "fid_samples", "grid_every")  # what reduce_protocol sets
+
+
 def reduce_protocol(c: Config, select: int, every: int, final: int) -> Config:
     """c with at most `select` selection images, scoring (and drawing grids) at most every `every` epochs, at
     most `final` final images: never more work than c asked for."""

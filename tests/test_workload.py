@@ -3,6 +3,7 @@ import json
 import os
 from itertools import product
 
+import click
 import pytest
 import torch
 from click.testing import CliRunner
@@ -240,6 +241,43 @@ def test_sweep_dry_run_projects_each_width_of_a_grid_at_its_own_rates(cached_cpu
     training = next(line for line in out.splitlines() if line.startswith("training "))
     # the smoke preset trains 2 epochs of 256 images (8 steps of 32): 2 trainings of 512 images per width
     assert workload.format_duration(2 * 512 / 114.4 + 2 * 512 / 57.2) in training
+
+
+def test_time_budget_fits_the_fid_protocol_or_refuses(cached_cpu_bench):
+    from mnist_diff.grid import reference_configs
+    smoke = [c.replace(**cli.SMOKE) for c in reference_configs()]
+    rates = workload.rates_from_bench(BENCH_CPU[1], "cpu")
+    asked = sum(workload.project_configs(smoke, rates).values())
+    args = ["sweep", "--dry-run", "--device", "cpu", "--preset", "smoke", "--time-budget"]
+    roomy = CliRunner().invoke(cli.cli, [*args, f"{asked + 60:.0f}"])
+    assert roomy.exit_code == 0 and "the protocol as given fits" in roomy.output, roomy.output
+    assert "48 FID scores" in roomy.output  # 16 trials x (2 epochs + the final)
+    # a second short: the first reduction that changes anything for the smoke preset's 8 and 16 images is scoring
+    # every 2nd epoch, which of 2 epochs scores only the last: 16 x (1 + 1) scores
+    tight = CliRunner().invoke(cli.cli, [*args, f"{asked - 1:.3f}s"])
+    assert tight.exit_code == 0, tight.output
+    assert "running selection FID on 8 images every 2 epoch(s) (grids with them), final FID on 16" in tight.output
+    assert "16 trials, 8 trainings, 32 FID scores" in tight.output
+    fitted = sum(workload.project_configs([c.replace(fid_every=2, grid_every=2) for c in smoke], rates).values())
+    assert f"(projected {workload.format_duration(fitted)})" in tight.output
+    for bad, message in ((["1s"], "--time-budget 1 s: even the smallest FID protocol is projected at "),
+                         (["1h", "--grid", "fid_samples=16,32"],
+                          "--time-budget chooses the FID protocol, which the grid varies (fid_samples)"),
+                         (["soon"], "'soon' is not a time span such as 600, 90s, 25m or 1h30m")):
+        result = CliRunner().invoke(cli.cli, [*args, *bad])
+        assert result.exit_code == 2, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], result.output
+    assert list(cached_cpu_bench.iterdir()) == []
+
+
+def test_durations():
+    d = cli.Duration()
+    assert [d.convert(t, None, None) for t in ("600", "90s", "25m", "25min", "1h30m", "1.5h", "2h 5s", "")] == [
+        600, 90, 1500, 1500, 5400, 5400, 7205, None]
+    for bad in ("0", "m", "5d", "-5m", "1h-2m", "h1"):
+        with pytest.raises(click.BadParameter):
+            d.convert(bad, None, None)
 
 
 def test_smoke_preset_is_not_warned_about(cached_cpu_bench):
