@@ -479,8 +479,8 @@ SMOKE = {"epochs": 2, "batch_size": 32, "train_samples": 256, "channels": 8, "wa
                    "creates no study, run or folder.")
 @click.option("--time-budget", type=Duration(), default=None,
               help="Fit the study into this time on this device (e.g. 25m, 1h30m): where the projection is longer, "
-                   "score fewer selection images, fewer epochs or fewer final images (workload.PROTOCOL_STEPS, most "
-                   "faithful first); epochs and training are never cut. Exit 2 when even the smallest protocol "
+                   "score fewer selection images, score only every 2nd, 4th, ... epoch, or fewer final images "
+                   "(workload.PROTOCOL_STEPS, most faithful first); epochs and training are never cut. Exit 2 when even the smallest protocol "
                    "does not fit.")
 @click.option("--max-retries", type=click.IntRange(min=0), default=2, show_default=True,
               help="Retries per grid point, each resuming from the last checkpoint, after a failure that may pass "
