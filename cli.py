@@ -539,7 +539,8 @@ def sweep(ctx, study_name, storage, schedules, timesteps_list, samplers, seeds, 
                  pairs=pairs_of(steps), samplers=samplers, seeds=tuple(range(seeds)), extra=tuple(extra), storage=storage,
                  tracking_uri=tracking_uri, experiment=experiment, data_dir=data_dir, fid_weights=fid_weights,
                  device=device, progress=not quiet, heartbeat=heartbeat, max_retries=max_retries,
-                 fixed={**fixed, "preset": preset})
+                 fixed={**fixed, "preset": preset,
+                        **({"time_budget": time_budget} if time_budget is not None else {})})
     if not dry_run:
         try:  # run_sweep opens it first too; here so a study with another grid is refused before the projection
             open_study(spec)

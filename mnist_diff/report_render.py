@@ -6,6 +6,7 @@ import html
 import re
 
 from .report import (MIN_SEEDS, NOT_ENOUGH_SEEDS, REFERENCE_FIELDS, Point, _fmt, _group_label, _label)
+from .workload import format_duration as _duration
 
 
 def _num(x, fmt=".2f") -> str:
@@ -32,7 +33,9 @@ def report_blocks(a: dict, montage_missing: list[str]) -> list[tuple]:
         named = ", ".join(f"{k} {c['value']} (default {c['default']})" for k, c in changes.items())
         b.append(("p", f"**Not the default protocol: {named}.** The defaults are the reference study's (20 epochs, "
                        "batch 128, an FID after every epoch) with 2,000 selection and 10,000 final images; the "
-                       "claims below are checked on this study's protocol."))
+                       "claims below are checked on this study's protocol."
+                       + (f" `sweep --time-budget {_duration(a['fixed']['time_budget'])}` chose it."
+                          if a["fixed"].get("time_budget") else "")))
     clip = {True: "on (clip_x0=True): both samplers clip the predicted x0 to [-1, 1] at every step",
             False: "off (clip_x0=False): the samplers follow the closed-form updates unclipped",
             None: "not recorded (studies from before the clip_x0 option always clipped)"}[a["clip_x0"]]
@@ -101,7 +104,6 @@ def report_blocks(a: dict, montage_missing: list[str]) -> list[tuple]:
                   + [["total", _num(sum(spent.values()), ".1f"), "100%"]]))
     projected = a["time"].get("projection")
     if projected:
-        from .workload import format_duration as _duration
         parts = ", ".join(f"{k} {_duration(v)}" for k, v in projected["seconds"].items())
         b.append(("p", f"Projected when the study started, serial, at the rates of {projected['device']}: {parts}; "
                        f"total {_duration(sum(projected['seconds'].values()))} ({projected['rates']}). The sums "

@@ -50,8 +50,8 @@ DEFAULT_STORAGE = "sqlite:///optuna.db"
 # invalid config). Any other exception (CUDA OOM, a full disk, a tracking or storage blip) may pass on a retry.
 DETERMINISTIC_ERRORS = (NonFiniteLoss, ValueError)
 # Fixed settings a resumed study may change: how fast it runs, not what it computes (the Inception batch changes
-# no feature; the preset only fills in settings, which are compared themselves).
-RESUMABLE_FIELDS = RUNTIME_FIELDS + ("fid_batch_size", "preset")
+# no feature; the preset and the time budget only choose settings, which are compared themselves).
+RESUMABLE_FIELDS = RUNTIME_FIELDS + ("fid_batch_size", "preset", "time_budget")
 WORKER_LOST = "WorkerLost: the worker stopped sending heartbeats (killed, OOM-killed, or its machine went down)"
 
 

@@ -323,3 +323,11 @@ def test_a_grid_holding_the_reference_grid_checks_the_claims_at_the_reference_va
     a = analyse([r for r in recs if r["params"]["eta"] == 0.5],
                 {**study({**grid, "eta": [0.5]}), "grid_fields": {}})
     assert a["claims"] == []
+
+
+def test_a_protocol_chosen_by_the_time_budget_is_said_so():
+    fixed = {**FIXED, "epochs": 20, "fid_select_samples": 1000, "time_budget": 1500.0}
+    md = to_markdown(report_blocks(analyse(one_seed_records(), {**study(), "fixed": fixed}), []))
+    assert ("**Not the default protocol: fid_select_samples 1000 (default 2000).**" in md
+            and "`sweep --time-budget 25 min 00 s` chose it." in md)
+    assert "chose it" not in to_markdown(report_blocks(analyse(one_seed_records(), study()), []))
