@@ -526,7 +526,7 @@ def sweep(ctx, study_name, storage, schedules, timesteps_list, samplers, seeds, 
     tracking_uri = checked_tracking_uri(tracking_uri)
     dev = pick_device(device)
     if time_budget is not None:
-        base = fit_to_budget(grid, base, max_points, dev, time_budget)
+        base = fit_time_budget(grid, base, max_points, dev, time_budget)
     if workers == "auto":
         workers = auto_workers(dev, preset, grid.configs(base, max_points))
 
@@ -581,20 +581,6 @@ def auto_workers(dev, preset: str, configs) -> int:
     return 1
 
 
-def reference_projection(bench_result: dict, dev, channels: int, batch_size: int, precision: str) -> str:
-    """One line: the reference study's projected time at these rates (what `sweep --dry-run` details)."""
-    from mnist_diff import workload
-    from mnist_diff.config import Config
-    from mnist_diff.grid import reference_configs
-
-    rates = workload.rates_from_bench(bench_result, dev.type)
-    base = Config(channels=channels, batch_size=batch_size, precision=precision)
-    seconds = workload.project(workload.count(reference_configs(base)), rates)
-    parts = ", ".join(f"{k} {workload.format_duration(v)}" for k, v in seconds.items())
-    return (f"the reference study (16 configs, default protocol) on this device: "
-            f"{workload.format_duration(sum(seconds.values()))} ({parts}; `sweep --dry-run` for details)")
-
-
 def pairs_of(steps: tuple) -> tuple:
     """The reference (T, beta_end) settings named by `--timesteps` (200, 1000)."""
     from mnist_diff.grid import STUDY_PAIRS
@@ -617,82 +603,45 @@ def study_grid(schedules, steps, samplers, seeds: int, grid_options, grid_file, 
     return grid, extra
 
 
-def projection_rates(configs, dev) -> dict:
-    """This device's bench rates for each model the configs train (`workload.rate_key`: a grid over widths has
-    several), from the bench cache, or measured (a short bench) and cached when missing."""
-    from mnist_diff import bench_cache, workload
-
-    name, rates = bench_cache.device_name(dev), {}
-    for key, c in {workload.rate_key(c): c for c in configs}.items():
-        bench = bench_cache.load(dev, c.channels, c.batch_size, c.precision)
-        if bench is None:
-            click.echo(f"measuring this device for the projection (channels {c.channels}, batch {c.batch_size}; "
-                       "a few seconds, then cached)...")
-            bench = bench_cache.measure(dev, c.channels, c.batch_size, c.precision)
-        how = "quick bench" if bench.get("quick") else "bench"
-        rates[key] = workload.rates_from_bench(
-            bench, dev.type, source=f"{how} of {name}, cached in {bench_cache.cache_path(dev)}")
-    return rates
-
-
-def fit_to_budget(grid, base, max_points: int, dev, seconds: float):
-    """`base` with the most faithful FID protocol (`workload.PROTOCOL_STEPS`) whose projected time on this device
-    fits in `seconds`; base itself when it fits as it is. BadInput when nothing fits or nothing can be measured."""
-    from mnist_diff import workload
-    budget = workload.format_duration(seconds)
+def fit_time_budget(grid, base, max_points: int, dev, seconds: float):
+    """`base` with the most faithful FID protocol that fits `seconds` on this device (`projection.fit_to_budget`),
+    said in one line; BadInput when the grid varies the protocol, nothing fits or nothing can be measured."""
+    from mnist_diff import projection, workload
     varied = sorted(set(workload.PROTOCOL_KNOBS) & {f for d in grid.dims for f in d.fields})
     if varied:
         raise BadInput(f"--time-budget chooses the FID protocol, which the grid varies ({', '.join(varied)}): "
                        "drop one of them")
     configs = grid.configs(base, max_points)
     try:
-        rates = projection_rates(configs, dev)
+        rates = projection.device_rates(configs, dev, say=click.echo)
     except Exception as err:
-        raise BadInput(f"--time-budget {budget}: measuring this device failed ({type(err).__name__}: {err})")
-    asked = sum(workload.project_configs(configs, rates).values())
-    if asked <= seconds:
-        click.echo(f"--time-budget {budget}: the protocol as given fits (projected {workload.format_duration(asked)})")
-        return base
-    fit = workload.fit_protocol(configs, rates, seconds)
-    if fit is None:
-        smallest = [workload.reduce_protocol(c, *workload.PROTOCOL_STEPS[-1]) for c in configs]
-        least = sum(workload.project_configs(smallest, rates).values())
-        raise BadInput(f"--time-budget {budget}: even the smallest FID protocol is projected at "
-                       f"{workload.format_duration(least)} on this device; give more time, fewer --epochs or a "
-                       "smaller grid")
-    (select, every, final), projected = fit
-    fitted = workload.reduce_protocol(base, select, every, final)
-    click.echo(f"--time-budget {budget}: the protocol as given is projected at {workload.format_duration(asked)}; "
-               f"running selection FID on {fitted.fid_select_samples:,} images every {fitted.fid_every} epoch(s) "
-               f"(grids with them), final FID on {fitted.fid_samples:,} (projected "
-               f"{workload.format_duration(projected)})")
-    return fitted
+        raise BadInput(f"--time-budget {workload.format_duration(seconds)}: measuring this device failed "
+                       f"({type(err).__name__}: {err})")
+    try:
+        base, said = projection.fit_to_budget(configs, base, rates, seconds)
+    except projection.BudgetError as err:
+        raise BadInput(str(err)) from None
+    click.echo(said)
+    return base
 
 
 def print_projection(spec, dev) -> dict | None:
-    """The study's work per phase and its projected time at this device's bench rates (measured and cached
-    on first use); one line more when that exceeds an hour. The full grid, whatever a resumed study has done.
-    Returns the projection for the study's record (None without rates): seconds per phase, serial."""
+    """Print the study's work per phase and its projected time at this device's bench rates (measured and cached
+    on first use); the full grid, whatever a resumed study has done. Returns the record for study.json."""
     from itertools import product
 
-    from mnist_diff import bench_cache, workload
+    from mnist_diff import projection
 
     space = spec.search_space()
     configs = [spec.config_for(dict(zip(space, values))) for values in product(*space.values())]
     try:
-        rates = projection_rates(configs, dev)
+        rates = projection.device_rates(configs, dev, say=click.echo)
     except Exception as err:  # a projection is advice: it never stops the study
         click.echo(f"no time projection: measuring this device failed ({type(err).__name__}: {err})")
         rates = None
-    click.echo(workload.format_table(configs, rates))
-    device = f"{dev.type} ({bench_cache.device_name(dev)})"
-    line = workload.long_study_warning(configs, rates, device, suggest_smoke=spec.fixed.get("preset") != "smoke")
-    if line:
-        click.echo(line)
-    if rates is None:
-        return None
-    sources = "; ".join(dict.fromkeys(r.source for r in rates.values()))
-    return {"device": device, "rates": sources, "seconds": workload.project_configs(configs, rates)}
+    text, record = projection.study_projection(configs, rates, dev, suggest_smoke=spec.fixed.get("preset") != "smoke")
+    click.echo(text)
+    return record
 
 
 def check_storage(url: str) -> None:
@@ -894,6 +843,7 @@ def bench(device, channels, batch_size, sample_batch, train_steps, sample_steps,
     from mnist_diff.bench_cache import save
     click.echo(format_table(result))
     click.echo(f"cached for `sweep` projections: {save(result, dev, precision)}")
+    from mnist_diff.projection import reference_projection
     click.echo(reference_projection(result, dev, channels, batch_size, precision))
     if full:
         import tempfile

@@ -75,7 +75,7 @@ class Sweep:
     heartbeat: int = 60
     max_retries: int = 2                  # automatic retries per grid point after a failure that may pass
     fixed: dict = field(default_factory=dict)
-    projection: dict | None = None        # cli.print_projection's, recorded in study.json for the report
+    projection: dict | None = None        # projection.study_projection's record, kept in study.json for the report
 
     @cached_property
     def grid(self) -> Grid:

@@ -1,0 +1,78 @@
+"""A study's projected time on this device: the bench rates of each model a grid trains (cached per device by
+`bench_cache`, measured briefly when missing), the projection `sweep` prints and records, and the FID protocol
+that fits a time budget. The arithmetic is `workload`'s; this module adds the device and the words. No click.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from . import bench_cache, workload
+from .config import Config
+from .grid import reference_configs
+
+
+class BudgetError(ValueError):
+    """A time budget that no FID protocol meets, with a one-line reason."""
+
+
+def device_rates(configs: Sequence[Config], device, say: Callable[[str], None] = print) -> dict:
+    """This device's bench rates for each model the configs train (`workload.rate_key`: a grid over widths has
+    several), from the bench cache, or measured (a short bench, announced through `say`) and cached."""
+    name, rates = bench_cache.device_name(device), {}
+    for key, c in {workload.rate_key(c): c for c in configs}.items():
+        bench = bench_cache.load(device, c.channels, c.batch_size, c.precision)
+        if bench is None:
+            say(f"measuring this device for the projection (channels {c.channels}, batch {c.batch_size}; "
+                "a few seconds, then cached)...")
+            bench = bench_cache.measure(device, c.channels, c.batch_size, c.precision)
+        how = "quick bench" if bench.get("quick") else "bench"
+        rates[key] = workload.rates_from_bench(
+            bench, device.type, source=f"{how} of {name}, cached in {bench_cache.cache_path(device)}")
+    return rates
+
+
+def fit_to_budget(configs: Sequence[Config], base: Config, rates, seconds: float) -> tuple[Config, str]:
+    """(base with the most faithful FID protocol of `workload.PROTOCOL_STEPS` whose projection for `configs`, the
+    grid's points of `base`, fits in `seconds`; one line saying what was chosen). Base itself when it fits as it
+    is. Raises BudgetError when even the smallest protocol does not fit."""
+    budget, duration = workload.format_duration(seconds), workload.format_duration
+    asked = sum(workload.project_configs(configs, rates).values())
+    if asked <= seconds:
+        return base, f"--time-budget {budget}: the protocol as given fits (projected {duration(asked)})"
+    fit = workload.fit_protocol(configs, rates, seconds)
+    if fit is None:
+        smallest = [workload.reduce_protocol(c, *workload.PROTOCOL_STEPS[-1]) for c in configs]
+        least = sum(workload.project_configs(smallest, rates).values())
+        raise BudgetError(f"--time-budget {budget}: even the smallest FID protocol is projected at {duration(least)} "
+                          "on this device; give more time, fewer --epochs or a smaller grid")
+    step, projected = fit
+    fitted = workload.reduce_protocol(base, *step)
+    return fitted, (f"--time-budget {budget}: the protocol as given is projected at {duration(asked)}; running "
+                    f"selection FID on {fitted.fid_select_samples:,} images every {fitted.fid_every} epoch(s) "
+                    f"(grids with them), final FID on {fitted.fid_samples:,} (projected {duration(projected)})")
+
+
+def study_projection(configs: Sequence[Config], rates: dict | None, device, suggest_smoke: bool = True
+                     ) -> tuple[str, dict | None]:
+    """(The text `sweep` prints: the work per phase, its projected time, one line more when that exceeds an hour;
+    the record kept in study.json: device, rates, seconds per phase, serial; None without rates)."""
+    where = f"{device.type} ({bench_cache.device_name(device)})"
+    lines = [workload.format_table(configs, rates)]
+    warning = workload.long_study_warning(configs, rates, where, suggest_smoke=suggest_smoke)
+    if warning:
+        lines.append(warning)
+    if rates is None:
+        return "\n".join(lines), None
+    sources = "; ".join(dict.fromkeys(r.source for r in rates.values()))
+    return "\n".join(lines), {"device": where, "rates": sources,
+                              "seconds": workload.project_configs(configs, rates)}
+
+
+def reference_projection(bench_result: dict, device, channels: int, batch_size: int, precision: str) -> str:
+    """One line: the reference study's projected time at a bench's rates (what `sweep --dry-run` details)."""
+    rates = workload.rates_from_bench(bench_result, device.type)
+    base = Config(channels=channels, batch_size=batch_size, precision=precision)
+    seconds = workload.project(workload.count(reference_configs(base)), rates)
+    parts = ", ".join(f"{k} {workload.format_duration(v)}" for k, v in seconds.items())
+    return (f"the reference study (16 configs, default protocol) on this device: "
+            f"{workload.format_duration(sum(seconds.values()))} ({parts}; `sweep --dry-run` for details)")
