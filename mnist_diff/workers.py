@@ -1,6 +1,7 @@
 """A study's worker processes on one machine: `run_workers` starts N (spawned, one GPU each in turn when there
-are several), gives each its share of the CPU cores, passes SIGTERM/SIGINT on to them once, shows the study's
-progress bar while they run, and returns their exit codes. What a worker does is `study.work`.
+are several), gives each its share of the CPU cores, passes each SIGTERM/SIGINT it receives on to them (each
+worker saves its trial and stops), shows the study's progress bar while they run, and returns their exit codes.
+What a worker does is `study.work`.
 """
 from __future__ import annotations
 
