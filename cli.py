@@ -526,7 +526,15 @@ def sweep(ctx, study_name, storage, schedules, timesteps_list, samplers, seeds, 
     tracking_uri = checked_tracking_uri(tracking_uri)
     dev = pick_device(device)
     if time_budget is not None:
-        base = fit_time_budget(grid, base, max_points, dev, time_budget)
+        from mnist_diff.study import budget_protocol
+        kept = None if dry_run else budget_protocol(storage, study_name)  # a dry run opens no store
+        if kept:  # a resumed study keeps its protocol, whatever the rates cached since would choose
+            base = base.replace(**kept)
+            click.echo(f"--time-budget: study {study_name!r} goes on with the protocol it was created with: "
+                       f"selection FID on {base.fid_select_samples:,} images every {base.fid_every} epoch(s), "
+                       f"final FID on {base.fid_samples:,}")
+        else:
+            base = fit_time_budget(grid, base, max_points, dev, time_budget)
     if workers == "auto":
         workers = auto_workers(dev, preset, grid.configs(base, max_points))
 

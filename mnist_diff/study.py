@@ -40,6 +40,7 @@ from .atomic import write_json
 from .experiment import run_experiment, score_saved_training
 from .shared_trainings import DONE_MARKER, Uploader, mark_done, restore
 from .tracking import Tracker, find_study_run, is_server, kill_run, tag_run
+from .workload import PROTOCOL_KNOBS
 from .workers import run_workers
 from .train import NonFiniteLoss
 
@@ -132,6 +133,19 @@ def open_study(sweep: Sweep) -> optuna.Study:
         study.set_user_attr("grid", sweep.grid_description())
         study.set_user_attr("fixed", sweep.fixed)
     return study
+
+
+def budget_protocol(storage: str, study_name: str) -> dict | None:
+    """The FID protocol (`workload.PROTOCOL_KNOBS`) an existing study was given by `--time-budget`, which resuming
+    it keeps; None for a new study or one created without a budget."""
+    try:
+        study = optuna.load_study(study_name=study_name, storage=make_storage(storage))
+    except KeyError:
+        return None
+    fixed = study.user_attrs.get("fixed") or {}
+    if fixed.get("time_budget") is None:
+        return None
+    return {k: fixed[k] for k in PROTOCOL_KNOBS if k in fixed}
 
 
 def changed_settings(recorded: dict, now: dict) -> str:

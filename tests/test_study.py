@@ -328,3 +328,22 @@ def test_one_command_claims_a_study(tmp_path):
     sweep = Sweep(study_name="c", out_dir=tmp_path, base=Config(), storage=f"sqlite:///{tmp_path}/optuna.db")
     assert [claim_study(sweep) for _ in range(3)] == [True, False, False]
     assert claim_study(Sweep(study_name="other", out_dir=tmp_path, base=Config(), storage=sweep.storage))
+
+
+def test_a_study_resumed_with_a_time_budget_keeps_its_protocol(tmp_path, monkeypatch):
+    """The budget chose (or kept) the protocol when the study was created; a rerun keeps it even where the rates
+    measured since would choose another, here any: one second fits nothing."""
+    monkeypatch.setenv("MNIST_DIFF_FID_CACHE", str(tmp_path / "fid-cache"))
+    point = ["--schedule", "linear", "--timesteps", "200", "--sampler", "ddim"]
+    first = CliRunner().invoke(cli.cli, sweep_args(tmp_path, *point, "--time-budget", "10h"))
+    assert first.exit_code == 0 and "the protocol as given fits" in first.output, first.output
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/optuna.db")
+    assert study.user_attrs["fixed"]["time_budget"] == 36000
+    again = CliRunner().invoke(cli.cli, sweep_args(tmp_path, *point, "--time-budget", "1s"))
+    assert again.exit_code == 0, again.output
+    assert ("--time-budget: study 's' goes on with the protocol it was created with: selection FID on 8 images "
+            "every 1 epoch(s), final FID on 10") in again.output
+    assert "1/1 grid points complete" in again.output
+    # a dry run opens no store: it fits afresh, and says that nothing fits
+    dry = CliRunner().invoke(cli.cli, sweep_args(tmp_path, *point, "--time-budget", "1s", "--dry-run"))
+    assert dry.exit_code == 2 and "even the smallest FID protocol" in dry.output, dry.output
