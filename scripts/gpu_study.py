@@ -124,6 +124,9 @@ def plan_study(args, run_dir: Path, py: str, plan_end: float) -> dict:
     bench = json.loads(bench_json.read_text())
     rates = workload.rates_from_bench(bench, bench["device_type"], source="bench.json")
     say(f"rates: {rates}")
+    if not rates.sample_step_seconds and bench["device_type"] == "cuda":  # e.g. a bench from before session 6
+        say("this bench has no sampler step latency: small sampling batches (grids, selection sets under "
+            "the sampling batch) are under-projected; leave --plan some room")
 
     # 2. the protocol that fits the time left: each call pays for a start and a report
     calls = 2 if args.plan is not None and args.plan > args.budget else 1
