@@ -480,8 +480,8 @@ SMOKE = {"epochs": 2, "batch_size": 32, "train_samples": 256, "channels": 8, "wa
 @click.option("--time-budget", type=Duration(), default=None,
               help="Fit the study into this time on this device (e.g. 25m, 1h30m): where the projection is longer, "
                    "score fewer selection images, score only every 2nd, 4th, ... epoch, or fewer final images "
-                   "(workload.PROTOCOL_STEPS, most faithful first); epochs and training are never cut. Exit 2 when even the smallest protocol "
-                   "does not fit.")
+                   "(workload.PROTOCOL_STEPS, most faithful first); epochs and training are never cut. Exit 2 "
+                   "when even the smallest protocol does not fit.")
 @click.option("--max-retries", type=click.IntRange(min=0), default=2, show_default=True,
               help="Retries per grid point, each resuming from the last checkpoint, after a failure that may pass "
                    "(CUDA OOM, disk, network, tracking or storage errors, a dead worker). A non-finite loss or an "
@@ -496,8 +496,8 @@ SMOKE = {"epochs": 2, "batch_size": 32, "train_samples": 256, "channels": 8, "wa
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
 def sweep(ctx, study_name, storage, schedules, timesteps_list, samplers, seeds, grid_options, grid_file, max_points,
-          preset, workers, heartbeat, dry_run, time_budget, max_retries, retry_failed, fid_weights, tracking_uri, experiment,
-          no_tracking, device, data_dir, out, quiet, **fields):
+          preset, workers, heartbeat, dry_run, time_budget, max_retries, retry_failed, fid_weights, tracking_uri,
+          experiment, no_tracking, device, data_dir, out, quiet, **fields):
     """Run (or resume) a study as an Optuna grid, every trial tracked in MLflow: the reference study (4
     schedules x 2 (T, beta_end) x 2 samplers), narrowed by --schedule/--timesteps/--sampler, extended by --grid."""
     if no_tracking:
@@ -647,7 +647,8 @@ def print_projection(spec, dev) -> dict | None:
     except Exception as err:  # a projection is advice: it never stops the study
         click.echo(f"no time projection: measuring this device failed ({type(err).__name__}: {err})")
         rates = None
-    text, record = projection.study_projection(configs, rates, dev, suggest_smoke=spec.fixed.get("preset") != "smoke")
+    text, record = projection.study_projection(configs, rates, dev,
+                                               suggest_smoke=spec.fixed.get("preset") != "smoke")
     click.echo(text)
     return record
 

@@ -56,16 +56,14 @@ def study_projection(configs: Sequence[Config], rates: dict | None, device, sugg
                      ) -> tuple[str, dict | None]:
     """(The text `sweep` prints: the work per phase, its projected time, one line more when that exceeds an hour;
     the record kept in study.json: device, rates, seconds per phase, serial; None without rates)."""
-    where = f"{device.type} ({bench_cache.device_name(device)})"
-    lines = [workload.format_table(configs, rates)]
-    warning = workload.long_study_warning(configs, rates, where, suggest_smoke=suggest_smoke)
-    if warning:
-        lines.append(warning)
+    table = workload.format_table(configs, rates)
     if rates is None:
-        return "\n".join(lines), None
+        return table, None
+    where = f"{device.type} ({bench_cache.device_name(device)})"
+    seconds = workload.project_configs(configs, rates)
+    warning = workload.long_study_warning(sum(seconds.values()), where, suggest_smoke=suggest_smoke)
     sources = "; ".join(dict.fromkeys(r.source for r in rates.values()))
-    return "\n".join(lines), {"device": where, "rates": sources,
-                              "seconds": workload.project_configs(configs, rates)}
+    return "\n".join([table, *([warning] if warning else [])]), {"device": where, "rates": sources, "seconds": seconds}
 
 
 def reference_projection(bench_result: dict, device, channels: int, batch_size: int, precision: str) -> str:

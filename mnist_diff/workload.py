@@ -340,12 +340,8 @@ def format_table(configs: Sequence[Config], rates: Rates | Mapping[tuple, Rates]
     return "\n".join(lines)
 
 
-def long_study_warning(configs: Sequence[Config], rates: Rates | Mapping[tuple, Rates] | None, device: str,
-                       suggest_smoke: bool = True) -> str | None:
-    """One line when the projection exceeds an hour (pointing at the smoke preset); None otherwise."""
-    if rates is None:
-        return None
-    total = sum(project_configs(configs, rates).values())
+def long_study_warning(total: float, device: str, suggest_smoke: bool = True) -> str | None:
+    """One line when the projected `total` seconds exceed an hour (pointing at the smoke preset); None otherwise."""
     if total <= HOUR:
         return None
     line = f"This study is projected to take {format_duration(total)} on {device}"

@@ -78,11 +78,11 @@ def test_projection_and_warning():
     assert s[GRIDS] == pytest.approx(5 * 64 * 25 / 50)
     assert s[INCEPTION] == pytest.approx(2 * 60 / 4 + 8 * 3)
     assert workload.project_configs(configs, r) == s
-    assert workload.long_study_warning(configs, r, "cpu") is None  # about 4 min
-    slow = Rates(1, 1, 4, 3)
-    line = workload.long_study_warning(configs, slow, "cpu")
+    assert workload.long_study_warning(sum(s.values()), "cpu") is None  # about 4 min
+    slow = sum(workload.project_configs(configs, Rates(1, 1, 4, 3)).values())
+    line = workload.long_study_warning(slow, "cpu")
     assert line.startswith("This study is projected to take 2 h ") and "--preset smoke" in line
-    assert "--preset smoke" not in workload.long_study_warning(configs, slow, "cpu", suggest_smoke=False)
+    assert "--preset smoke" not in workload.long_study_warning(slow, "cpu", suggest_smoke=False)
     assert [workload.format_duration(x) for x in (44.6, 390, 77_890)] == ["45 s", "6 min 30 s", "21 h 38 min"]
 
 
@@ -111,7 +111,7 @@ def test_a_grid_over_widths_is_projected_at_each_widths_rates():
     assert "96 images/s (channels 8); 24 images/s (channels 16)" in table
     assert "50 evaluations/s (channels 8); 10 evaluations/s (channels 16)" in table
     assert "\nrates: bench A\n" in table and "4 images/s + 3 s x 16 scores" in table  # alike: said once
-    assert workload.long_study_warning(narrow + wide, rates, "cpu") is None
+    assert workload.long_study_warning(sum(s.values()), "cpu") is None
     with pytest.raises(KeyError):  # a width with no rates is a caller's bug, not a silent guess
         workload.project_configs([base.replace(channels=32)], rates)
 
