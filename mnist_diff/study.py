@@ -138,6 +138,8 @@ def open_study(sweep: Sweep) -> optuna.Study:
 def budget_protocol(storage: str, study_name: str) -> dict | None:
     """The FID protocol (`workload.PROTOCOL_KNOBS`) an existing study was given by `--time-budget`, which resuming
     it keeps; None for a new study or one created without a budget."""
+    if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///"):]).expanduser().exists():
+        return None  # no store, so no study: and a command refused after this must leave no file behind
     try:
         study = optuna.load_study(study_name=study_name, storage=make_storage(storage))
     except KeyError:

@@ -269,6 +269,10 @@ def test_time_budget_fits_the_fid_protocol_or_refuses(cached_cpu_bench):
         lines = result.output.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], result.output
     assert list(cached_cpu_bench.iterdir()) == []
+    # refused without --dry-run too, before any store or folder is made
+    result = CliRunner().invoke(cli.cli, [*[a for a in args if a != "--dry-run"], "1s"])
+    assert result.exit_code == 2 and "even the smallest FID protocol" in result.output, result.output
+    assert list(cached_cpu_bench.iterdir()) == []
 
 
 def test_durations():
