@@ -264,9 +264,19 @@ def open_tracker(tracking_uri, experiment, no_tracking, **kwargs):
     return tracking.Tracker(checked_tracking_uri(tracking_uri), experiment, **kwargs)
 
 
+def refuse_in_memory(url: str | None, flag: str) -> None:
+    """Exit 2 for an in-memory SQLite database (`sqlite://`, `sqlite:///:memory:`): what is written to it
+    vanishes when the command ends."""
+    if url and re.match(r"sqlite(\+\w+)?://", url) and (
+            re.fullmatch(r"sqlite(\+\w+)?:///?", url) or ":memory:" in url or "mode=memory" in url):
+        raise BadInput(f"{flag} {url} is an in-memory database, lost when the command ends; give a file "
+                       "(e.g. sqlite:///mlflow.db)")
+
+
 def checked_tracking_uri(tracking_uri) -> str:
     """The resolved MLflow URI, once its store is known to be reachable (exit 2 otherwise). Creates nothing."""
     from mnist_diff import tracking
+    refuse_in_memory(tracking_uri, "--tracking-uri")
     uri = tracking.resolve_uri(tracking_uri)
     try:
         tracking.check_reachable(uri)
@@ -655,6 +665,7 @@ def print_projection(spec, dev) -> dict | None:
 
 def check_storage(url: str) -> None:
     """The Optuna storage must be reachable before any training starts. Creates nothing for SQLite."""
+    refuse_in_memory(url, "--storage")
     if url.startswith("sqlite:///"):
         folder = Path(url[len("sqlite:///"):]).expanduser().absolute().parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
@@ -685,6 +696,7 @@ def report(study_name, results_path, storage, tracking_uri, no_tracking, out):
     if (study_name is None) == (results_path is None):
         raise BadInput("give exactly one of --study and --results")
     out_path = check_writable_dir(out)
+    refuse_in_memory(storage, "--storage")
     from mnist_diff import report as report_mod
     from mnist_diff import tracking
 
@@ -695,14 +707,11 @@ def report(study_name, results_path, storage, tracking_uri, no_tracking, out):
         except (ValueError, KeyError) as err:
             raise BadInput(f"--results {results_path}: not a grid_search_results.json ({err})")
     else:
-        uri = tracking.resolve_uri(tracking_uri)
+        uri = checked_tracking_uri(tracking_uri)
         if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
             raise BadInput(f"no MLflow run tagged as study {study_name!r}: there is no store at {uri}")
         try:
-            tracking.check_reachable(uri)
             records, study, parent_id = tracking.load_study_from_mlflow(uri, study_name)
-        except tracking.TrackingUnavailable as err:
-            raise BadInput(str(err))
         except LookupError as err:
             raise BadInput(str(err).strip("'\""))
         if not no_tracking:

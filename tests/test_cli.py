@@ -170,6 +170,28 @@ def test_every_command_rejects_bad_input_with_one_line(tmp_path, monkeypatch, ar
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # nothing created: no out, store or study
 
 
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:",
+                                 "sqlite+pysqlite:///file::memory:?cache=shared"])
+def test_every_command_refuses_an_in_memory_store(tmp_path, monkeypatch, url):
+    """What a command writes there vanishes with it: runs, trials, the study (and it used to exit 0)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in").mkdir()
+    npz = tmp_path / "in" / "x.npz"
+    np.savez(npz, images=np.zeros((2, 1, 28, 28), np.uint8))
+    out = ["--out", tmp_path / "out"]
+    tiny = [*TINY_ARGS[:-1], "--max-steps", "1"]  # without the fix, train would train: briefly
+    for args in (["train", "--tracking-uri", url, *out, *tiny],
+                 ["evaluate", "--images", npz, "--tracking-uri", url],
+                 ["sweep", "--storage", url, *out], ["sweep", "--tracking-uri", url, *out],
+                 ["report", "--study", "s", "--tracking-uri", url, *out],
+                 ["report", "--study", "s", "--storage", url, *out]):
+        result = run(*args)
+        assert result.exit_code == 2, (args, result.output)
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and "is an in-memory database" in lines[0], (args, result.output)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
 def test_sweep_refuses_an_existing_study_with_another_grid(tmp_path, monkeypatch):
     import optuna
     monkeypatch.chdir(tmp_path)
