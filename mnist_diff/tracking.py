@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -112,18 +113,15 @@ def ensure_experiment(client: MlflowClient, uri: str, name: str) -> str:
 def find_study_run(client: MlflowClient, uri: str, experiment: str, study_name: str):
     """The parent run of a study, or None."""
     exp_id = ensure_experiment(client, uri, experiment)
-    runs = client.search_runs([exp_id], filter_string=f"tags.`mnist_diff.role` = 'study' and "
-                                                      f"tags.`mnist_diff.study` = '{study_name}'",
-                              order_by=["attributes.start_time ASC"], max_results=1)
-    return runs[0] if runs else None
+    runs = search_tagged(client, [exp_id], {"mnist_diff.role": "study", "mnist_diff.study": study_name})
+    return min(runs, key=lambda r: r.info.start_time or 0, default=None)
 
 
 def reconcile_orphans(client: MlflowClient, uri: str, experiment: str, study_name: str, live_run_ids: set) -> list:
     """Runs of a study left RUNNING by a process that died (kill -9, power loss): mark them KILLED."""
     exp_id = ensure_experiment(client, uri, experiment)
-    runs = client.search_runs([exp_id], filter_string=f"tags.`mnist_diff.study` = '{study_name}' and "
-                                                      f"tags.`mnist_diff.role` = 'trial' and "
-                                                      f"attributes.status = 'RUNNING'")
+    runs = search_tagged(client, [exp_id], {"mnist_diff.study": study_name, "mnist_diff.role": "trial"},
+                         "attributes.status = 'RUNNING'")
     fixed = []
     for run in runs:
         if run.info.run_id not in live_run_ids:
@@ -338,14 +336,30 @@ RUN_STATE = {"FINISHED": "COMPLETE", "FAILED": "FAIL", "KILLED": "FAIL(KILLED)",
              "SCHEDULED": "WAITING"}
 
 
-def _search_all(client: MlflowClient, experiment_ids: list[str], filter_string: str) -> list:
+def _tag_clause(key: str, value: str) -> str:
+    """An MLflow filter clause for runs whose tag `key` is `value`, or a few more (`search_tagged` checks).
+    MLflow unescapes nothing in a quoted value, and its tokenizer takes a backslash before a closing quote
+    as escaping that quote: a value is quoted with a quote it does not hold; where none will do (it holds
+    both, or ends in a backslash), it is matched with LIKE, '_' standing for each quote and backslash."""
+    for quote in ("'", '"'):
+        if quote not in value and not value.endswith("\\"):
+            return f"tags.`{key}` = {quote}{value}{quote}"
+    pattern = re.sub(r"['\\\\]", "_", value)
+    return f"tags.`{key}` LIKE '{pattern}'"
+
+
+def search_tagged(client: MlflowClient, experiment_ids: list[str], tags: dict, more: str = "") -> list:
+    """Every run (all pages) whose tags have exactly the given values and that matches the filter
+    clause `more`."""
+    clauses = [_tag_clause(k, v) for k, v in tags.items()]
+    filter_string = " and ".join(clauses + ([more] if more else []))
     runs, token = [], None
     while True:  # search_runs pages; a big study has more runs than one page
         page = client.search_runs(experiment_ids, filter_string=filter_string, max_results=1000, page_token=token)
         runs.extend(page)
         token = page.token
         if not token:
-            return runs
+            return [r for r in runs if all(r.data.tags.get(k) == v for k, v in tags.items())]
 
 
 def load_study_from_mlflow(tracking_uri: str, study_name: str) -> tuple[list[dict], dict, str]:
@@ -360,8 +374,7 @@ def load_study_from_mlflow(tracking_uri: str, study_name: str) -> tuple[list[dic
 
     client = MlflowClient(resolve_uri(tracking_uri))
     exp_ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
-    name = study_name.replace("'", "\\'")
-    parents = _search_all(client, exp_ids, f"tags.`mnist_diff.study` = '{name}' and tags.`mnist_diff.role` = 'study'")
+    parents = search_tagged(client, exp_ids, {"mnist_diff.study": study_name, "mnist_diff.role": "study"})
     if not parents:
         raise LookupError(f"no MLflow run tagged as study {study_name!r} in {tracking_uri}")
     if len(parents) > 1:
@@ -370,8 +383,7 @@ def load_study_from_mlflow(tracking_uri: str, study_name: str) -> tuple[list[dic
     pid = parent.info.run_id
     with tempfile.TemporaryDirectory() as tmp:
         study = json.loads(Path(client.download_artifacts(pid, "study.json", tmp)).read_text())
-    children = _search_all(client, exp_ids,
-                           f"tags.`mlflow.parentRunId` = '{pid}' and tags.`mnist_diff.role` = 'trial'")
+    children = search_tagged(client, exp_ids, {"mlflow.parentRunId": pid, "mnist_diff.role": "trial"})
     records = []
     grid_fields = [*REFERENCE_FIELDS, "seed", *extra_fields(study)]
     for run in children:

@@ -9,7 +9,7 @@ import cli
 from mnist_diff.config import Config
 from mnist_diff.evaluate import Reference
 from mnist_diff.experiment import run_experiment
-from mnist_diff.tracking import Tracker
+from mnist_diff.tracking import Tracker, find_study_run
 from mnist_diff.train import Callback
 from conftest import TINY
 
@@ -151,3 +151,16 @@ def test_a_run_made_by_mlflow_run_keeps_its_params_and_gets_the_resolved_ones(tm
     tracker.log_params({"epochs": 2, "lr": 2e-4, "seed": 0, "channels": 8})
     assert client.get_run(run_id).data.params == {"epochs": "''", "epochs.resolved": "2", "lr": "2e-4",
                                                   "lr.resolved": "0.0002", "seed": "0", "channels": "8"}
+
+
+def test_a_study_is_found_whatever_its_name_holds(tmp_path):
+    """MLflow's filter strings have no escapes: quotes, backslashes and spaces in a name, and names that a LIKE
+    pattern would confuse with it (x_ for x\\)."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    names = ["it's", 'say "hi"', "x\\", "x_", "x\\\\", "both ' and \" \\", "a b", "a\\'b"]
+    for name in names:
+        Tracker(uri, "e", tags={"mnist_diff.role": "study", "mnist_diff.study": name}).start()
+    client = MlflowClient(uri)
+    for name in names:
+        assert find_study_run(client, uri, "e", name).data.tags["mnist_diff.study"] == name
+    assert find_study_run(client, uri, "e", "x") is None
