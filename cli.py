@@ -35,11 +35,17 @@ class OneLineErrors(click.Group):
         except click.exceptions.Exit as e:
             sys.exit(e.exit_code)
         except click.ClickException as e:
-            click.echo(f"Error: {e.format_message()}", err=True)
+            from mnist_diff.redact import redact_text
+            click.echo(f"Error: {redact_text(e.format_message())}", err=True)
             sys.exit(e.exit_code)
         except (click.Abort, KeyboardInterrupt):
             click.echo("Aborted.", err=True)
             sys.exit(130)
+        except Exception:  # a crash: its traceback, less any password a library's error message quotes
+            import traceback
+            from mnist_diff.redact import redact_text
+            click.echo(redact_text(traceback.format_exc()), err=True, nl=False)
+            sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)
 
 

@@ -33,7 +33,7 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 from . import timing
 from .config import RUNTIME_FIELDS, Config
 from .locks import exclusive, file_lock
-from .redact import redact_url
+from .redact import RedactingFormatter, redact_text, redact_url
 from .grid import STUDY_PAIRS, STUDY_SAMPLERS, STUDY_SCHEDULES, Grid, reference_dims
 from .evaluate import Reference
 from .atomic import write_json
@@ -230,7 +230,7 @@ def _record_failure(trial: optuna.Trial, err: Exception, sweep: Sweep) -> None:
     """Keep the error on the trial and its MLflow run; queue the grid point again unless the error is
     deterministic or the point has used its --max-retries. Runs while the trial is still RUNNING, so no worker
     sees the point done before its retry is queued."""
-    error = f"{type(err).__name__}: {err}"
+    error = redact_text(f"{type(err).__name__}: {err}")  # kept in the study, the results and MLflow
     attrs = trial.user_attrs
     retries, errors = attrs.get("retries", 0), [*attrs.get("errors", []), error]
     retryable = not isinstance(err, DETERMINISTIC_ERRORS)
@@ -537,7 +537,8 @@ def work(sweep: Sweep, parent_run_id: str) -> None:
 
 def setup_logging(out_dir: Path) -> None:
     handler = logging.FileHandler(out_dir / "training.log")
-    handler.setFormatter(logging.Formatter(f"%(asctime)s [pid {os.getpid()}] %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(RedactingFormatter(
+        f"%(asctime)s [pid {os.getpid()}] %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.INFO)

@@ -16,12 +16,13 @@ import time
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from .redact import redact_url
+from .redact import redact_text, redact_url
 from .train import Callback, EpochEnd, ema_decay_at, ema_nominal_step
 
 log = logging.getLogger(__name__)
@@ -35,11 +36,27 @@ class TrackingUnavailable(RuntimeError):
 
 def resolve_uri(uri: str | None) -> str:
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    if uri.startswith(("http://", "https://")):
+        uri = _credentials_to_env(uri)
     if uri.startswith("sqlite:///"):  # make it absolute so the printed `mlflow ui` command works anywhere
         path = uri[len("sqlite:///"):]
         if not path.startswith("/"):
             uri = "sqlite:///" + str(Path(path).absolute())
     return uri
+
+
+def _credentials_to_env(uri: str) -> str:
+    """A server URI's `user:password@` moved into MLflow's own MLFLOW_TRACKING_USERNAME/PASSWORD (which the
+    workers inherit): the URI left holds no secret for an error message, a log line or a record to show, and
+    the health check reaches the host itself."""
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    if parts.username is not None:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username)
+    if parts.password is not None:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def is_server(uri: str | None) -> bool:
@@ -133,8 +150,12 @@ def reconcile_orphans(client: MlflowClient, uri: str, experiment: str, study_nam
 
 def tag_run(uri: str | None, run_id: str, tags: dict) -> None:
     """Add tags to a run, ended or not (e.g. a failed trial's retry outcome)."""
-    MlflowClient(resolve_uri(uri)).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()],
-                                             synchronous=True)
+    MlflowClient(resolve_uri(uri)).log_batch(run_id, tags=_run_tags(tags), synchronous=True)
+
+
+def _run_tags(tags: dict) -> list:
+    """Tags as MLflow records them; an error quoted in one (a driver's message) may quote a URL."""
+    return [RunTag(k, redact_text(str(v))) for k, v in tags.items()]
 
 
 def kill_run(uri: str | None, run_id: str, tags: dict) -> bool:
@@ -230,7 +251,7 @@ class Tracker:
             self.client.log_batch(self.run_id, metrics=items, synchronous=True)
 
     def set_tags(self, tags: dict) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True)
+        self.client.log_batch(self.run_id, tags=_run_tags(tags), synchronous=True)
 
     def _guard(self, what: str, fn, *args, **kwargs) -> bool:
         """Artifacts are a copy of files kept locally: a failed upload is recorded, and training goes on."""
@@ -239,7 +260,8 @@ class Tracker:
             return True
         except Exception as err:
             self.upload_errors += 1
-            log.warning("MLflow upload of %s failed (%s: %s); the local file is kept", what, type(err).__name__, err)
+            log.warning("MLflow upload of %s failed (%s: %s); the local file is kept", what,
+                        type(err).__name__, redact_text(str(err)))
             try:
                 self.set_tags({"artifact_upload_errors": self.upload_errors,
                                "artifact_upload_last_error": f"{what}: {type(err).__name__}: {err}"[:4000]})
@@ -376,7 +398,7 @@ def load_study_from_mlflow(tracking_uri: str, study_name: str) -> tuple[list[dic
     exp_ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
     parents = search_tagged(client, exp_ids, {"mnist_diff.study": study_name, "mnist_diff.role": "study"})
     if not parents:
-        raise LookupError(f"no MLflow run tagged as study {study_name!r} in {tracking_uri}")
+        raise LookupError(f"no MLflow run tagged as study {study_name!r} in {redact_url(tracking_uri)}")
     if len(parents) > 1:
         log.warning("%d parent runs for study %r; using the first, as the sweep does", len(parents), study_name)
     parent = min(parents, key=lambda r: r.info.start_time or 0)

@@ -15,11 +15,14 @@ from pathlib import Path
 
 import optuna
 import pytest
+from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
+import cli
 from mnist_diff.config import Config
 from mnist_diff.locks import exclusive
 from mnist_diff.study import Sweep, claim_study
+from mnist_diff.tracking import Tracker
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVER = os.environ.get("MNIST_DIFF_TEST_PG")  # postgresql://user:password@host:port, no database
@@ -249,3 +252,26 @@ def test_a_machine_dies_and_the_other_resumes_from_the_uploaded_checkpoint(pg_ur
     assert int(resumed.data.params["resumed_from_step"]) >= uploaded["step"] > 0
     assert trials[1].user_attrs["trained_by_run_id"] == resumed.info.run_id
     assert resumed.data.metrics["epoch_loss"] > 0 and trials[1].value is not None
+
+
+def test_report_names_a_postgresql_tracking_store_without_its_password(pg_url, tmp_path):
+    password = pg_url.split("://", 1)[1].split("@", 1)[0].split(":", 1)[1]
+    result = CliRunner().invoke(cli.cli, ["report", "--study", "s", "--tracking-uri", pg_url,
+                                          "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "no MLflow run tagged as study 's'" in result.output, result.output
+    assert f":{password}@" not in result.output and ":***@" in result.output  # the user may be the password
+
+
+def test_a_tracking_server_url_with_credentials(mlflow_server, monkeypatch, tmp_path):
+    """They go to MLflow as its MLFLOW_TRACKING_USERNAME/PASSWORD: the health check reaches the host, and the
+    URL that commands print and record holds no password."""
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "")  # restored after the test
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "")
+    with_credentials = mlflow_server.replace("http://", "http://alice:hunter2@")
+    uri = cli.checked_tracking_uri(with_credentials)
+    assert uri == mlflow_server and os.environ["MLFLOW_TRACKING_PASSWORD"] == "hunter2"
+    tracker = Tracker(with_credentials, "creds")
+    tracker.start()
+    assert "hunter2" not in tracker.describe()
+    tracker.end("FINISHED")
+    assert MlflowClient(uri).get_run(tracker.run_id).info.status == "FINISHED"
