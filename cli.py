@@ -498,6 +498,9 @@ SMOKE = {"epochs": 2, "batch_size": 32, "train_samples": 256, "channels": 8, "wa
                    "score fewer selection images, score only every 2nd, 4th, ... epoch, or fewer final images "
                    "(workload.PROTOCOL_STEPS, most faithful first); epochs and training are never cut. Exit 2 "
                    "when even the smallest protocol does not fit.")
+@click.option("--rebench", is_flag=True,
+              help="Measure this device again for the projection (a quick bench of each model the grid trains) "
+                   "instead of using the cached rates, e.g. after the cached ones were measured under load.")
 @click.option("--max-retries", type=click.IntRange(min=0), default=2, show_default=True,
               help="Retries per grid point, each resuming from the last checkpoint, after a failure that may pass "
                    "(CUDA OOM, disk, network, tracking or storage errors, a dead worker). A non-finite loss or an "
@@ -512,7 +515,7 @@ SMOKE = {"epochs": 2, "batch_size": 32, "train_samples": 256, "channels": 8, "wa
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
 def sweep(ctx, study_name, storage, schedules, timesteps_list, samplers, seeds, grid_options, grid_file, max_points,
-          preset, workers, heartbeat, dry_run, time_budget, max_retries, retry_failed, fid_weights, tracking_uri,
+          preset, workers, heartbeat, dry_run, time_budget, rebench, max_retries, retry_failed, fid_weights, tracking_uri,
           experiment, no_tracking, device, data_dir, out, quiet, **fields):
     """Run (or resume) a study as an Optuna grid, every trial tracked in MLflow: the reference study (4
     schedules x 2 (T, beta_end) x 2 samplers), narrowed by --schedule/--timesteps/--sampler, extended by --grid."""
@@ -550,7 +553,8 @@ def sweep(ctx, study_name, storage, schedules, timesteps_list, samplers, seeds, 
                        f"selection FID on {base.fid_select_samples:,} images every {base.fid_every} epoch(s), "
                        f"final FID on {base.fid_samples:,}")
         else:
-            base = fit_time_budget(grid, base, max_points, dev, time_budget)
+            base = fit_time_budget(grid, base, max_points, dev, time_budget, rebench)
+            rebench = False  # measured now
     if workers == "auto":
         workers = auto_workers(dev, preset, grid.configs(base, max_points))
 
@@ -570,7 +574,7 @@ def sweep(ctx, study_name, storage, schedules, timesteps_list, samplers, seeds, 
             open_study(spec)
         except ValueError as err:
             raise BadInput(str(err))
-    projection = print_projection(spec, dev)
+    projection = print_projection(spec, dev, workers, rebench)
     if dry_run:
         return
     spec = dataclasses.replace(spec, projection=projection)
@@ -627,7 +631,7 @@ def study_grid(schedules, steps, samplers, seeds: int, grid_options, grid_file, 
     return grid, extra
 
 
-def fit_time_budget(grid, base, max_points: int, dev, seconds: float):
+def fit_time_budget(grid, base, max_points: int, dev, seconds: float, rebench: bool = False):
     """`base` with the most faithful FID protocol that fits `seconds` on this device (`projection.fit_to_budget`),
     said in one line; BadInput when the grid varies the protocol, nothing fits or nothing can be measured."""
     from mnist_diff import projection, workload
@@ -637,7 +641,7 @@ def fit_time_budget(grid, base, max_points: int, dev, seconds: float):
                        "drop one of them")
     configs = grid.configs(base, max_points)
     try:
-        rates = projection.device_rates(configs, dev, say=click.echo)
+        rates = projection.device_rates(configs, dev, say=click.echo, remeasure=rebench)
     except Exception as err:
         raise BadInput(f"--time-budget {workload.format_duration(seconds)}: measuring this device failed "
                        f"({type(err).__name__}: {err})")
@@ -649,9 +653,10 @@ def fit_time_budget(grid, base, max_points: int, dev, seconds: float):
     return base
 
 
-def print_projection(spec, dev) -> dict | None:
-    """Print the study's work per phase and its projected time at this device's bench rates (measured and cached
-    on first use); the full grid, whatever a resumed study has done. Returns the record for study.json."""
+def print_projection(spec, dev, workers: int = 1, rebench: bool = False) -> dict | None:
+    """Print the study's work per phase and its projected time at this device's bench rates in one of `workers`
+    worker processes (measured and cached on first use, or again with `rebench`), and its wall time with them;
+    the full grid, whatever a resumed study has done. Returns the record for study.json."""
     from itertools import product
 
     from mnist_diff import projection
@@ -659,12 +664,12 @@ def print_projection(spec, dev) -> dict | None:
     space = spec.search_space()
     configs = [spec.config_for(dict(zip(space, values))) for values in product(*space.values())]
     try:
-        rates = projection.device_rates(configs, dev, say=click.echo)
+        rates = projection.device_rates(configs, dev, say=click.echo, remeasure=rebench, workers=workers)
     except Exception as err:  # a projection is advice: it never stops the study
         click.echo(f"no time projection: measuring this device failed ({type(err).__name__}: {err})")
         rates = None
     text, record = projection.study_projection(configs, rates, dev,
-                                               suggest_smoke=spec.fixed.get("preset") != "smoke")
+                                               suggest_smoke=spec.fixed.get("preset") != "smoke", workers=workers)
     click.echo(text)
     return record
 

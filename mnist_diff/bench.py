@@ -4,6 +4,7 @@ training step, the real sampling path and the real FID code (`Trainer`, `generat
 from the tracking stack, so it runs on a bare GPU machine (Inception needs torch-fidelity and its weights)."""
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
 import time
@@ -23,9 +24,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_rate(fn, work: float, repeats: int, device) -> tuple[float, list[float], float]:
-    """Run `fn` once to warm up (compilation, graph capture), then `repeats` times: the median of work/second,
-    every rate, and the seconds of the first call."""
+# Bump when what a figure measures changes: `bench_cache` re-measures quick figures of another version.
+BENCH_VERSION = 2  # 2: every timed repeat lasts MIN_SECONDS at least (1 timed one call: start-up, not a rate)
+MIN_SECONDS = 0.5  # of measured work per timed repeat: a rate, not the fixed cost of a call
+
+
+def _median_rate(fn, work: float, repeats: int, device, min_seconds: float = MIN_SECONDS
+                 ) -> tuple[float, list[float], float]:
+    """Run `fn` once to warm up (compilation, graph capture), then `repeats` times, each calling it again until
+    `min_seconds` have passed: the median of work/second, every rate, and the seconds of the first call."""
     _sync(device)
     t0 = time.perf_counter()
     fn()
@@ -33,11 +40,15 @@ def _median_rate(fn, work: float, repeats: int, device) -> tuple[float, list[flo
     first = time.perf_counter() - t0
     rates = []
     for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        rates.append(work / (time.perf_counter() - t0))
+        calls, t0 = 0, time.perf_counter()
+        while True:
+            fn()
+            _sync(device)
+            calls += 1
+            seconds = time.perf_counter() - t0
+            if seconds >= min_seconds:
+                break
+        rates.append(work * calls / seconds)
     return statistics.median(rates), rates, first
 
 
@@ -133,6 +144,8 @@ def run_bench(device: torch.device, *, channels: int = 64, batch_size: int = 128
     """Eager always; compiled too when `compile` is on (auto: on CUDA). The top-level rates are those a run
     with this `compile` setting gets (compiled if it was measured and did not fall back). `inception`: also the
     FID engine's rates; where torch-fidelity or its weights can't be had, `inception_error` says why."""
+    # what else ran meanwhile: the 1-minute load average before measuring (this process has not loaded it yet)
+    load, measured_at = os.getloadavg()[0], time.time()
     torch.manual_seed(0)
     configure_backend(device)  # the flags every command sets, so the numbers are the ones users get
     sample_batch = sample_batch or accel.default_sample_batch_size(device, channels)
@@ -168,6 +181,10 @@ def run_bench(device: torch.device, *, channels: int = 64, batch_size: int = 128
             used["ddpm_small_image_steps_per_s"]} if "ddpm_small_image_steps_per_s" in used else {}),
         "modes": modes,
         **fid,
+        "bench_version": BENCH_VERSION,
+        "measured_at": measured_at,
+        "load_average": load,
+        "cores": os.cpu_count(),
     }
 
 

@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import re
+import time
 from pathlib import Path
 
 import torch
@@ -79,15 +80,39 @@ def save(result: dict, device, precision: str) -> Path:
 
 
 def measure(device, channels: int, batch_size: int, precision: str) -> dict:
-    """A short bench (seconds: few steps, one timed repeat), cached; marked `quick` in the result."""
+    """A short bench (seconds: three timed repeats of bench.MIN_SECONDS per figure), cached; marked `quick`."""
     from .bench import run_bench
 
     device = torch.device(device)
     gpu = device.type != "cpu"
     result = run_bench(device, channels=channels, batch_size=batch_size, precision=precision,
                        train_steps=20 if gpu else 2, sample_batch=500 if gpu else 64,
-                       sample_steps=20 if gpu else 2, repeats=2 if gpu else 1,
+                       sample_steps=20 if gpu else 2, repeats=3,
                        inception=False)  # it may need a download: the projection labels it an estimate
     result["quick"] = True
     save(result, device, precision)
     return result
+
+
+MAX_AGE_DAYS = 30  # older figures may predate driver, library or machine changes
+
+
+def outdated(entry: dict, now: float | None = None) -> str | None:
+    """Why a cached figure may no longer be this device's rate (another version of the bench measured it, or
+    long ago), or None. Another torch version is another entry (`entry_key`)."""
+    from .bench import BENCH_VERSION
+
+    version = entry.get("bench_version", 1)
+    if version != BENCH_VERSION:
+        return f"measured by bench version {version}, now {BENCH_VERSION}"
+    days = ((now or time.time()) - entry.get("measured_at", 0)) / 86400
+    return f"measured {days:.0f} days ago" if days > MAX_AGE_DAYS else None
+
+
+def busy(entry: dict) -> str | None:
+    """A note when the machine was busy while the figure was measured (other work's load average over half
+    its cores): its rates are then those of a shared machine, or None."""
+    load, cores = entry.get("load_average"), entry.get("cores")
+    if load is None or not cores or load <= cores / 2:
+        return None
+    return f"measured under load {load:.1f} on {cores} cores"

@@ -4,30 +4,65 @@ that fits a time budget. The arithmetic is `workload`'s; this module adds the de
 """
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from typing import Callable, Sequence
+
+import torch
 
 from . import bench_cache, workload
 from .config import Config
 from .grid import reference_configs
+from .workers import worker_threads
 
 
 class BudgetError(ValueError):
     """A time budget that no FID protocol meets, with a one-line reason."""
 
 
-def device_rates(configs: Sequence[Config], device, say: Callable[[str], None] = print) -> dict:
+def parallel_workers(device, workers: int) -> int:
+    """How many of `workers` worker processes run at once: one per core on a CPU, one per GPU on CUDA."""
+    units = torch.cuda.device_count() if device.type == "cuda" else (os.cpu_count() or 1)
+    return max(1, min(workers, units))
+
+
+@contextmanager
+def _threads(device, workers: int):
+    """Torch threads as each of `workers` worker processes has them on a CPU (`workers.worker_threads`): the
+    rates a worker gets, and the cache entry they are kept under (`bench_cache.entry_key`)."""
+    before = torch.get_num_threads()
+    if device.type == "cpu" and workers > 1:
+        torch.set_num_threads(worker_threads(workers))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def device_rates(configs: Sequence[Config], device, say: Callable[[str], None] = print,
+                 remeasure: bool = False, workers: int = 1) -> dict:
     """This device's bench rates for each model the configs train (`workload.rate_key`: a grid over widths has
-    several), from the bench cache, or measured (a short bench, announced through `say`) and cached."""
+    several) in one of `workers` worker processes, from the bench cache, or measured (a short bench, announced
+    through `say`) and cached: when missing, when `remeasure`, or when a cached quick bench is outdated (a
+    full one is kept, and said so)."""
+    with _threads(device, workers):
+        return _device_rates(configs, device, say, remeasure)
+
+
+def _device_rates(configs, device, say, remeasure: bool) -> dict:
     name, rates = bench_cache.device_name(device), {}
     for key, c in {workload.rate_key(c): c for c in configs}.items():
-        bench = bench_cache.load(device, c.channels, c.batch_size, c.precision)
-        if bench is None:
-            say(f"measuring this device for the projection (channels {c.channels}, batch {c.batch_size}; "
-                "a few seconds, then cached)...")
+        bench = None if remeasure else bench_cache.load(device, c.channels, c.batch_size, c.precision)
+        stale = bench and bench_cache.outdated(bench)
+        if bench is None or (stale and bench.get("quick")):  # a quick bench costs seconds: measure again
+            say(f"measuring this device for the projection (channels {c.channels}, batch {c.batch_size}"
+                f"{'; the cached figure was ' + stale if stale else ''}; a few seconds, then cached)...")
             bench = bench_cache.measure(device, c.channels, c.batch_size, c.precision)
         how = "quick bench" if bench.get("quick") else "bench"
+        notes = [n for n in (bench_cache.outdated(bench), bench_cache.busy(bench)) if n]
+        caveat = f" ({'; '.join(notes)}: `sweep --rebench` measures again)" if notes else ""
         rates[key] = workload.rates_from_bench(
-            bench, device.type, source=f"{how} of {name}, cached in {bench_cache.cache_path(device)}")
+            bench, device.type, source=f"{how} of {name}, cached in {bench_cache.cache_path(device)}{caveat}")
     return rates
 
 
@@ -52,18 +87,22 @@ def fit_to_budget(configs: Sequence[Config], base: Config, rates, seconds: float
                     f"(grids with them), final FID on {fitted.fid_samples:,} (projected {duration(projected)})")
 
 
-def study_projection(configs: Sequence[Config], rates: dict | None, device, suggest_smoke: bool = True
-                     ) -> tuple[str, dict | None]:
-    """(The text `sweep` prints: the work per phase, its projected time, one line more when that exceeds an hour;
-    the record kept in study.json: device, rates, seconds per phase, serial; None without rates)."""
-    table = workload.format_table(configs, rates)
+def study_projection(configs: Sequence[Config], rates: dict | None, device, suggest_smoke: bool = True,
+                     workers: int = 1) -> tuple[str, dict | None]:
+    """(The text `sweep` prints: the work per phase, its projected time, the wall time with `workers` worker
+    processes, one line more when that exceeds an hour; the record kept in study.json: device, rates, seconds
+    per phase (serial), workers at once and projected wall seconds; None without rates)."""
+    parallel = parallel_workers(device, workers)
+    table = workload.format_table(configs, rates, parallel)
     if rates is None:
         return table, None
     where = f"{device.type} ({bench_cache.device_name(device)})"
     seconds = workload.project_configs(configs, rates)
-    warning = workload.long_study_warning(sum(seconds.values()), where, suggest_smoke=suggest_smoke)
+    wall = workload.wall_seconds(seconds, len(configs), parallel)
+    warning = workload.long_study_warning(wall, where, suggest_smoke=suggest_smoke)
     sources = "; ".join(dict.fromkeys(r.source for r in rates.values()))
-    return "\n".join([table, *([warning] if warning else [])]), {"device": where, "rates": sources, "seconds": seconds}
+    return "\n".join([table, *([warning] if warning else [])]), {
+        "device": where, "rates": sources, "seconds": seconds, "workers": parallel, "wall_seconds": wall}
 
 
 def reference_projection(bench_result: dict, device, channels: int, batch_size: int, precision: str) -> str:

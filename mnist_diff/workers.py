@@ -58,6 +58,12 @@ def run_workers(sweep: Sweep, parent_run_id: str, workers: int) -> list:
     return [p.exitcode for p in procs]
 
 
+def worker_threads(workers: int) -> int:
+    """Torch threads of each of `workers` worker processes: their share of the CPU cores (N workers each using
+    every core oversubscribe them: OpenMP threads spin)."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
 def _worker_process(sweep: Sweep, parent_run_id: str, gpu: int | None, workers: int) -> None:
     # Own process group: a Ctrl-C in the terminal reaches only the parent, which passes it on once (a second
     # signal would stop a worker at once, without saving the current step).
@@ -67,8 +73,7 @@ def _worker_process(sweep: Sweep, parent_run_id: str, gpu: int | None, workers: 
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
     import torch
-    # Share the CPU cores: N workers each using every core oversubscribe them (OpenMP threads spin).
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    torch.set_num_threads(worker_threads(workers))
     from .study import setup_logging, work
     from .train import StopSignals
     setup_logging(sweep.out_dir)

@@ -36,7 +36,13 @@ PHASES = (TRAINING, SELECTION, FINAL, GRIDS, INCEPTION)
 
 # Fallbacks while `bench` has no Inception figure for the device: estimates, and labelled so wherever shown.
 INCEPTION_IMAGES_PER_S_ESTIMATE = {"cpu": 4.0, "gpu": 2000.0}  # CPU: ~0.25 s/image on the 2-core dev machine
-FID_FIXED_SECONDS_ESTIMATE = 3.0  # per score: torch-fidelity rebuilds Inception, eigvals 2048x2048 on the CPU
+# per score: the FID engine keeps Inception and the reference statistics per process; a few ms of linear algebra
+FID_FIXED_SECONDS_ESTIMATE = 0.1
+
+# Wall-clock costs besides the phases' work, modelled on the smoke study on the 2-core machine (a trial's
+# `seconds_other` 0.5-1.5 s, ~0.5 s between trials; ~12 s from the projection to the first trial): estimates.
+TRIAL_OVERHEAD_SECONDS = 1.5  # per trial: MLflow run, Optuna bookkeeping, model build, checkpoints, logs
+START_SECONDS = 10.0  # per study: stores, MNIST, FID reference, each worker's process start (in parallel)
 
 
 @dataclass(frozen=True)
@@ -222,6 +228,17 @@ def project_configs(configs: Sequence[Config], rates: Rates | Mapping[tuple, Rat
     return total
 
 
+def overhead_seconds(trials: int) -> float:
+    """Seconds besides the phases' work of a study of `trials` trials: its start and each trial's fixed cost."""
+    return START_SECONDS + trials * TRIAL_OVERHEAD_SECONDS
+
+
+def wall_seconds(seconds: Mapping[str, float], trials: int, parallel: int = 1) -> float:
+    """The wall time of a study whose phases take `seconds` (serial, at the rates of one worker's share of the
+    device), its trials shared by `parallel` workers; the workers start at once."""
+    return START_SECONDS + (sum(seconds.values()) + trials * TRIAL_OVERHEAD_SECONDS) / parallel
+
+
 def project(w: Workload, r: Rates) -> dict[str, float]:
     """Seconds per phase."""
     def sampling(name: str) -> float:
@@ -288,10 +305,11 @@ def rate_labels(keys: Iterable[tuple]) -> dict[tuple, str]:
     return {k: ", ".join(f"{RATE_FIELDS[i]} {k[i]}" for i in varying) for k in keys}
 
 
-def format_table(configs: Sequence[Config], rates: Rates | Mapping[tuple, Rates] | None) -> str:
-    """The work of running every config once, per phase, and, with rates, its projected time: the text `sweep`
-    prints. Where the configs run at different rates (a grid over `channels`), the 'at' column names each
-    group's where they differ."""
+def format_table(configs: Sequence[Config], rates: Rates | Mapping[tuple, Rates] | None, parallel: int = 1
+                 ) -> str:
+    """The work of running every config once, per phase, and, with rates, its projected time, the overhead and
+    the wall time with `parallel` workers: the text `sweep` prints. Where the configs run at different rates (a
+    grid over `channels`), the 'at' column names each group's where they differ."""
     w = count(configs)
     seconds = project_configs(configs, rates) if rates is not None else {}
     groups: dict[str, Rates] = {}  # a short name of each rate group -> its rates
@@ -323,6 +341,12 @@ def format_table(configs: Sequence[Config], rates: Rates | Mapping[tuple, Rates]
         rows.append((p.name, f"{p.images:,}", f"{p.evaluations:,}",
                      format_duration(seconds[p.name]) if seconds else "?", basis.get(p.name, "")))
     rows.append(("total", "", "", format_duration(sum(seconds.values())) if seconds else "?", ""))
+    if seconds:
+        workers = f"{parallel} workers at once" if parallel > 1 else "one worker"
+        rows.append(("overhead", "", "", format_duration(overhead_seconds(w.trials)),
+                     f"{START_SECONDS:g} s start + {TRIAL_OVERHEAD_SECONDS:g} s x {w.trials} trials (estimate)"))
+        rows.append(("wall clock", "", "", format_duration(wall_seconds(seconds, w.trials, parallel)),
+                     f"total and overhead, {workers}"))
     head = (f"Study work: {w.trials} trials, {w.trainings} trainings, {w.fid_scores} FID scores; "
             f"{w.sampling_evaluations:,} UNet evaluations for sampling.")
     lines = [head, *_table(rows, right=(False, True, True, True, False))]

@@ -208,8 +208,12 @@ BENCH_CPU = [
 @pytest.fixture
 def cached_cpu_bench(tmp_path, monkeypatch):
     monkeypatch.setenv(bench_cache.ENV, str(tmp_path / "bench"))
-    for result in BENCH_CPU:
-        bench_cache.save(result, torch.device("cpu"), "auto")
+    threads = torch.get_num_threads()
+    for n in {threads, 1}:  # the smoke preset's workers have one thread each (on 2 cores): rates kept per count
+        torch.set_num_threads(n)
+        for result in BENCH_CPU:
+            bench_cache.save(result, torch.device("cpu"), "auto")
+    torch.set_num_threads(threads)
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
@@ -346,13 +350,15 @@ def test_flops_per_image_of_the_default_unet():
 def test_sweep_measures_once_without_a_cache(tmp_path, monkeypatch):
     monkeypatch.setenv(bench_cache.ENV, str(tmp_path / "bench"))
     monkeypatch.chdir(tmp_path)
-    args = ["sweep", "--dry-run", "--device", "cpu", "--preset", "smoke", "--schedule", "cosine"]
+    args = ["sweep", "--dry-run", "--device", "cpu", "--preset", "smoke", "--schedule", "cosine", "--workers", "1"]
     first = CliRunner().invoke(cli.cli, args)
     assert first.exit_code == 0 and "measuring this device" in first.output, first.output
     assert "rates: quick bench of " in first.output and "4 trials, 2 trainings" in first.output
     assert bench_cache.load(torch.device("cpu"), 8, 32, "auto")["quick"] is True
     second = CliRunner().invoke(cli.cli, args)
     assert second.exit_code == 0 and "measuring" not in second.output
+    again = CliRunner().invoke(cli.cli, [*args, "--rebench"])  # measured again without deleting the cache
+    assert again.exit_code == 0 and "measuring this device" in again.output, again.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench"]
 
 
@@ -388,3 +394,39 @@ def test_workers_auto_is_one_per_core_for_the_smoke_preset_on_a_cpu_and_one_othe
     assert cli.auto_workers(cpu, "study", configs) == 1
     one_training = [c for c in configs if c.training_key() == configs[0].training_key()]
     assert len(one_training) == 2 and cli.auto_workers(cpu, "smoke", one_training) == 1
+
+
+def test_the_smoke_projection_is_within_2x_of_the_wall_time(tmp_path, monkeypatch, data_dir, fid_weights):
+    """Issue 22, item 11: a narrowed smoke study (cosine, T=200: a DDPM trial that trains, a DDIM trial that
+    reuses it) projected from a fresh quick bench, then run: the recorded wall-time projection (phases at a
+    timed rate, not a call's start-up, plus the start and per-trial overhead) is within 2x of the wall time."""
+    import time
+    monkeypatch.setenv(bench_cache.ENV, str(tmp_path / "bench"))
+    monkeypatch.setenv("MNIST_DIFF_FID_CACHE", str(tmp_path / "fid-cache"))
+    monkeypatch.chdir(tmp_path)
+    args = ["sweep", "--preset", "smoke", "--schedule", "cosine", "--timesteps", "200", "--device", "cpu",
+            "--study-name", "s", "--storage", f"sqlite:///{tmp_path}/optuna.db", "--quiet",
+            "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--out", str(tmp_path / "out"),
+            *(["--data-dir", data_dir] if data_dir else []), *(["--fid-weights", fid_weights] if fid_weights else [])]
+    t0 = time.perf_counter()
+    result = CliRunner().invoke(cli.cli, args)
+    wall = time.perf_counter() - t0
+    assert result.exit_code == 0, result.output
+    projection = json.loads((tmp_path / "out" / "grid_search_results.json").read_text())["projection"]
+    projected = projection.get("wall_seconds") or sum(projection["seconds"].values())
+    assert 0.5 < projected / wall < 2, (projected, wall, result.output)
+    assert "wall clock" in result.output and "2 trials" in result.output
+    entry = bench_cache.load(torch.device("cpu"), 8, 32, "auto")  # what a later sweep reads, and how it was taken
+    assert entry["quick"] and min(entry["modes"]["eager"]["train_images_per_s_runs"]) > 0
+    assert {"bench_version", "measured_at", "load_average", "cores"} <= set(entry)
+
+
+def test_a_cached_bench_says_when_it_is_outdated_or_was_measured_under_load():
+    import time
+    from mnist_diff.bench import BENCH_VERSION
+    now = time.time()
+    fresh = {"bench_version": BENCH_VERSION, "measured_at": now - 3600, "load_average": 0.4, "cores": 2}
+    assert bench_cache.outdated(fresh, now) is None and bench_cache.busy(fresh) is None
+    assert bench_cache.outdated({}, now) == f"measured by bench version 1, now {BENCH_VERSION}"  # before versions
+    assert bench_cache.outdated({**fresh, "measured_at": now - 40 * 86400}, now) == "measured 40 days ago"
+    assert bench_cache.busy({**fresh, "load_average": 5.8}) == "measured under load 5.8 on 2 cores"
