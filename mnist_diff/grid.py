@@ -71,7 +71,12 @@ def _check(name: str, value):
 
 
 def _fmt(value) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    """A value as text that reads back as the same value: '0.08' (six digits, as ever) where that is exact, else
+    the float's repr ('0.08000001'), so two values never share one text (one Optuna choice)."""
+    if not isinstance(value, float):
+        return str(value)
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
 
 
 @dataclass(frozen=True)
@@ -124,7 +129,11 @@ def make_dim(label: str, values) -> Dim:
     repeated = [v for i, v in enumerate(typed) if v in typed[:i]]
     if repeated:
         raise GridError(f"grid dimension {label!r} repeats {':'.join(map(_fmt, repeated[0]))}")
-    return Dim(fields, tuple(typed))
+    dim = Dim(fields, tuple(typed))
+    for v in typed:  # a point is known by its Optuna choice: it must give back this value, and no other's
+        if dim.decode(dim.encode(v)) != dict(zip(fields, v)):
+            raise GridError(f"grid dimension {label!r}: {dim.encode(v)!r} does not read back as the same value")
+    return dim
 
 
 def parse_option(text: str) -> Dim:

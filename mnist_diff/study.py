@@ -521,8 +521,16 @@ def work(sweep: Sweep, parent_run_id: str) -> None:
             raise
 
     running = (optuna.trial.TrialState.RUNNING,)
+    # Every point's trials, retries included, are at most 1 + --max-retries: a worker that has run more than that
+    # for each point is re-running points (a count that never reaches 0), so it stops instead of spinning.
+    bound, started = sweep.size * (sweep.max_retries + 1), 0
     while True:
+        if started >= bound:
+            log.error("worker stops after %d trials for a grid of %d points: open points never reached 0 (%d left)",
+                      started, sweep.size, open_points(study, sweep))
+            return
         if open_points(study, sweep) > 0:
+            started += 1
             study.optimize(guarded, n_trials=1, catch=(Exception,), gc_after_trial=True)
             write_results(study, sweep)
             _tag_run(sweep.tracking_uri, parent_run_id, {"mnist_diff.points_done": points_done(study, sweep)[1]})

@@ -47,6 +47,16 @@ def test_dimensions_parse_typed_values_and_coupled_fields():
     assert parse_option("schedule=cosine").values == (("cosine",),)
 
 
+def test_values_keep_their_identity():
+    """Coupled values are written as text: two values that differ past six digits stay two points (not one,
+    which left a sweep re-running it forever), and each point runs with its own value, not a rounded one."""
+    d = parse_option("timesteps:beta_end=200:0.08000001,200:0.08000002")
+    grid = Grid((d,))
+    assert grid.search_space() == {"timesteps_beta_end": ["200:0.08000001", "200:0.08000002"]}
+    assert [p["beta_end"] for p in grid.points()] == [0.08000001, 0.08000002]
+    assert parse_option("timesteps:beta_end=200:0.08").encode((200, 0.08)) == "200:0.08"  # short where exact
+
+
 def test_extra_dimensions_replace_the_reference_ones_they_share_a_field_with():
     extra = [parse_option("sampler=ddim"), parse_option("ddim_steps=10,50"),
              parse_option("timesteps:beta_end=200:0.08,500:0.04,1000:0.02")]
@@ -82,6 +92,7 @@ def _ddim_over(t: int) -> str:
     (["--grid", "clip_x0=maybe"], "clip_x0: 'maybe' is not true or false"),
     (["--grid", "eta="], "grid dimension 'eta' has no values"),
     (["--grid", "ddim_steps=10,10"], "grid dimension 'ddim_steps' repeats 10"),
+    (["--grid", "lr=1e-3,0.001"], "grid dimension 'lr' repeats 0.001"),  # two texts, one value
     (["--grid", "ddim_steps"], "--grid 'ddim_steps': expected NAME=V1,V2,..."),
     (["--grid", "timesteps:beta_end=200"], "'200' needs 2 values, one per field"),
     (["--grid", "ddim_steps=10", "--grid", "ddim_steps=20"], "field 'ddim_steps' is in two grid dimensions"),
@@ -107,9 +118,9 @@ def test_bad_grids_exit_2_with_one_line_and_create_nothing(tmp_path, monkeypatch
 
 def test_bad_grid_files(tmp_path):
     bad = {"syntax.toml": "[grid\nddim_steps = [1]", "scalar.toml": "[grid]\nddim_steps = 10\n",
-           "empty.toml": "[grid]\n"}
+           "empty.toml": "[grid]\n", "repeats.toml": '[grid]\n"timesteps:beta_end" = [[200, 0.08], [200, "0.080"]]\n'}
     messages = {"syntax.toml": "--grid-file", "scalar.toml": "ddim_steps must be a list of values",
-                "empty.toml": "no grid dimensions"}
+                "empty.toml": "no grid dimensions", "repeats.toml": "repeats 200:0.08"}
     for name, text in bad.items():
         (tmp_path / name).write_text(text)
         result = CliRunner().invoke(cli.cli, ["sweep", "--dry-run", "--grid-file", str(tmp_path / name)])
