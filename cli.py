@@ -603,6 +603,8 @@ def study_grid(schedules, steps, samplers, seeds: int, grid_options, grid_file, 
         extra = [parse_option(part) for text in grid_options for part in text.split(";") if part.strip()]
         if grid_file:
             extra += load_file(grid_file)
+        if seeds != 1 and any("seed" in d.fields for d in extra):  # the grid's seeds would replace them
+            raise BadInput(f"--seeds {seeds} and the grid dimension 'seed' both set the seeds: give them in one place")
         grid = Grid.build(reference_dims(schedules, pairs_of(steps), samplers), extra, range(seeds))
     except GridError as err:
         raise BadInput(str(err)) from None

@@ -104,6 +104,7 @@ def _ddim_over(t: int) -> str:
      "--channels 32 is also the grid dimension 'channels': give channels in one place"),
     (["--ddim-steps", "20", "--grid", "ddim_steps=10,50"],
      "--ddim-steps 20 is also the grid dimension 'ddim_steps': give ddim_steps in one place"),
+    (["--grid", "seed=5", "--seeds", "3"], "--seeds 3 and the grid dimension 'seed' both set the seeds"),
     (["--seeds", "17"], "the grid has 272 points, more than --max-points 256"),
     (["--grid", "eta=0,1", "--max-points", "16"], "the grid has 32 points, more than --max-points 16"),
 ])
