@@ -231,14 +231,19 @@ class Grid:
         return [self.overrides({d.name: d.encode(v) for d, v in zip(self.dims, combo)})
                 for combo in product(*(d.values for d in self.dims))]
 
-    def configs(self, base: Config, max_points: int = MAX_POINTS) -> list[Config]:
-        """Every point as a validated Config; GridError names the first invalid point, or a grid too big."""
+    def configs(self, base: Config, max_points: int = MAX_POINTS, check=None) -> list[Config]:
+        """Every point as a validated Config; GridError names the first invalid point, or a grid too big.
+        `check(config)` may refuse a point too: it returns why, or None."""
         if self.size > max_points:
             raise GridError(f"the grid has {self.size} points, more than --max-points {max_points}")
         out = []
         for point in self.points():
             try:
-                out.append(base.replace(**point))
+                config = base.replace(**point)
+                reason = check(config) if check is not None else None
+                if reason:
+                    raise ValueError(reason)
+                out.append(config)
             except (ValueError, TypeError) as err:
                 where = ", ".join(f"{k}={_fmt(v)}" for k, v in point.items() if k != "seed")
                 raise GridError(f"grid point ({where}): {err}") from None

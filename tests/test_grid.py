@@ -105,6 +105,11 @@ def _ddim_over(t: int) -> str:
     (["--ddim-steps", "20", "--grid", "ddim_steps=10,50"],
      "--ddim-steps 20 is also the grid dimension 'ddim_steps': give ddim_steps in one place"),
     (["--grid", "seed=5", "--seeds", "3"], "--seeds 3 and the grid dimension 'seed' both set the seeds"),
+    # issue 22: the 3-step point would end before its first epoch (8 steps of the smoke preset's 256 images)
+    (["--preset", "smoke", "--schedule", "linear", "--timesteps", "200", "--sampler", "ddim", "--epochs", "2",
+      "--grid", "max_steps=3,9"], "grid point (schedule=linear, timesteps=200, beta_end=0.08, sampler=ddim, "
+     "max_steps=3): --max-steps 3 stops before the first epoch ends (8 steps: 256 images, --batch-size 32)"),
+    (["--fid-every", "0", "--fid-samples", "0"], "--fid-every 0 with --fid-samples 0 scores nothing"),
     (["--seeds", "17"], "the grid has 272 points, more than --max-points 256"),
     (["--grid", "eta=0,1", "--max-points", "16"], "the grid has 32 points, more than --max-points 16"),
 ])

@@ -366,3 +366,15 @@ def test_a_worker_never_runs_points_again_and_again(tmp_path, data_dir):
     assert not worker.is_alive(), "the worker kept running the same point"
     trials = optuna.load_study(study_name="spin", storage=sweep.storage).get_trials()
     assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL] * 2
+
+
+def test_a_sweep_with_a_failed_point_exits_1_and_says_which_and_why(tmp_path, monkeypatch):
+    """lr 1e30: NonFiniteLoss at step 2, before any FID; the results are written, then the command fails."""
+    monkeypatch.setenv("MNIST_DIFF_FID_CACHE", str(tmp_path / "fid-cache"))
+    point = ["--schedule", "linear", "--timesteps", "200", "--sampler", "ddim", "--lr", "1e30"]
+    result = CliRunner().invoke(cli.cli, sweep_args(tmp_path, *point))
+    assert result.exit_code == 1, result.output
+    assert "0/1 grid points complete" in result.output
+    assert "Error: 1 grid point(s) failed; 0/1 complete (see " in result.output
+    assert ("\n  grid point (schedule=linear, timesteps=200, beta_end=0.08, sampler=ddim, seed=0) failed: "
+            "NonFiniteLoss: non-finite training loss nan at step 2") in result.output
