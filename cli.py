@@ -340,6 +340,9 @@ def train(device, data_dir, out, resume, dry_run, quiet, fid_weights, tracking_u
           run_name, **fields):
     """Train one config; score FID as it trains; write checkpoints and sample grids into --out; track in MLflow."""
     config = make_config(**fields)
+    from mnist_diff.workload import unscored
+    if reason := unscored(config):
+        raise BadInput(reason)
     out_path = check_writable_dir(out)
     if dry_run:
         click.echo(json.dumps(config.to_dict(), indent=2))
@@ -536,8 +539,9 @@ def sweep(ctx, study_name, storage, schedules, timesteps_list, samplers, seeds, 
                                f"'{dim.label}': give {field} in one place")
     base = make_config(**fields)  # the fixed settings; each point then sets its grid fields
     from mnist_diff.grid import GridError
-    try:
-        grid.configs(base, max_points)  # every point must be valid, e.g. --ddim-steps <= T
+    from mnist_diff.workload import unscored
+    try:  # every point must be valid, e.g. --ddim-steps <= T, and give a score
+        grid.configs(base, max_points, check=lambda c: unscored(c, ranked=True))
     except GridError as err:
         raise BadInput(str(err)) from None
     out_path = check_writable_dir(out)
@@ -558,7 +562,7 @@ def sweep(ctx, study_name, storage, schedules, timesteps_list, samplers, seeds, 
     if workers == "auto":
         workers = auto_workers(dev, preset, grid.configs(base, max_points))
 
-    from mnist_diff.study import Sweep, WorkersFailed, open_study, run_sweep
+    from mnist_diff.study import Sweep, SweepFailed, open_study, run_sweep
     from mnist_diff.train import StopSignals
 
     in_grid = {"schedule", "timesteps", "beta_end", "sampler", "seed", *(f for d in grid.dims for f in d.fields)}
@@ -582,7 +586,7 @@ def sweep(ctx, study_name, storage, schedules, timesteps_list, samplers, seeds, 
     try:
         with StopSignals():
             doc = run_sweep(spec, workers=workers, retry_failed=retry_failed)
-    except WorkersFailed as err:  # the results are written; say what they hold, then fail
+    except SweepFailed as err:  # the results are written; say what they hold, then fail
         doc, failed = err.doc, err
     except ValueError as err:  # e.g. the study exists with another grid
         raise BadInput(str(err))
@@ -623,6 +627,8 @@ def study_grid(schedules, steps, samplers, seeds: int, grid_options, grid_file, 
         extra = [parse_option(part) for text in grid_options for part in text.split(";") if part.strip()]
         if grid_file:
             extra += load_file(grid_file)
+        if seeds != 1 and any("seed" in d.fields for d in extra):  # the grid's seeds would replace them
+            raise BadInput(f"--seeds {seeds} and the grid dimension 'seed' both set the seeds: give them in one place")
         grid = Grid.build(reference_dims(schedules, pairs_of(steps), samplers), extra, range(seeds))
     except GridError as err:
         raise BadInput(str(err)) from None

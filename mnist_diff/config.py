@@ -80,8 +80,10 @@ class Config:
     def training_dict(self) -> dict:
         """The fields that decide the trained weights (not how they are sampled or scored)."""
         d = self.to_dict()
-        for key in SAMPLING_FIELDS + EVAL_FIELDS + RUNTIME_FIELDS + ("max_steps",):
+        for key in SAMPLING_FIELDS + EVAL_FIELDS + RUNTIME_FIELDS:
             d.pop(key)
+        if self.max_steps is None:  # left out: the trainings made before max_steps was in the key keep theirs
+            d.pop("max_steps")
         return d
 
     def training_key(self) -> str:
@@ -115,6 +117,9 @@ EVAL_FIELDS = ("fid_every", "fid_select_samples", "fid_samples", "fid_ref", "fid
 # every place that trains or samples, and what config.json and MLflow record; like the sampling and FID fields
 # they stay out of the training key and the resume check: a run may resume with other values.
 RUNTIME_FIELDS = ("compile", "sample_batch_size")
+# How long it trains: in the training key (a training cut at another step is another training), but a resume
+# may change them (the weights at each step do not depend on them).
+LENGTH_FIELDS = ("epochs", "max_steps")
 
 
 def validate(c: Config) -> None:

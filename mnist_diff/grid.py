@@ -71,7 +71,12 @@ def _check(name: str, value):
 
 
 def _fmt(value) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    """A value as text that reads back as the same value: '0.08' (six digits, as ever) where that is exact, else
+    the float's repr ('0.08000001'), so two values never share one text (one Optuna choice)."""
+    if not isinstance(value, float):
+        return str(value)
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
 
 
 @dataclass(frozen=True)
@@ -124,7 +129,11 @@ def make_dim(label: str, values) -> Dim:
     repeated = [v for i, v in enumerate(typed) if v in typed[:i]]
     if repeated:
         raise GridError(f"grid dimension {label!r} repeats {':'.join(map(_fmt, repeated[0]))}")
-    return Dim(fields, tuple(typed))
+    dim = Dim(fields, tuple(typed))
+    for v in typed:  # a point is known by its Optuna choice: it must give back this value, and no other's
+        if dim.decode(dim.encode(v)) != dict(zip(fields, v)):
+            raise GridError(f"grid dimension {label!r}: {dim.encode(v)!r} does not read back as the same value")
+    return dim
 
 
 def parse_option(text: str) -> Dim:
@@ -222,14 +231,19 @@ class Grid:
         return [self.overrides({d.name: d.encode(v) for d, v in zip(self.dims, combo)})
                 for combo in product(*(d.values for d in self.dims))]
 
-    def configs(self, base: Config, max_points: int = MAX_POINTS) -> list[Config]:
-        """Every point as a validated Config; GridError names the first invalid point, or a grid too big."""
+    def configs(self, base: Config, max_points: int = MAX_POINTS, check=None) -> list[Config]:
+        """Every point as a validated Config; GridError names the first invalid point, or a grid too big.
+        `check(config)` may refuse a point too: it returns why, or None."""
         if self.size > max_points:
             raise GridError(f"the grid has {self.size} points, more than --max-points {max_points}")
         out = []
         for point in self.points():
             try:
-                out.append(base.replace(**point))
+                config = base.replace(**point)
+                reason = check(config) if check is not None else None
+                if reason:
+                    raise ValueError(reason)
+                out.append(config)
             except (ValueError, TypeError) as err:
                 where = ", ".join(f"{k}={_fmt(v)}" for k, v in point.items() if k != "seed")
                 raise GridError(f"grid point ({where}): {err}") from None

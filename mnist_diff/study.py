@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -283,6 +284,10 @@ class StoredTrainingIndex:
         self.study.set_user_attr(self.attr, entry)
 
 
+class NoScore(ValueError):
+    """A trial that ended without a score (deterministic: the same config scores nothing again)."""
+
+
 class Objective:
     def __init__(self, sweep: Sweep, parent_run_id: str, images_loader):
         self.sweep, self.parent_run_id, self.images_loader = sweep, parent_run_id, images_loader
@@ -346,8 +351,12 @@ class Objective:
             tracker.log_metrics({f"seconds_{k}": v for k, v in seconds.items()})
         log.info("trial %d done: best_fid %s (epoch %s)", trial.number, result.get("best_fid"),
                  result.get("best_epoch"))
-        value = result.get("best_fid")
-        return value if value is not None else result.get("best_fid_select", float("nan"))
+        scores = (result.get("best_fid"), result.get("best_fid_select"))
+        value = next((v for v in scores if v is not None and math.isfinite(v)), None)
+        if value is None:  # else Optuna fails the trial with no error of ours on it: say why; retry nothing
+            raise NoScore(f"the trial ended with no finite score (best_fid {scores[0]}, "
+                          f"best_fid_select {scores[1]})")
+        return value
 
 
 CLAIM_SUFFIX = ".mnist-diff-claim"
@@ -521,8 +530,16 @@ def work(sweep: Sweep, parent_run_id: str) -> None:
             raise
 
     running = (optuna.trial.TrialState.RUNNING,)
+    # Every point's trials, retries included, are at most 1 + --max-retries: a worker that has run more than that
+    # for each point is re-running points (a count that never reaches 0), so it stops instead of spinning.
+    bound, started = sweep.size * (sweep.max_retries + 1), 0
     while True:
+        if started >= bound:
+            log.error("worker stops after %d trials for a grid of %d points: open points never reached 0 (%d left)",
+                      started, sweep.size, open_points(study, sweep))
+            return
         if open_points(study, sweep) > 0:
+            started += 1
             study.optimize(guarded, n_trials=1, catch=(Exception,), gc_after_trial=True)
             write_results(study, sweep)
             _tag_run(sweep.tracking_uri, parent_run_id, {"mnist_diff.points_done": points_done(study, sweep)[1]})
@@ -546,8 +563,9 @@ def setup_logging(out_dir: Path) -> None:
     optuna.logging.disable_default_handler()
 
 
-class WorkersFailed(RuntimeError):
-    """Worker processes exited with an error; the results were written all the same (`doc`)."""
+class SweepFailed(RuntimeError):
+    """Worker processes exited with an error, or grid points failed or were left unrun; the results were
+    written all the same (`doc`)."""
 
     def __init__(self, message: str, doc: dict):
         super().__init__(message)
@@ -574,6 +592,23 @@ def points_done(study: optuna.Study, sweep: Sweep) -> tuple[int, str]:
     return n, f"{n}/{sweep.size}"
 
 
+def failed_points(study: optuna.Study, sweep: Sweep) -> list[str]:
+    """One line per grid point whose every trial FAILed (none complete, running or queued): its fields and the
+    last error."""
+    by_point: dict = {}
+    for t in study.get_trials(deepcopy=False):  # in trial order: a point's last trial comes last
+        by_point.setdefault(point_of(t), []).append(t)
+    lines = []
+    for trials in by_point.values():
+        if all(t.state == optuna.trial.TrialState.FAIL for t in trials):
+            last = trials[-1]
+            where = ", ".join(f"{k}={v}" for k, v in sweep.grid.overrides(last.params).items())
+            error = last.user_attrs.get("error") or ("interrupted" if last.user_attrs.get("interrupted")
+                                                     else WORKER_LOST)
+            lines.append(f"grid point ({where}) failed: {error.splitlines()[0]}")
+    return lines
+
+
 def parent_status(study: optuna.Study, sweep: Sweep, interrupted: bool) -> tuple[str, str | None, str]:
     """(status, reason, 'done/size') of the study's parent run: FINISHED only when every grid point is COMPLETE;
     RUNNING while a trial still runs (another command's worker, or a dead one not yet found stale); KILLED
@@ -598,7 +633,8 @@ def parent_status(study: optuna.Study, sweep: Sweep, interrupted: bool) -> tuple
 
 def run_sweep(sweep: Sweep, workers: int = 1, retry_failed: bool = False) -> dict:
     """Create or resume the study, run `workers` worker processes (1: this process), write the results and
-    close the parent run. Raises WorkersFailed (after writing the results) when a worker exited non-zero."""
+    close the parent run. Raises SweepFailed (after writing the results) when a worker exited non-zero or the
+    study ended FAILED (`parent_status`), naming each failed point."""
     from .tracking import reconcile_orphans
 
     study = open_study(sweep)  # first: a study with another grid is refused before anything is written
@@ -634,8 +670,12 @@ def run_sweep(sweep: Sweep, workers: int = 1, retry_failed: bool = False) -> dic
         doc = write_results(study, sweep)
         _log_parent(parent, sweep, study, doc, interrupted, error, codes)
     bad = [f"worker {i} exited with code {c}" for i, c in enumerate(codes) if c != 0]
+    status, reason, _ = parent_status(study, sweep, interrupted=False)
+    if status == "FAILED":
+        bad.append(reason)
     if bad:
-        raise WorkersFailed("; ".join(bad) + f" (see {sweep.out_dir / 'training.log'})", doc)
+        raise SweepFailed("; ".join(bad) + f" (see {sweep.out_dir / 'training.log'})"
+                          + "".join(f"\n  {line}" for line in failed_points(study, sweep)), doc)
     return doc
 
 

@@ -95,6 +95,19 @@ def scored_epochs(c: Config) -> list[int]:
     return [e for e in range(1, last + 1) if epoch_due(c.fid_every, e, last)]
 
 
+def unscored(c: Config, ranked: bool = False) -> str | None:
+    """Why a run of `c` can give no score, None when it can: `max_steps` stops it before its first epoch
+    ends (a cut epoch is no epoch: no EMA weights to score; from one epoch on, the last is scored). `ranked`
+    (a sweep, which ranks its points by score): also when it scores no epoch and no final FID."""
+    if epochs_done(c) == 0:
+        n = min(c.train_samples or MNIST_SIZES["train"], MNIST_SIZES["train"])
+        return (f"--max-steps {c.max_steps} stops before the first epoch ends ({steps_per_epoch(c)} steps: "
+                f"{n} images, --batch-size {c.batch_size}), so nothing is scored")
+    if ranked and not scored_epochs(c) and c.fid_samples == 0:
+        return "--fid-every 0 with --fid-samples 0 scores nothing, and a sweep ranks its points by score"
+    return None
+
+
 def grid_epochs(c: Config) -> list[int]:
     """The epochs that get a sample grid: every `grid_every`-th and the last (train.Trainer)."""
     last = epochs_done(c)

@@ -43,6 +43,9 @@ BAD_TRAIN = [
     (["--data-dir", "/nonexistent/mnist"], "--data-dir"),
     (["--channels", "12"], "multiple of 8"),
     (["--ema-warmup-steps", "-1"], "--ema-warmup-steps"),
+    # a cut epoch is no epoch: 64 images in batches of 32 are 2 steps an epoch, so 1 step scores nothing
+    (["--train-samples", "64", "--batch-size", "32", "--max-steps", "1"],
+     "--max-steps 1 stops before the first epoch ends (2 steps: 64 images, --batch-size 32), so nothing is scored"),
 ]
 
 

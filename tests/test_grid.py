@@ -47,6 +47,16 @@ def test_dimensions_parse_typed_values_and_coupled_fields():
     assert parse_option("schedule=cosine").values == (("cosine",),)
 
 
+def test_values_keep_their_identity():
+    """Coupled values are written as text: two values that differ past six digits stay two points (not one,
+    which left a sweep re-running it forever), and each point runs with its own value, not a rounded one."""
+    d = parse_option("timesteps:beta_end=200:0.08000001,200:0.08000002")
+    grid = Grid((d,))
+    assert grid.search_space() == {"timesteps_beta_end": ["200:0.08000001", "200:0.08000002"]}
+    assert [p["beta_end"] for p in grid.points()] == [0.08000001, 0.08000002]
+    assert parse_option("timesteps:beta_end=200:0.08").encode((200, 0.08)) == "200:0.08"  # short where exact
+
+
 def test_extra_dimensions_replace_the_reference_ones_they_share_a_field_with():
     extra = [parse_option("sampler=ddim"), parse_option("ddim_steps=10,50"),
              parse_option("timesteps:beta_end=200:0.08,500:0.04,1000:0.02")]
@@ -82,6 +92,7 @@ def _ddim_over(t: int) -> str:
     (["--grid", "clip_x0=maybe"], "clip_x0: 'maybe' is not true or false"),
     (["--grid", "eta="], "grid dimension 'eta' has no values"),
     (["--grid", "ddim_steps=10,10"], "grid dimension 'ddim_steps' repeats 10"),
+    (["--grid", "lr=1e-3,0.001"], "grid dimension 'lr' repeats 0.001"),  # two texts, one value
     (["--grid", "ddim_steps"], "--grid 'ddim_steps': expected NAME=V1,V2,..."),
     (["--grid", "timesteps:beta_end=200"], "'200' needs 2 values, one per field"),
     (["--grid", "ddim_steps=10", "--grid", "ddim_steps=20"], "field 'ddim_steps' is in two grid dimensions"),
@@ -93,6 +104,12 @@ def _ddim_over(t: int) -> str:
      "--channels 32 is also the grid dimension 'channels': give channels in one place"),
     (["--ddim-steps", "20", "--grid", "ddim_steps=10,50"],
      "--ddim-steps 20 is also the grid dimension 'ddim_steps': give ddim_steps in one place"),
+    (["--grid", "seed=5", "--seeds", "3"], "--seeds 3 and the grid dimension 'seed' both set the seeds"),
+    # issue 22: the 3-step point would end before its first epoch (8 steps of the smoke preset's 256 images)
+    (["--preset", "smoke", "--schedule", "linear", "--timesteps", "200", "--sampler", "ddim", "--epochs", "2",
+      "--grid", "max_steps=3,9"], "grid point (schedule=linear, timesteps=200, beta_end=0.08, sampler=ddim, "
+     "max_steps=3): --max-steps 3 stops before the first epoch ends (8 steps: 256 images, --batch-size 32)"),
+    (["--fid-every", "0", "--fid-samples", "0"], "--fid-every 0 with --fid-samples 0 scores nothing"),
     (["--seeds", "17"], "the grid has 272 points, more than --max-points 256"),
     (["--grid", "eta=0,1", "--max-points", "16"], "the grid has 32 points, more than --max-points 16"),
 ])
@@ -107,9 +124,9 @@ def test_bad_grids_exit_2_with_one_line_and_create_nothing(tmp_path, monkeypatch
 
 def test_bad_grid_files(tmp_path):
     bad = {"syntax.toml": "[grid\nddim_steps = [1]", "scalar.toml": "[grid]\nddim_steps = 10\n",
-           "empty.toml": "[grid]\n"}
+           "empty.toml": "[grid]\n", "repeats.toml": '[grid]\n"timesteps:beta_end" = [[200, 0.08], [200, "0.080"]]\n'}
     messages = {"syntax.toml": "--grid-file", "scalar.toml": "ddim_steps must be a list of values",
-                "empty.toml": "no grid dimensions"}
+                "empty.toml": "no grid dimensions", "repeats.toml": "repeats 200:0.08"}
     for name, text in bad.items():
         (tmp_path / name).write_text(text)
         result = CliRunner().invoke(cli.cli, ["sweep", "--dry-run", "--grid-file", str(tmp_path / name)])

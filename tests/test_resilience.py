@@ -151,17 +151,17 @@ def test_transient_failure_is_retried_up_to_max_retries_and_retry_failed_requeue
         (trials_dir / f"{n:04d}").write_text("in the way")
     storage, client = f"sqlite:///{tmp_path}/optuna.db", MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
 
-    def sweep(*extra):
+    def sweep(*extra, code=0):  # a sweep that leaves a point FAIL exits 1
         result = CliRunner().invoke(cli.cli, tiny_sweep_args(tmp_path, "--max-retries", "1", *extra))
-        assert result.exit_code == 0, result.output
+        assert result.exit_code == code, result.output
         study = optuna.load_study(study_name="t", storage=storage)
         return result.output, {t.number: t for t in study.get_trials()}
 
     def run(trial):
         return client.get_run(trial.user_attrs["mlflow_run_id"])
 
-    output, t = sweep()  # trial 1 fails, its one retry (trial 2) too: the point is FAIL
-    assert "1/2 grid points complete" in output
+    output, t = sweep(code=1)  # trial 1 fails, its one retry (trial 2) too: the point is FAIL
+    assert "1/2 grid points complete" in output and ", seed=0) failed: NotADirectoryError" in output
     assert [t[n].state for n in sorted(t)] == [STATE.COMPLETE, STATE.FAIL, STATE.FAIL]
     assert t[1].params == t[2].params and t[2].user_attrs["retry_of_trial"] == 1
     assert t[1].user_attrs["error"].startswith("NotADirectoryError") and t[1].user_attrs["retryable"] is True
@@ -175,7 +175,7 @@ def test_transient_failure_is_retried_up_to_max_retries_and_retry_failed_requeue
     assert parent.info.status == "FAILED" and parent.data.tags["mnist_diff.points_done"] == "1/2"
     assert parent.data.tags["error_message"].startswith("1 grid point(s) failed")
 
-    _, t = sweep()  # its retries are used up: a plain rerun leaves it FAIL
+    _, t = sweep(code=1)  # its retries are used up: a plain rerun leaves it FAIL
     assert len(t) == 3
 
     output, t = sweep("--retry-failed")  # a fresh budget: trial 3 fails on the last file, its retry completes

@@ -363,3 +363,34 @@ def test_a_study_resumed_with_a_time_budget_keeps_its_protocol(tmp_path, monkeyp
     # a dry run opens no store: it fits afresh, and says that nothing fits
     dry = CliRunner().invoke(cli.cli, sweep_args(tmp_path, *point, "--time-budget", "1s", "--dry-run"))
     assert dry.exit_code == 2 and "even the smallest FID protocol" in dry.output, dry.output
+
+
+def test_a_worker_never_runs_points_again_and_again(tmp_path, data_dir):
+    """The defence against a sweep that never ends: a grid whose open points never reach 0 (two equal choices,
+    which `grid` no longer makes) stops after 1 + --max-retries trials a point. Its trials fail at once
+    (NonFiniteLoss at step 2, before any FID)."""
+    from mnist_diff.grid import Dim
+    from mnist_diff.study import work
+    base = Config(**{**TINY_CONFIG, "epochs": 2, "train_samples": 64, "lr": 1e30})
+    sweep = Sweep(study_name="spin", out_dir=tmp_path, base=base, schedules=("linear",), pairs=((20, 0.2),),
+                  samplers=("ddim",), extra=(Dim(("eta",), ((0.0,), (0.0,))),), storage=f"sqlite:///{tmp_path}/o.db",
+                  tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="e", data_dir=data_dir, progress=False,
+                  heartbeat=0, max_retries=0)
+    worker = threading.Thread(target=work, args=(sweep, None), daemon=True)
+    worker.start()
+    worker.join(180)
+    assert not worker.is_alive(), "the worker kept running the same point"
+    trials = optuna.load_study(study_name="spin", storage=sweep.storage).get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL] * 2
+
+
+def test_a_sweep_with_a_failed_point_exits_1_and_says_which_and_why(tmp_path, monkeypatch):
+    """lr 1e30: NonFiniteLoss at step 2, before any FID; the results are written, then the command fails."""
+    monkeypatch.setenv("MNIST_DIFF_FID_CACHE", str(tmp_path / "fid-cache"))
+    point = ["--schedule", "linear", "--timesteps", "200", "--sampler", "ddim", "--lr", "1e30"]
+    result = CliRunner().invoke(cli.cli, sweep_args(tmp_path, *point))
+    assert result.exit_code == 1, result.output
+    assert "0/1 grid points complete" in result.output
+    assert "Error: 1 grid point(s) failed; 0/1 complete (see " in result.output
+    assert ("\n  grid point (schedule=linear, timesteps=200, beta_end=0.08, sampler=ddim, seed=0) failed: "
+            "NonFiniteLoss: non-finite training loss nan at step 2") in result.output

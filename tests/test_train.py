@@ -107,6 +107,39 @@ def test_training_key_ignores_sampler_and_fid_settings():
     assert len(a.training_key()) == 12
 
 
+# Every Config field's place: in the training key (the trained weights depend on it: points that differ in it
+# never share a training), in the sampling key (how trained weights are sampled), or in neither (what is scored,
+# or speed). A field added to Config without a place here fails the test below; each entry: (place, other value).
+FIELD_PLACES = {
+    "schedule": ("training", "cosine"), "timesteps": ("training", 500), "beta_start": ("training", 2e-4),
+    "beta_end": ("training", 0.03), "epochs": ("training", 3), "batch_size": ("training", 64),
+    "lr": ("training", 1e-3), "warmup_steps": ("training", 10), "weight_decay": ("training", 0.01),
+    "grad_clip": ("training", 0.5), "ema_decay": ("training", 0.99), "ema_warmup_steps": ("training", 7),
+    "channels": ("training", 32), "seed": ("training", 1), "precision": ("training", "fp32"),
+    "train_samples": ("training", 1000), "max_steps": ("training", 100),
+    "sampler": ("sampling", "ddim"), "ddim_steps": ("sampling", 10), "eta": ("sampling", 0.5),
+    "clip_x0": ("sampling", False),
+    "fid_every": ("neither", 2), "fid_select_samples": ("neither", 100), "fid_samples": ("neither", 0),
+    "fid_ref": ("neither", "test"), "fid_ref_samples": ("neither", 100), "fid_batch_size": ("neither", 50),
+    "kid": ("neither", True), "grid_images": ("neither", 16), "grid_every": ("neither", 0),
+    "compile": ("neither", "off"), "sample_batch_size": ("neither", 100),
+}
+
+
+def test_every_config_field_has_its_place_in_the_keys():
+    import dataclasses
+    assert set(FIELD_PLACES) == {f.name for f in dataclasses.fields(Config)}
+    base = Config()
+    for name, (place, other) in FIELD_PLACES.items():
+        changed = base.replace(**{name: other})
+        assert getattr(changed, name) != getattr(base, name), name
+        moved = {"training": changed.training_key() != base.training_key(),
+                 "sampling": changed.sampling_key() != base.sampling_key()}
+        assert moved == {"training": place == "training", "sampling": place == "sampling"}, name
+    # max_steps sets where a training stops: 4 and 8 steps are two trainings (a resume may still change it)
+    assert base.replace(max_steps=4).training_key() != base.replace(max_steps=8).training_key()
+
+
 def test_resume_skips_a_truncated_newest_checkpoint(tmp_path, mnist_small):
     images = mnist_small[:128]
     Trainer(tiny(epochs=2), images, tmp_path, progress=False).fit()
