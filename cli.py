@@ -330,6 +330,11 @@ def train(device, data_dir, out, resume, dry_run, quiet, fid_weights, tracking_u
         return
     if not resume and any((out_path / "checkpoints").glob("ckpt-*.pt")):
         raise BadInput(f"--out {out} already holds a training run: pass --resume, or choose another --out")
+    if resume:
+        from mnist_diff import checkpoint
+        ckpt_dir = out_path / "checkpoints"
+        if checkpoint.list_steps(ckpt_dir) and checkpoint.load_latest(ckpt_dir, warn=False) is None:
+            raise BadInput(f"--out {out}: its checkpoints are unreadable (corrupt, or not mnist-diff checkpoints)")
     dev = pick_device(device)
     tracker = open_tracker(tracking_uri, experiment, no_tracking, run_name=run_name or config.short_name())
 

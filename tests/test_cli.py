@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 import cli
+from conftest import malicious_checkpoint
 from mnist_diff.device import effective_precision
 from mnist_diff.samplers import SAMPLERS
 from mnist_diff.schedules import SCHEDULES
@@ -72,6 +73,20 @@ def test_missing_and_corrupt_checkpoint(tmp_path):
     result = run("sample", "--checkpoint", bad, "--out", tmp_path / "s")
     assert result.exit_code == 2 and "unreadable" in result.output and len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "s").exists()
+
+
+def test_a_checkpoint_that_runs_code_is_unreadable_and_never_run(tmp_path):
+    marker = tmp_path / "code-ran"
+    evil = malicious_checkpoint(tmp_path / "evil.pt", marker)
+    result = run("sample", "--checkpoint", evil, "--out", tmp_path / "s")
+    assert result.exit_code == 2 and "unreadable" in result.output and len(result.output.strip().splitlines()) == 1
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    malicious_checkpoint(out / "checkpoints" / "ckpt-00000004.pt", marker)
+    result = run("train", *TINY_ARGS, "--resume", "--out", out)
+    assert result.exit_code == 2 and "unreadable" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not marker.exists() and not (tmp_path / "s").exists()
+    assert files_under(out) == [Path("checkpoints"), Path("checkpoints/ckpt-00000004.pt")]
 
 
 def test_cosine_help_says_beta_range_is_ignored():

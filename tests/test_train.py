@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import TINY
+from conftest import TINY, malicious_checkpoint
 from mnist_diff import checkpoint
 from mnist_diff.config import Config
 from mnist_diff.train import NonFiniteLoss, Trainer, ema_decay_at, ema_nominal_step
@@ -89,6 +89,17 @@ def test_truncated_newest_checkpoint_falls_back_to_previous(tmp_path, caplog):
     newest.write_bytes(newest.read_bytes()[:100])
     assert checkpoint.load_latest(tmp_path)["step"] == 1
     assert "skipping unreadable checkpoint" in caplog.text
+
+
+def test_loading_a_checkpoint_never_runs_its_code(tmp_path):
+    marker = tmp_path / "code-ran"
+    evil = malicious_checkpoint(checkpoint.step_path(tmp_path, 2), marker)
+    with pytest.raises(ValueError, match="more than tensors and plain data"):
+        checkpoint.load(evil)
+    assert checkpoint.load_latest(tmp_path) is None  # skipped as unreadable
+    checkpoint.atomic_save({"format_version": 1, "step": 1}, checkpoint.step_path(tmp_path, 1))
+    assert checkpoint.load_latest(tmp_path)["step"] == 1  # the previous good one
+    assert not marker.exists()
 
 
 def test_prune_keeps_two_newest(tmp_path):
