@@ -291,6 +291,16 @@ class Trainer:
             raise NonFiniteLoss(first_step + i + 1, float(values[i]))
         return float(values.mean())
 
+    def _fold(self, window: list[torch.Tensor], first_step: int, t_window: float) -> tuple[float, float, float]:
+        """A window of steps into the epoch's loss sums (raising on a non-finite loss) and its time into
+        `train_seconds`. Returns (its mean loss, its images/s, the time it ended)."""
+        mean = self._check_losses(window, first_step)
+        now = time.perf_counter()
+        self.train_seconds += now - t_window
+        timing.add("training", now - t_window)
+        self.epoch_loss = (self.epoch_loss[0] + mean * len(window), self.epoch_loss[1] + len(window))
+        return mean, len(window) * self.config.batch_size / max(now - t_window, 1e-9), now
+
     def fit(self) -> dict:
         c = self.config
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -313,6 +323,8 @@ class Trainer:
         try:
             while self.step < self.total_steps:
                 if stop and stop.received:
+                    if window:  # the epoch's loss sums must hold these steps too, or a resume logs another loss
+                        self._fold(window, window_start, t_window)
                     self.save()
                     raise Interrupted(f"{stop.received} at step {self.step}; checkpoint saved")
                 epoch, b = divmod(self.step, self.steps_per_epoch)
@@ -323,12 +335,7 @@ class Trainer:
                 bar.update(1)  # per step, so the bar moves and shows an ETA at once; no host sync (loss stays batched)
                 epoch_done = self.step % self.steps_per_epoch == 0
                 if len(window) == LOG_EVERY or epoch_done or self.step == self.total_steps:
-                    mean = self._check_losses(window, window_start)
-                    now = time.perf_counter()
-                    ips = len(window) * bs / max(now - t_window, 1e-9)
-                    self.train_seconds += now - t_window
-                    timing.add("training", now - t_window)
-                    self.epoch_loss = (self.epoch_loss[0] + mean * len(window), self.epoch_loss[1] + len(window))
+                    mean, ips, now = self._fold(window, window_start, t_window)
                     bar.set_postfix(loss=f"{mean:.4f}", img_s=f"{ips:.0f}", epoch=epoch + 1)
                     for cb in self.callbacks:
                         cb.on_log(self.step, mean, ips)

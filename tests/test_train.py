@@ -1,10 +1,14 @@
+import os
+import signal
+
 import pytest
 import torch
 
 from conftest import TINY, malicious_checkpoint
 from mnist_diff import checkpoint
 from mnist_diff.config import Config
-from mnist_diff.train import NonFiniteLoss, Trainer, ema_decay_at, ema_nominal_step
+from mnist_diff.train import (Interrupted, NonFiniteLoss, StopSignals, Trainer, ema_decay_at,
+                              ema_nominal_step)
 
 
 def tiny(**kw):
@@ -45,6 +49,32 @@ def test_resume_gives_identical_weights(tmp_path, mnist_small, stop_at):
     resumed.fit()
     assert_same(weights(straight), weights(resumed))
     assert [h["loss"] for h in straight.history] == pytest.approx([h["loss"] for h in resumed.history])
+
+
+class SigtermAfterStep(Trainer):
+    """Sends itself a real SIGTERM right after optimizer step `at`: in the loop, where it only sets the stop flag."""
+    at = -1
+
+    def _train_step(self, x0):
+        loss = super()._train_step(x0)
+        if self.step == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+
+def test_sigterm_mid_epoch_then_resume_logs_the_uninterrupted_losses(tmp_path, mnist_small):
+    images = mnist_small[:128]
+    straight = Trainer(tiny(epochs=2), images, tmp_path / "a", progress=False)
+    straight.fit()
+    stopped = SigtermAfterStep(tiny(epochs=2), images, tmp_path / "b", progress=False)
+    stopped.at = 6  # in the middle of epoch 2 (4 steps an epoch), between two loss readouts
+    with StopSignals(), pytest.raises(Interrupted):
+        stopped.fit()
+    resumed = Trainer(tiny(epochs=2), images, tmp_path / "b", progress=False)
+    assert resumed.resume() and resumed.step == 6
+    resumed.fit()
+    assert_same(weights(straight), weights(resumed))
+    assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in straight.history])
 
 
 def test_resume_refuses_a_different_training_config(tmp_path, mnist_small):
