@@ -349,6 +349,8 @@ class Trainer:
                     t_window = time.perf_counter()  # epoch-end work (checkpoint, grid) is not training time
             if self.step % self.steps_per_epoch != 0:  # stopped by --max-steps mid-epoch
                 self.save()
+            if stop and stop.received:  # came during the last step or the last epoch's scoring: still a stop
+                raise Interrupted(f"{stop.received} at step {self.step}; checkpoint saved")
         finally:
             bar.close()
             if stop:

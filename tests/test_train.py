@@ -7,7 +7,7 @@ import torch
 from conftest import TINY, malicious_checkpoint
 from mnist_diff import checkpoint
 from mnist_diff.config import Config
-from mnist_diff.train import (Interrupted, NonFiniteLoss, StopSignals, Trainer, ema_decay_at,
+from mnist_diff.train import (Callback, Interrupted, NonFiniteLoss, StopSignals, Trainer, ema_decay_at,
                               ema_nominal_step)
 
 
@@ -75,6 +75,22 @@ def test_sigterm_mid_epoch_then_resume_logs_the_uninterrupted_losses(tmp_path, m
     resumed.fit()
     assert_same(weights(straight), weights(resumed))
     assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in straight.history])
+
+
+class SigtermAtEpochEnd(Callback):
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_epoch_end(self, end):  # where the FID of the epoch is scored
+        if end.epoch == self.epoch:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_while_the_last_epoch_is_scored_still_stops(tmp_path, mnist_small):
+    t = Trainer(tiny(epochs=2), mnist_small[:128], tmp_path, callbacks=[SigtermAtEpochEnd(2)], progress=False)
+    with StopSignals(), pytest.raises(Interrupted, match="SIGTERM at step 8"):
+        t.fit()
+    assert checkpoint.load_latest(tmp_path / "checkpoints")["step"] == 8  # all of it saved for a rerun
 
 
 def test_resume_refuses_a_different_training_config(tmp_path, mnist_small):
