@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from . import accel, checkpoint, timing
+from . import accel, atomic, checkpoint, timing
 from .config import Config, epoch_due
 from .data import save_grid, to_model_range
 from .diffusion import training_loss
@@ -305,6 +305,8 @@ class Trainer:
         c = self.config
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         self.grid_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (self.out_dir, self.ckpt_dir):  # a run killed mid-write left its temporary files
+            atomic.remove_stale(folder)
         (self.out_dir / "config.json").write_text(json.dumps(c.to_dict(), indent=2))
         for cb in self.callbacks:
             cb.on_train_start(self)

@@ -148,6 +148,22 @@ def test_loading_a_checkpoint_never_runs_its_code(tmp_path):
     assert not marker.exists()
 
 
+def test_a_new_start_removes_temporary_files_of_killed_writers_only(tmp_path, mnist_small):
+    import subprocess
+    import sys
+    from mnist_diff.atomic import temporary_name
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    stale = [temporary_name(ckpts / "ckpt-00000004.pt", int(gone.stdout)),
+             temporary_name(tmp_path / "result.json", int(gone.stdout))]
+    live = temporary_name(ckpts / "ckpt-00000008.pt", os.getppid())  # a live process may be writing it now
+    for p in (*stale, live):
+        p.write_bytes(b"part of a checkpoint")
+    Trainer(tiny(epochs=1, max_steps=1), mnist_small[:128], tmp_path, progress=False).fit()
+    assert not any(p.exists() for p in stale) and live.exists()
+
+
 def test_prune_keeps_two_newest(tmp_path):
     for step in (1, 2, 3):
         checkpoint.atomic_save({"format_version": 1, "step": step}, checkpoint.step_path(tmp_path, step))
