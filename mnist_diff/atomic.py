@@ -10,7 +10,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-
 _TMP = re.compile(r"^\..+\.(\d+)\.tmp(\.[^.]*)?$")  # names `temporary_name` gives
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import malicious_checkpoint
 
 import cli
-from conftest import malicious_checkpoint
 from mnist_diff.device import effective_precision
 from mnist_diff.samplers import SAMPLERS
 from mnist_diff.schedules import SCHEDULES

@@ -7,8 +7,8 @@ import torch
 from conftest import TINY, malicious_checkpoint
 from mnist_diff import checkpoint
 from mnist_diff.config import Config
-from mnist_diff.train import (Callback, Interrupted, NonFiniteLoss, StopSignals, Trainer, ema_decay_at,
-                              ema_nominal_step)
+from mnist_diff.train import Callback, Interrupted, NonFiniteLoss, StopSignals, Trainer
+from mnist_diff.train import ema_decay_at, ema_nominal_step
 
 
 def tiny(**kw):
@@ -152,7 +152,8 @@ def test_a_new_start_removes_temporary_files_of_killed_writers_only(tmp_path, mn
     import subprocess
     import sys
     from mnist_diff.atomic import temporary_name
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
     ckpts = tmp_path / "checkpoints"
     ckpts.mkdir()
     stale = [temporary_name(ckpts / "ckpt-00000004.pt", int(gone.stdout)),
