@@ -6,6 +6,7 @@ Bad input exits with code 2 and a one-line reason before any work starts.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -18,6 +19,7 @@ import click
 SCHEDULES = ("linear", "cosine", "quadratic", "sigmoid")  # kept in step with mnist_diff.schedules (tested)
 SAMPLERS = ("ddpm", "ddim")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+RUN_LOCK = ".run.lock"  # in a train or bench --full --out folder: held by the run that writes there
 
 
 class BadInput(click.ClickException):
@@ -262,6 +264,28 @@ def check_writable_dir(path: str, flag: str = "--out") -> Path:
     return p
 
 
+@contextlib.contextmanager
+def own_run_folder(out_path: Path, out: str, resume: bool | None = False):
+    """Hold --out for a training run's life (one check for `train` and `bench --full`): exit 2 while another
+    run holds it, when it holds a training run this command does not resume (`resume` None: the command
+    can't), or, resuming, when none of its checkpoints is readable. The last check: it creates the folder."""
+    from mnist_diff import checkpoint
+    from mnist_diff.locks import Busy, try_file_lock
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(try_file_lock(out_path / RUN_LOCK))
+        except Busy as err:
+            raise BadInput(f"--out {out} is in use by another run" + (f" (pid {err.pid})" if err.pid else ""))
+        ckpt_dir = out_path / "checkpoints"
+        trained = checkpoint.list_steps(ckpt_dir)
+        if trained and not resume:
+            hint = "choose another --out" if resume is None else "pass --resume, or choose another --out"
+            raise BadInput(f"--out {out} already holds a training run: {hint}")
+        if trained and checkpoint.load_latest(ckpt_dir, warn=False) is None:
+            raise BadInput(f"--out {out}: its checkpoints are unreadable (corrupt, or not mnist-diff ones)")
+        yield
+
+
 def open_tracker(tracking_uri, experiment, no_tracking, **kwargs):
     """A Tracker whose store was checked reachable (exit 2 otherwise), or None with --no-tracking."""
     if no_tracking:
@@ -347,10 +371,9 @@ def train(device, data_dir, out, resume, dry_run, quiet, fid_weights, tracking_u
     if dry_run:
         click.echo(json.dumps(config.to_dict(), indent=2))
         return
-    if not resume and any((out_path / "checkpoints").glob("ckpt-*.pt")):
-        raise BadInput(f"--out {out} already holds a training run: pass --resume, or choose another --out")
     dev = pick_device(device)
     tracker = open_tracker(tracking_uri, experiment, no_tracking, run_name=run_name or config.short_name())
+    click.get_current_context().with_resource(own_run_folder(out_path, out, resume))
 
     from mnist_diff.data import load_mnist
     from mnist_diff.evaluate import Reference
@@ -867,6 +890,8 @@ def bench(device, channels, batch_size, sample_batch, train_steps, sample_steps,
     if full and batch_size > (train_samples or 60_000):
         raise BadInput(f"--batch-size {batch_size} is larger than --train-samples {train_samples}")
     dev = pick_device(device)
+    if full and out:
+        click.get_current_context().with_resource(own_run_folder(Path(out), out, resume=None))
     from mnist_diff.bench import format_table, run_bench
 
     gpu = dev.type != "cpu"

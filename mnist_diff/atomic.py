@@ -5,9 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+_TMP = re.compile(r"^\..+\.(\d+)\.tmp(\.[^.]*)?$")  # names `temporary_name` gives
+
+
+def temporary_name(path: Path, pid: int | None = None) -> Path:
+    """Where `atomic_path` writes `path` first: beside it, hidden, named after the writing process."""
+    return path.with_name(f".{path.stem}.{os.getpid() if pid is None else pid}.tmp{path.suffix}")
 
 
 @contextmanager
@@ -16,7 +24,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fsynced and renamed over `path` (and the rename made durable); otherwise it is removed. The temporary name
     keeps the suffix, so writers that add one (numpy's .npz) write where we look."""
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    tmp = temporary_name(path)
     try:
         yield tmp
         with open(tmp, "rb+") as f:
@@ -37,3 +45,25 @@ def write_json(path: str | os.PathLike, obj) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, default=str))
     return Path(path)
+
+
+def remove_stale(folder: str | os.PathLike) -> None:
+    """Delete the temporary files in `folder` that writers killed mid-write left (kill -9 skips the cleanup):
+    those whose process is gone. A live process's file may be in the middle of its write, so it stays."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for p in folder.iterdir():
+        m = _TMP.match(p.name)
+        if m and not _alive(int(m.group(1))):
+            p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True

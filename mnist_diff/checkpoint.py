@@ -1,9 +1,14 @@
 """Checkpoints: everything a resume needs, written atomically (temporary file, fsync, rename), and
-loaded with a fallback to the previous good file when the newest is truncated or unreadable."""
+loaded with a fallback to the previous good file when the newest is truncated or unreadable.
+
+A checkpoint holds tensors and plain data only (dicts, lists, numbers, strings), and is loaded as such
+(`weights_only=True`): sweeps load checkpoints fetched from a tracking server, and a pickle that names any
+other object could run code."""
 from __future__ import annotations
 
 import logging
 import os
+import pickle
 import re
 from pathlib import Path
 
@@ -24,7 +29,12 @@ def atomic_save(obj, path: str | os.PathLike) -> Path:
 
 
 def load(path: str | os.PathLike, map_location="cpu") -> dict:
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:  # torch's message suggests weights_only=False: never here
+        found = next((line for line in str(err).splitlines() if "GLOBAL" in line), "")
+        raise ValueError(f"{path} is not an mnist-diff checkpoint: it holds more than tensors and plain data"
+                         + (f" ({found.strip()})" if found else "")) from None
     if not isinstance(ckpt, dict) or "format_version" not in ckpt:
         raise ValueError(f"{path} is not an mnist-diff checkpoint")
     return ckpt
@@ -54,13 +64,14 @@ def list_steps(folder: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: p.name, reverse=True)
 
 
-def load_latest(folder: str | os.PathLike, map_location="cpu") -> dict | None:
-    """The newest loadable training checkpoint in `folder`; unreadable ones are skipped with a warning."""
+def load_latest(folder: str | os.PathLike, map_location="cpu", warn: bool = True) -> dict | None:
+    """The newest loadable training checkpoint in `folder`; unreadable ones are skipped (with a warning)."""
     for path in list_steps(folder):
         try:
             return load(path, map_location)
         except Exception as err:  # truncated, corrupt, or foreign: fall back to the previous one
-            log.warning("skipping unreadable checkpoint %s (%s: %s)", path, type(err).__name__, err)
+            if warn:
+                log.warning("skipping unreadable checkpoint %s (%s: %s)", path, type(err).__name__, err)
     return None
 
 

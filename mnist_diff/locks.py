@@ -1,6 +1,7 @@
 """Mutual exclusion between processes, and between machines when they share a PostgreSQL storage.
 
-`file_lock`: an fcntl lock on a file, for processes of one machine (or one local disk). `exclusive`: keyed by
+`file_lock`: an fcntl lock on a file, for processes of one machine (or one local disk); `try_file_lock`: the
+same without waiting, for a folder that one run owns (a second one is refused). `exclusive`: keyed by
 name through the study's storage when it is PostgreSQL (a session advisory lock: every machine reaches the
 same server, and the server releases it when the holder's connection goes, so a machine that dies holds
 nothing), else a `file_lock` in the given folder (SQLite lives on one machine's disk anyway).
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import os
 import re
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +26,37 @@ def file_lock(path: Path):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class Busy(RuntimeError):
+    """Another process holds the lock; `pid` is its process id (None when it has not written it yet)."""
+
+    def __init__(self, path: Path, pid: int | None):
+        super().__init__(f"{path} is held by another process" + (f" (pid {pid})" if pid else ""))
+        self.pid = pid
+
+
+@contextmanager
+def try_file_lock(path: Path):
+    """Hold an fcntl lock on `path` while the block runs, with this process's id in the file; raise `Busy` at
+    once if another process holds it. The kernel releases it when the holder dies, however it dies."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.read(fd, 32).decode(errors="replace").strip()
+            raise Busy(path, int(text) if text.isdigit() else None) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def advisory_key(name: str) -> int:

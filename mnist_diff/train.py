@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from . import accel, checkpoint, timing
+from . import accel, atomic, checkpoint, timing
 from .config import LENGTH_FIELDS, Config, epoch_due
 from .data import save_grid, to_model_range
 from .diffusion import training_loss
@@ -292,10 +292,22 @@ class Trainer:
             raise NonFiniteLoss(first_step + i + 1, float(values[i]))
         return float(values.mean())
 
+    def _fold(self, window: list[torch.Tensor], first_step: int, t_window: float) -> tuple[float, float, float]:
+        """A window of steps into the epoch's loss sums (raising on a non-finite loss) and its time into
+        `train_seconds`. Returns (its mean loss, its images/s, the time it ended)."""
+        mean = self._check_losses(window, first_step)
+        now = time.perf_counter()
+        self.train_seconds += now - t_window
+        timing.add("training", now - t_window)
+        self.epoch_loss = (self.epoch_loss[0] + mean * len(window), self.epoch_loss[1] + len(window))
+        return mean, len(window) * self.config.batch_size / max(now - t_window, 1e-9), now
+
     def fit(self) -> dict:
         c = self.config
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         self.grid_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (self.out_dir, self.ckpt_dir):  # a run killed mid-write left its temporary files
+            atomic.remove_stale(folder)
         (self.out_dir / "config.json").write_text(json.dumps(c.to_dict(), indent=2))
         for cb in self.callbacks:
             cb.on_train_start(self)
@@ -314,6 +326,8 @@ class Trainer:
         try:
             while self.step < self.total_steps:
                 if stop and stop.received:
+                    if window:  # the epoch's loss sums must hold these steps too, or a resume logs another loss
+                        self._fold(window, window_start, t_window)
                     self.save()
                     raise Interrupted(f"{stop.received} at step {self.step}; checkpoint saved")
                 epoch, b = divmod(self.step, self.steps_per_epoch)
@@ -324,12 +338,7 @@ class Trainer:
                 bar.update(1)  # per step, so the bar moves and shows an ETA at once; no host sync (loss stays batched)
                 epoch_done = self.step % self.steps_per_epoch == 0
                 if len(window) == LOG_EVERY or epoch_done or self.step == self.total_steps:
-                    mean = self._check_losses(window, window_start)
-                    now = time.perf_counter()
-                    ips = len(window) * bs / max(now - t_window, 1e-9)
-                    self.train_seconds += now - t_window
-                    timing.add("training", now - t_window)
-                    self.epoch_loss = (self.epoch_loss[0] + mean * len(window), self.epoch_loss[1] + len(window))
+                    mean, ips, now = self._fold(window, window_start, t_window)
                     bar.set_postfix(loss=f"{mean:.4f}", img_s=f"{ips:.0f}", epoch=epoch + 1)
                     for cb in self.callbacks:
                         cb.on_log(self.step, mean, ips)
@@ -343,6 +352,8 @@ class Trainer:
                     t_window = time.perf_counter()  # epoch-end work (checkpoint, grid) is not training time
             if self.step % self.steps_per_epoch != 0:  # stopped by --max-steps mid-epoch
                 self.save()
+            if stop and stop.received:  # came during the last step or the last epoch's scoring: still a stop
+                raise Interrupted(f"{stop.received} at step {self.step}; checkpoint saved")
         finally:
             bar.close()
             if stop:

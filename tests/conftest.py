@@ -35,3 +35,19 @@ def fid_weights():
 # A config small enough to train in about a second per epoch on 2 CPU cores.
 TINY = dict(schedule="linear", timesteps=20, beta_end=0.2, channels=8, batch_size=32, train_samples=128,
             warmup_steps=2, sampler="ddim", ddim_steps=5)
+
+
+class RunsCode:
+    """Pickles as a call of os.system: what a malicious checkpoint (say, uploaded to a tracking server) holds."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def malicious_checkpoint(path, marker):
+    """A torch file shaped like a checkpoint whose loading with weights_only=False would create `marker`."""
+    torch.save({"format_version": 1, "config": {}, "step": 1, "ema": RunsCode(marker)}, path)
+    return path

@@ -2,11 +2,13 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import malicious_checkpoint
 
 import cli
 from mnist_diff.device import effective_precision
@@ -75,6 +77,55 @@ def test_missing_and_corrupt_checkpoint(tmp_path):
     result = run("sample", "--checkpoint", bad, "--out", tmp_path / "s")
     assert result.exit_code == 2 and "unreadable" in result.output and len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "s").exists()
+
+
+def test_a_checkpoint_that_runs_code_is_unreadable_and_never_run(tmp_path):
+    marker = tmp_path / "code-ran"
+    evil = malicious_checkpoint(tmp_path / "evil.pt", marker)
+    result = run("sample", "--checkpoint", evil, "--out", tmp_path / "s")
+    assert result.exit_code == 2 and "unreadable" in result.output and len(result.output.strip().splitlines()) == 1
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    malicious_checkpoint(out / "checkpoints" / "ckpt-00000004.pt", marker)
+    result = run("train", *TINY_ARGS, "--resume", "--out", out)
+    assert result.exit_code == 2 and "unreadable" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not marker.exists() and not (tmp_path / "s").exists()
+    assert files_under(out / "checkpoints") == [Path("ckpt-00000004.pt")]
+
+
+def test_a_second_train_on_the_same_out_is_refused_while_the_first_runs(tmp_path, data_dir):
+    out = tmp_path / "run"
+    data = ["--data-dir", data_dir] if data_dir else []
+    first = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "train", *TINY_ARGS, "--epochs", "1000",
+                              "--out", str(out), *data], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        lock = out / cli.RUN_LOCK
+        deadline = time.monotonic() + 120
+        while not (lock.exists() and lock.read_text() == str(first.pid)):
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        for resume in ([], ["--resume"]):
+            second = run("train", *TINY_ARGS, "--max-steps", "1", "--out", out, *data, *resume)
+            assert second.exit_code == 2, second.output
+            assert second.output.strip() == f"Error: --out {out} is in use by another run (pid {first.pid})"
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_bench_full_refuses_an_out_that_holds_a_training_run(tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    ckpt = out / "checkpoints" / "ckpt-00000004.pt"
+    ckpt.write_bytes(b"a training run's checkpoint")
+    result = run("bench", "--device", "cpu", "--channels", "8", "--batch-size", "8", "--train-steps", "1",
+                 "--sample-steps", "2", "--repeats", "1", "--no-inception", "--full", "--epochs", "1",
+                 "--train-samples", "8", "--fid-select-samples", "2", "--fid-samples", "2", "--out", out)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == f"Error: --out {out} already holds a training run: choose another --out"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [ckpt.name]
+    assert ckpt.read_bytes() == b"a training run's checkpoint"
 
 
 def test_cosine_help_says_beta_range_is_ignored():

@@ -1,10 +1,14 @@
+import os
+import signal
+
 import pytest
 import torch
 
-from conftest import TINY
+from conftest import TINY, malicious_checkpoint
 from mnist_diff import checkpoint
 from mnist_diff.config import Config
-from mnist_diff.train import NonFiniteLoss, Trainer, ema_decay_at, ema_nominal_step
+from mnist_diff.train import Callback, Interrupted, NonFiniteLoss, StopSignals, Trainer
+from mnist_diff.train import ema_decay_at, ema_nominal_step
 
 
 def tiny(**kw):
@@ -45,6 +49,48 @@ def test_resume_gives_identical_weights(tmp_path, mnist_small, stop_at):
     resumed.fit()
     assert_same(weights(straight), weights(resumed))
     assert [h["loss"] for h in straight.history] == pytest.approx([h["loss"] for h in resumed.history])
+
+
+class SigtermAfterStep(Trainer):
+    """Sends itself a real SIGTERM right after optimizer step `at`: in the loop, where it only sets the stop flag."""
+    at = -1
+
+    def _train_step(self, x0):
+        loss = super()._train_step(x0)
+        if self.step == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+
+def test_sigterm_mid_epoch_then_resume_logs_the_uninterrupted_losses(tmp_path, mnist_small):
+    images = mnist_small[:128]
+    straight = Trainer(tiny(epochs=2), images, tmp_path / "a", progress=False)
+    straight.fit()
+    stopped = SigtermAfterStep(tiny(epochs=2), images, tmp_path / "b", progress=False)
+    stopped.at = 6  # in the middle of epoch 2 (4 steps an epoch), between two loss readouts
+    with StopSignals(), pytest.raises(Interrupted):
+        stopped.fit()
+    resumed = Trainer(tiny(epochs=2), images, tmp_path / "b", progress=False)
+    assert resumed.resume() and resumed.step == 6
+    resumed.fit()
+    assert_same(weights(straight), weights(resumed))
+    assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in straight.history])
+
+
+class SigtermAtEpochEnd(Callback):
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_epoch_end(self, end):  # where the FID of the epoch is scored
+        if end.epoch == self.epoch:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_while_the_last_epoch_is_scored_still_stops(tmp_path, mnist_small):
+    t = Trainer(tiny(epochs=2), mnist_small[:128], tmp_path, callbacks=[SigtermAtEpochEnd(2)], progress=False)
+    with StopSignals(), pytest.raises(Interrupted, match="SIGTERM at step 8"):
+        t.fit()
+    assert checkpoint.load_latest(tmp_path / "checkpoints")["step"] == 8  # all of it saved for a rerun
 
 
 def test_resume_refuses_a_different_training_config(tmp_path, mnist_small):
@@ -89,6 +135,34 @@ def test_truncated_newest_checkpoint_falls_back_to_previous(tmp_path, caplog):
     newest.write_bytes(newest.read_bytes()[:100])
     assert checkpoint.load_latest(tmp_path)["step"] == 1
     assert "skipping unreadable checkpoint" in caplog.text
+
+
+def test_loading_a_checkpoint_never_runs_its_code(tmp_path):
+    marker = tmp_path / "code-ran"
+    evil = malicious_checkpoint(checkpoint.step_path(tmp_path, 2), marker)
+    with pytest.raises(ValueError, match="more than tensors and plain data"):
+        checkpoint.load(evil)
+    assert checkpoint.load_latest(tmp_path) is None  # skipped as unreadable
+    checkpoint.atomic_save({"format_version": 1, "step": 1}, checkpoint.step_path(tmp_path, 1))
+    assert checkpoint.load_latest(tmp_path)["step"] == 1  # the previous good one
+    assert not marker.exists()
+
+
+def test_a_new_start_removes_temporary_files_of_killed_writers_only(tmp_path, mnist_small):
+    import subprocess
+    import sys
+    from mnist_diff.atomic import temporary_name
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    stale = [temporary_name(ckpts / "ckpt-00000004.pt", int(gone.stdout)),
+             temporary_name(tmp_path / "result.json", int(gone.stdout))]
+    live = temporary_name(ckpts / "ckpt-00000008.pt", os.getppid())  # a live process may be writing it now
+    for p in (*stale, live):
+        p.write_bytes(b"part of a checkpoint")
+    Trainer(tiny(epochs=1, max_steps=1), mnist_small[:128], tmp_path, progress=False).fit()
+    assert not any(p.exists() for p in stale) and live.exists()
 
 
 def test_prune_keeps_two_newest(tmp_path):
