@@ -80,6 +80,32 @@ class OptionalPath(BlankIsDefault, click.Path):
     pass
 
 
+class MnistRoot(click.Path):
+    """A torchvision root that holds MNIST (`data.check_mnist_root`): read, never downloaded into."""
+
+    def convert(self, value, param, ctx):
+        path = super().convert(value, param, ctx)
+        from mnist_diff.data import check_mnist_root
+        try:
+            check_mnist_root(path)
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
+        return path
+
+
+class InceptionWeights(click.Path):
+    """torch-fidelity's Inception weights file (`evaluate.check_weights`), checked before any work."""
+
+    def convert(self, value, param, ctx):
+        path = super().convert(value, param, ctx)
+        from mnist_diff.evaluate import check_weights
+        try:
+            check_weights(path)
+        except ValueError as err:
+            self.fail(f"{path}: {err}", param, ctx)
+        return path
+
+
 class Workers(click.ParamType):
     """`auto` (one worker per visible GPU; 1 without a GPU) or a count >= 1; empty means auto."""
     name = "auto|N"
@@ -181,9 +207,9 @@ sample_batch_option = click.option(
     help="Images per sampling batch (speed only: image i depends on (seed, i)). Default: what the device "
          "holds (up to 2000 on a GPU, 64 on CPU).")
 data_dir_option = click.option(
-    "--data-dir", type=click.Path(exists=True, file_okay=False), envvar="MNIST_DIFF_DATA_DIR",
-    help="torchvision root holding MNIST/raw (env MNIST_DIFF_DATA_DIR). Default: download into "
-         "~/.cache/mnist-diff/data on first use.")
+    "--data-dir", type=MnistRoot(exists=True, file_okay=False), envvar="MNIST_DIFF_DATA_DIR",
+    help="torchvision root holding MNIST/raw (env MNIST_DIFF_DATA_DIR); read, never downloaded into. "
+         "Default: download into ~/.cache/mnist-diff/data on first use.")
 
 
 fid_options = _apply([
@@ -209,7 +235,7 @@ fid_options = _apply([
 ])
 
 fid_weights_option = click.option(
-    "--fid-weights", type=click.Path(exists=True, dir_okay=False), envvar="MNIST_DIFF_FID_WEIGHTS",
+    "--fid-weights", type=InceptionWeights(exists=True, dir_okay=False), envvar="MNIST_DIFF_FID_WEIGHTS",
     help="torch-fidelity Inception weights file (env MNIST_DIFF_FID_WEIGHTS); default: torch-fidelity downloads them.")
 
 tracking_options = _apply([
@@ -371,6 +397,8 @@ def train(device, data_dir, out, resume, dry_run, quiet, fid_weights, tracking_u
     if dry_run:
         click.echo(json.dumps(config.to_dict(), indent=2))
         return
+    if resume:
+        check_resumable(config, out_path / "checkpoints", out)
     dev = pick_device(device)
     tracker = open_tracker(tracking_uri, experiment, no_tracking, run_name=run_name or config.short_name())
     click.get_current_context().with_resource(own_run_folder(out_path, out, resume))
@@ -392,6 +420,18 @@ def train(device, data_dir, out, resume, dry_run, quiet, fid_weights, tracking_u
     click.echo(summary_line(result))
     if tracker is not None:
         click.echo(tracker.describe())
+
+
+def check_resumable(config, ckpt_dir: Path, out: str) -> None:
+    """--resume must keep the training settings of the checkpoint it continues (exit 2 naming them)."""
+    from mnist_diff import checkpoint
+    from mnist_diff.config import Config, training_changes
+    ckpt = checkpoint.load_latest(ckpt_dir)
+    changes = ckpt and training_changes(Config.from_dict(ckpt["config"]), config)
+    if changes:
+        said = ", ".join(f"{k} {saved} (now {now})" for k, (saved, now) in changes.items())
+        raise BadInput(f"--resume: --out {out} was trained with other settings: {said}; give those, "
+                       "or another --out")
 
 
 def summary_line(result: dict) -> str:
@@ -795,15 +835,17 @@ def evaluate(checkpoint_path, images_path, num_samples, sampler, ddim_steps, eta
     if (checkpoint_path is None) == (images_path is None):
         raise BadInput("give exactly one of --checkpoint and --images")
     dev = pick_device(device)
+    from mnist_diff.evaluate import Reference
+    try:
+        reference = Reference(fid_ref, fid_ref_samples, data_dir, fid_weights)
+    except ValueError as err:
+        raise BadInput(str(err)) from None
     if images_path is not None:
-        import numpy as np
-        import torch
+        from mnist_diff.data import load_samples
         try:
-            images = torch.from_numpy(np.load(images_path)["images"])
-        except Exception as err:
-            raise BadInput(f"--images {images_path}: unreadable ({type(err).__name__}: {err})")
-        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[0] < 2:
-            raise BadInput(f"--images {images_path}: expected at least 2 uint8 images [N, 1, 28, 28]")
+            images = load_samples(images_path)
+        except ValueError as err:
+            raise BadInput(f"--images {images_path}: {err}") from None
         params = {"images": images_path, "num_samples": images.shape[0]}
     else:
         model, trained, _ = _load_checkpoint(checkpoint_path, dev)
@@ -813,11 +855,10 @@ def evaluate(checkpoint_path, images_path, num_samples, sampler, ddim_steps, eta
     tracker = open_tracker(tracking_uri, experiment, no_tracking, run_name="evaluate",
                            tags={"mnist_diff.command": "evaluate"})
 
-    from mnist_diff.evaluate import Reference, compute_fid
+    from mnist_diff.evaluate import compute_fid
     from mnist_diff.experiment import score_model
     from mnist_diff.train import StopSignals
 
-    reference = Reference(fid_ref, fid_ref_samples, data_dir, fid_weights)
     params.update(fid_ref=fid_ref, fid_ref_samples=fid_ref_samples, fid_weights=fid_weights)
 
     def score():
@@ -884,11 +925,21 @@ def bench(device, channels, batch_size, sample_batch, train_steps, sample_steps,
     if channels % 8:
         raise BadInput(f"--channels must be a multiple of 8, got {channels}")
     if json_path:
-        check_writable_dir(str(Path(json_path).parent), "--json")
+        folder = check_writable_dir(str(Path(json_path).parent), "--json")
+        if not folder.is_dir():  # written after all the work: its folder must be there now
+            raise BadInput(f"--json {json_path}: folder {folder} does not exist")
     if full and out:
         check_writable_dir(out)
     if full and batch_size > (train_samples or 60_000):
         raise BadInput(f"--batch-size {batch_size} is larger than --train-samples {train_samples}")
+    if full:  # checked now, not after the bench: e.g. --fid-ref-samples beyond the split
+        from mnist_diff.bench import full_config
+        try:
+            full_config(epochs=epochs, batch_size=batch_size, channels=channels, precision=precision,
+                        compile=compile, fid_select_samples=fid_select_samples, fid_samples=fid_samples,
+                        train_samples=train_samples, fid_ref_samples=fid_ref_samples)
+        except ValueError as err:
+            raise BadInput(str(err)) from None
     dev = pick_device(device)
     if full and out:
         click.get_current_context().with_resource(own_run_folder(Path(out), out, resume=None))

@@ -234,6 +234,11 @@ def format_table(r: dict) -> str:
 FULL_CONFIG = dict(schedule="cosine", timesteps=200, beta_end=0.08, sampler="ddpm")  # a study config
 
 
+def full_config(**fields) -> Config:
+    """The config `run_full` trains: `FULL_CONFIG` with `fields`; ValueError when they are invalid."""
+    return Config(**FULL_CONFIG, **fields)
+
+
 def run_full(device: torch.device, out_dir, *, data_dir=None, fid_weights=None, epochs: int = 2,
              fid_select_samples: int = 2000, fid_samples: int = 10000, train_samples: int | None = None,
              fid_ref_samples: int | None = None, channels: int = 64, batch_size: int = 128,
@@ -246,9 +251,9 @@ def run_full(device: torch.device, out_dir, *, data_dir=None, fid_weights=None, 
     from .evaluate import Reference, ensure_reference_stats
     from .experiment import run_experiment
 
-    config = Config(**FULL_CONFIG, epochs=epochs, batch_size=batch_size, channels=channels, precision=precision,
-                    compile=compile, fid_select_samples=fid_select_samples, fid_samples=fid_samples,
-                    train_samples=train_samples, fid_ref_samples=fid_ref_samples)
+    config = full_config(epochs=epochs, batch_size=batch_size, channels=channels, precision=precision,
+                         compile=compile, fid_select_samples=fid_select_samples, fid_samples=fid_samples,
+                         train_samples=train_samples, fid_ref_samples=fid_ref_samples)
     configure_backend(device)
     reference = Reference("train", fid_ref_samples, data_dir, fid_weights)
     t0 = time.perf_counter()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 
 from .accel import COMPILE_CHOICES
@@ -14,6 +15,7 @@ from .schedules import SCHEDULES, USES_BETA_RANGE
 
 PRECISIONS = ("auto", "fp32", "bf16")
 FID_REFS = ("train", "test")
+MNIST_SIZES = {"train": 60_000, "test": 10_000}  # images per MNIST split
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,22 @@ def epoch_due(every: int, epoch: int, last_epoch: int) -> bool:
     return every > 0 and (epoch % every == 0 or epoch == last_epoch)
 
 
+def training_changes(saved: Config, now: Config) -> dict:
+    """{field: (saved, now)} of the training fields `now` changes: a resume of `saved`'s training must keep
+    them. --epochs and --max-steps may change: the weights at each step don't depend on them."""
+    old, new = saved.training_dict(), now.training_dict()
+    return {k: (old.get(k), new[k]) for k in new if k not in LENGTH_FIELDS and old.get(k) != new[k]}
+
+
+def check_reference(split: str, samples: int | None) -> None:
+    """Raise ValueError unless `samples` (None: all) reference images can be taken from MNIST's `split`."""
+    if split not in FID_REFS:
+        raise ValueError(f"unknown --fid-ref {split!r}; choose train or test")
+    if samples is not None and not 2 <= samples <= MNIST_SIZES[split]:
+        raise ValueError(f"--fid-ref-samples must be in [2, {MNIST_SIZES[split]}] (the MNIST {split} split), "
+                         f"got {samples}")
+
+
 def _stable_hash(d: dict) -> str:
     blob = json.dumps(d, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -128,6 +146,11 @@ def validate(c: Config) -> None:
         if not ok:
             raise ValueError(msg)
 
+    for f in dataclasses.fields(c):  # nan and inf pass every range check below: refuse them first
+        value = getattr(c, f.name)
+        if f.type == "float":
+            need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+                 f"{_flag(f.name)} must be a finite number, got {value!r}")
     need(c.schedule in SCHEDULES, f"unknown schedule {c.schedule!r}; choose one of {', '.join(SCHEDULES)}")
     need(c.sampler in SAMPLERS, f"unknown sampler {c.sampler!r}; choose one of {', '.join(SAMPLERS)}")
     need(c.timesteps >= 2, f"--timesteps must be >= 2, got {c.timesteps}")
@@ -142,20 +165,29 @@ def validate(c: Config) -> None:
     need(c.epochs >= 1, f"--epochs must be >= 1, got {c.epochs}")
     need(c.batch_size >= 1, f"--batch-size must be >= 1, got {c.batch_size}")
     need(c.lr > 0, f"--lr must be > 0, got {c.lr}")
+    need(c.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {c.warmup_steps}")
+    need(c.weight_decay >= 0, f"weight_decay must be >= 0, got {c.weight_decay}")
+    need(c.grad_clip >= 0, f"grad_clip must be >= 0 (0: no clipping), got {c.grad_clip}")
     need(0 <= c.ema_decay < 1, f"--ema-decay must be in [0, 1), got {c.ema_decay}")
     need(c.ema_warmup_steps >= 0, f"--ema-warmup-steps must be >= 0, got {c.ema_warmup_steps}")
     need(c.channels >= 8 and c.channels % 8 == 0, f"--channels must be a positive multiple of 8, got {c.channels}")
     need(c.precision in PRECISIONS, f"unknown precision {c.precision!r}; choose one of {', '.join(PRECISIONS)}")
     need(c.train_samples is None or c.train_samples >= c.batch_size,
          f"--train-samples ({c.train_samples}) must be at least --batch-size ({c.batch_size})")
+    need(c.train_samples is None or c.train_samples <= MNIST_SIZES["train"],
+         f"--train-samples must be <= {MNIST_SIZES['train']} (the MNIST train split), got {c.train_samples}")
     need(c.max_steps is None or c.max_steps >= 1, f"--max-steps must be >= 1, got {c.max_steps}")
     need(c.fid_every >= 0, f"--fid-every must be >= 0, got {c.fid_every}")
     need(c.fid_select_samples >= 2, f"--fid-select-samples must be >= 2, got {c.fid_select_samples}")
     need(c.fid_samples == 0 or c.fid_samples >= 2, f"--fid-samples must be 0 (no final FID) or >= 2, got {c.fid_samples}")
-    need(c.fid_ref in FID_REFS, f"unknown --fid-ref {c.fid_ref!r}; choose train or test")
-    need(c.fid_ref_samples is None or c.fid_ref_samples >= 2, "--fid-ref-samples must be >= 2")
+    check_reference(c.fid_ref, c.fid_ref_samples)
     need(c.fid_batch_size >= 1, "--fid-batch-size must be >= 1")
     need(1 <= c.grid_images <= 1024, f"--grid-images must be in [1, 1024], got {c.grid_images}")
     need(c.grid_every >= 0, f"--grid-every must be >= 0, got {c.grid_every}")
     need(c.compile in COMPILE_CHOICES, f"unknown --compile {c.compile!r}; choose one of {', '.join(COMPILE_CHOICES)}")
     need(c.sample_batch_size is None or c.sample_batch_size >= 1, "--sample-batch-size must be >= 1")
+
+
+def _flag(field: str) -> str:
+    """How a message names a field: its CLI option, else the field itself (a grid may set any field)."""
+    return field if field in ("weight_decay", "grad_clip") else "--" + field.replace("_", "-")

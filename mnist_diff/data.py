@@ -24,6 +24,38 @@ def load_mnist(data_dir: str | os.PathLike | None, *, train: bool = True, limit:
     return images.unsqueeze(1).contiguous().to(device)
 
 
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+               "t10k-labels-idx1-ubyte")  # torchvision.datasets.MNIST.resources, extracted or as .gz
+
+
+def check_mnist_root(data_dir: str | os.PathLike) -> None:
+    """Raise ValueError unless the torchvision root `data_dir` holds MNIST (MNIST/raw, its files extracted or
+    gzipped): a folder given for the data is read, never downloaded into (which fails offline)."""
+    raw = Path(data_dir) / "MNIST" / "raw"
+    missing = [n for n in MNIST_FILES if not (raw / n).is_file() and not (raw / f"{n}.gz").is_file()]
+    if missing:
+        raise ValueError(f"{data_dir} holds no MNIST: looked for {raw / missing[0]}[.gz] "
+                         f"({len(missing)} of {len(MNIST_FILES)} files missing)")
+
+
+def load_samples(path: str | os.PathLike) -> torch.Tensor:
+    """The images of a samples.npz written by `sample`: uint8 [N, 1, 28, 28], N >= 2. ValueError, with a
+    one-line reason, for anything else; nothing in the file is executed (no pickles)."""
+    import numpy as np
+    try:
+        npz = np.load(path, allow_pickle=False)
+        if not isinstance(npz, np.lib.npyio.NpzFile):
+            raise ValueError("an .npy array, not an .npz archive")
+        with npz:
+            images = npz["images"]
+    except Exception as err:  # not numpy, no 'images', truncated, pickled objects
+        raise ValueError(f"unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (1, 28, 28) or len(images) < 2:
+        raise ValueError(f"expected at least 2 uint8 images [N, 1, 28, 28] (0..255, as `sample` writes), got "
+                         f"{images.dtype} {list(images.shape)}")
+    return torch.from_numpy(images)
+
+
 def to_model_range(images_u8: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] -> float [-1, 1]."""
     return images_u8.float() / 127.5 - 1.0

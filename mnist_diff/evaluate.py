@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .config import check_reference
 from .data import DEFAULT_DATA_DIR, load_mnist, to_fid_rgb
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,31 @@ def weights_fingerprint(weights_path: str | os.PathLike | None) -> str:
     return _fingerprint_file(str(Path(weights_path).resolve()), st.st_size, st.st_mtime_ns)
 
 
+# A few tensors of torch-fidelity's FeatureExtractorInceptionV3 state dict, first to last block, that tell its
+# weights from any other file (its 472 tensors are then checked by load_state_dict itself).
+INCEPTION_SIGNATURE = {"Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3),
+                       "Mixed_6e.branch7x7_1.conv.weight": (192, 768, 1, 1),
+                       "Mixed_7c.branch_pool.conv.weight": (192, 2048, 1, 1), "fc.weight": (1008, 2048)}
+
+
+def check_weights(weights_path: str | os.PathLike) -> None:
+    """Raise ValueError, with a one-line reason, unless the file is torch-fidelity's Inception state dict.
+    Read as data only (weights_only): torch-fidelity itself unpickles the file, which could run code."""
+    import pickle
+    import zipfile
+    try:  # mapped, not read, where torch.save's zip format allows: the file is ~100 MB
+        state = torch.load(weights_path, map_location="cpu", weights_only=True,
+                           mmap=zipfile.is_zipfile(weights_path))
+    except Exception as err:  # an UnpicklingError's text is a page of advice: its name says enough
+        first = "" if isinstance(err, pickle.UnpicklingError) else (str(err).strip().splitlines() or [""])[0]
+        raise ValueError(f"not a torch weights file of tensors ({type(err).__name__}"
+                         f"{': ' + first[:200] if first else ''})") from None
+    for key, shape in INCEPTION_SIGNATURE.items():
+        tensor = state.get(key) if isinstance(state, dict) else None
+        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape:
+            raise ValueError(f"not torch-fidelity's Inception weights (no {key} of shape {list(shape)})")
+
+
 @dataclass(frozen=True)
 class Reference:
     """Which real images generated ones are compared with."""
@@ -52,6 +78,9 @@ class Reference:
     samples: int | None = None           # None: the whole split; else its first N images
     data_dir: str | None = None
     weights_path: str | None = None
+
+    def __post_init__(self):
+        check_reference(self.split, self.samples)  # e.g. 20,000 test images: the split has 10,000
 
     def cache_name(self) -> str:
         count = "all" if self.samples is None else str(self.samples)

@@ -148,9 +148,11 @@ def load_file(path) -> list[Dim]:
     """Dimensions from a TOML file: a [grid] table (or top-level keys) of `field = [values]` and
     `"f1:f2" = [[a, b], ...]` entries, in file order."""
     try:
-        doc = tomllib.loads(Path(path).read_text())
+        doc = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise GridError(f"--grid-file {path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except (OSError, tomllib.TOMLDecodeError) as err:
-        raise GridError(f"--grid-file {path}: {err}") from None
+        raise GridError(f"--grid-file {path}: not a TOML grid file ({err})") from None
     table = doc.get("grid", doc)
     if not isinstance(table, dict) or not table:
         raise GridError(f"--grid-file {path}: no grid dimensions (expected a [grid] table of field = [values])")

@@ -91,10 +91,21 @@ def sort_records(records: list[dict]) -> list[dict]:
 
 
 def load_records_from_json(path) -> tuple[list[dict], dict]:
-    """(records, study) from a `grid_search_results.json`; study = everything but `results`."""
-    data = json.loads(Path(path).read_text())
+    """(records, study) from a `grid_search_results.json`; study = everything but `results`. ValueError, with
+    a one-line reason, for anything else (other JSON, a record without its reference params or of wrong
+    types)."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(data, dict) or not isinstance(data.get("results"), list) \
+            or not isinstance(data.get("grid"), dict):
+        raise ValueError("expected an object with a 'grid' object and a 'results' list, as `sweep` writes")
     study = {k: v for k, v in data.items() if k != "results"}
-    return sort_records([normalize_record(r) for r in data.get("results", [])]), study
+    records = []
+    for i, r in enumerate(data["results"]):
+        try:
+            records.append(normalize_record(r))
+        except (AttributeError, KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"results[{i}] is not a trial record ({type(err).__name__}: {err})") from None
+    return sort_records(records), study
 
 
 def grid_dims(study: dict) -> list[tuple[list, list]]:

@@ -20,6 +20,8 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+from mlflow.store.db.db_types import DATABASE_ENGINES
 from mlflow.tracking import MlflowClient
 
 from .redact import redact_text, redact_url
@@ -85,11 +87,22 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         except Exception as err:
             raise TrackingUnavailable(f"tracking store {uri} is unreachable: {str(err).splitlines()[0]}") from None
         return
+    if uri.split(":", 1)[0] in ("databricks", "databricks-uc", "uc"):  # MLflow checks the credentials on use
+        return
     if uri.startswith("file:") or "://" not in uri:
+        if not MLFLOW_ALLOW_FILE_STORE.get():  # MLflow 3 refuses its file store (when it first writes)
+            raise TrackingUnavailable(f"tracking store {uri}: MLflow 3 no longer opens folder (file:) "
+                                      "stores; use a database such as sqlite:///mlflow.db (or set "
+                                      "MLFLOW_ALLOW_FILE_STORE=true)")
         folder = Path(uri[len("file:"):] if uri.startswith("file:") else uri)
         probe = folder if folder.exists() else folder.parent
         if not probe.is_dir() or not os.access(probe, os.W_OK):
             raise TrackingUnavailable(f"tracking store {uri} is not a writable folder")
+        return
+    scheme = uri.split(":", 1)[0]
+    if scheme.split("+")[0] not in DATABASE_ENGINES:  # any other scheme MLflow refuses on first use
+        raise TrackingUnavailable(f"tracking URI {redact_url(uri)}: MLflow does not support the scheme "
+                                  f"{scheme!r}; use sqlite:///..., postgresql://... or http(s)://...")
 
 
 def git_commit() -> str | None:

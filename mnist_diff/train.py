@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import accel, atomic, checkpoint, timing
-from .config import LENGTH_FIELDS, Config, epoch_due
+from .config import Config, epoch_due, training_changes
 from .data import save_grid, to_model_range
 from .diffusion import training_loss
 from .device import autocast
@@ -206,11 +206,8 @@ class Trainer:
         }
 
     def load_state_dict(self, ckpt: dict) -> None:
-        saved = Config.from_dict(ckpt["config"]).training_dict()
-        current = self.config.training_dict()
-        diff = {k: (saved[k], current[k]) for k in current
-                if k not in LENGTH_FIELDS and saved.get(k) != current[k]}
-        if diff:  # --epochs and --max-steps may change on resume: the weights at each step don't depend on them
+        diff = training_changes(Config.from_dict(ckpt["config"]), self.config)
+        if diff:
             raise ValueError(f"checkpoint was trained with a different config (saved, now): {diff}")
         self.model.load_state_dict(ckpt["model"])
         if self.ema is not None:

@@ -48,6 +48,13 @@ BAD_TRAIN = [
     # a cut epoch is no epoch: 64 images in batches of 32 are 2 steps an epoch, so 1 step scores nothing
     (["--train-samples", "64", "--batch-size", "32", "--max-steps", "1"],
      "--max-steps 1 stops before the first epoch ends (2 steps: 64 images, --batch-size 32), so nothing is scored"),
+    # config values the option types let through: Config's checks (shared with grid values) refuse them
+    (["--lr", "inf", "--dry-run"], "--lr must be a finite number, got inf"),
+    (["--lr", "nan", "--dry-run"], "--lr must be a finite number, got nan"),
+    (["--beta-start", "nan", "--dry-run"], "--beta-start must be a finite number"),
+    (["--train-samples", "60001", "--dry-run"], "--train-samples must be <= 60000 (the MNIST train split)"),
+    (["--fid-ref", "test", "--fid-ref-samples", "10001", "--dry-run"],
+     "--fid-ref-samples must be in [2, 10000] (the MNIST test split), got 10001"),
 ]
 
 
@@ -158,6 +165,12 @@ def test_train_then_sample_end_to_end(tmp_path, data_dir):
     assert (out / "samples" / "epoch-001.png").exists() and (out / "config.json").exists()
     again = run("train", *TINY_ARGS, "--out", out)
     assert again.exit_code == 2 and "--resume" in again.output
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    other = run("train", *TINY_ARGS, "--resume", "--lr", "1e-3", "--seed", "1", "--epochs", "3", "--out", out)
+    assert other.exit_code == 2 and other.output.strip() == (
+        f"Error: --resume: --out {out} was trained with other settings: lr 0.0002 (now 0.001), "
+        "seed 0 (now 1); give those, or another --out")  # --epochs may grow
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
     ckpt = sorted((out / "checkpoints").glob("ckpt-*.pt"))[-1]
 
     too_many = run("sample", "--checkpoint", ckpt, "--ddim-steps", "21", "--out", tmp_path / "s0")
@@ -206,6 +219,29 @@ MORE_BAD = [
     (["train", "--grid-every", "-1"], "--grid-every"),
     (["bench", "--channels", "12"], "multiple of 8"),
     (["bench", "--compile", "fast"], "'fast' is not one of"),
+    (["evaluate", "--images", "NHWC", "--no-tracking"], "expected at least 2 uint8 images [N, 1, 28, 28]"),
+    (["evaluate", "--images", "FLOAT", "--no-tracking"], "got float32 [4, 1, 28, 28]"),
+    (["evaluate", "--images", "NONE", "--no-tracking"], "got uint8 [0, 1, 28, 28]"),
+    (["evaluate", "--images", "NPZ", "--no-tracking", "--fid-ref", "test", "--fid-ref-samples", "10001"],
+     "--fid-ref-samples must be in [2, 10000]"),
+    (["train", "--dry-run", "--fid-weights", "GARBAGE"], "not a torch weights file"),
+    (["train", "--dry-run", "--fid-weights", "STATE"], "not torch-fidelity's Inception weights"),
+    (["evaluate", "--images", "NPZ", "--fid-weights", "MISSING"], "does not exist"),
+    (["train", "--dry-run", "--data-dir", "TMP/in"], "holds no MNIST: looked for TMP/in/MNIST/raw/"),
+    (["report", "--results", "LIST"], "not a grid_search_results.json (expected an object"),
+    (["report", "--results", "EMPTY"], "not a grid_search_results.json (expected an object"),
+    (["report", "--results", "NOPARAMS"], "not a grid_search_results.json (results[0] is not a trial record"),
+    (["sweep", "--grid", "weight_decay=-1"], "weight_decay=-1): weight_decay must be >= 0, got -1.0"),
+    (["sweep", "--grid", "grad_clip=nan"], "grad_clip must be a finite number, got nan"),
+    (["sweep", "--grid", "lr=inf"], "--lr must be a finite number, got inf"),
+    (["sweep", "--grid", "warmup_steps=-5"], "--warmup-steps must be >= 0, got -5"),
+    (["sweep", "--grid", "fid_ref_samples=60001"], "--fid-ref-samples must be in [2, 60000]"),
+    (["bench", "--full", "--fid-ref-samples", "60001"], "--fid-ref-samples must be in [2, 60000]"),
+    (["sweep", "--grid-file", "LATIN1"], "not UTF-8 text"),
+    (["sweep", "--grid-file", "GARBAGE"], "not a TOML grid file"),
+    (["bench", "--device", "cpu", "--channels", "8", "--batch-size", "8", "--sample-batch", "4", "--train-steps",
+      "1", "--sample-steps", "2", "--repeats", "1", "--no-inception", "--json", "TMP/nope/b.json"],
+     "--json TMP/nope/b.json: folder TMP/nope does not exist"),
 ]
 
 
@@ -216,10 +252,12 @@ def test_every_command_rejects_bad_input_with_one_line(tmp_path, monkeypatch, ar
     garbage = tmp_path / "in" / "garbage.json"
     garbage.write_text("{not json")
     subst = {"DEVICE": unavailable_device(), "MISSING": str(tmp_path / "in" / "none.pt"), "GARBAGE": str(garbage)}
+    subst.update(input_files(tmp_path / "in"))
     args = [subst.get(a, a.replace("TMP", str(tmp_path))) for a in args]
     result = run(*args, *(["--out", tmp_path / "out"] if args[0] in ("train", "sample", "report", "sweep") else []))
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
+    message = message.replace("TMP", str(tmp_path))
     assert len(lines) == 1 and lines[0].startswith("Error:") and message in lines[0], result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # nothing created: no out, store or study
 
@@ -244,6 +282,50 @@ def test_every_command_refuses_an_in_memory_store(tmp_path, monkeypatch, url):
         lines = result.output.strip().splitlines()
         assert len(lines) == 1 and "is an in-memory database" in lines[0], (args, result.output)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def input_files(folder: Path) -> dict:
+    """Files that are readable but the wrong thing: each a placeholder of MORE_BAD."""
+    import torch
+    arrays = {"NPZ": np.zeros((4, 1, 28, 28), np.uint8), "NHWC": np.zeros((4, 28, 28, 1), np.uint8),
+              "FLOAT": np.zeros((4, 1, 28, 28), np.float32), "NONE": np.zeros((0, 1, 28, 28), np.uint8)}
+    out = {}
+    for name, images in arrays.items():
+        np.savez(folder / f"{name}.npz", images=images)
+        out[name] = str(folder / f"{name}.npz")
+    torch.save({"conv.weight": torch.zeros(2, 1, 3, 3)}, folder / "state.pt")
+    texts = {"LIST": "[]", "EMPTY": "{}", "NOPARAMS": '{"grid": {}, "results": [{"trial": 0}]}'}
+    for name, text in texts.items():
+        (folder / f"{name}.json").write_text(text)
+        out[name] = str(folder / f"{name}.json")
+    (folder / "latin1.toml").write_bytes("[grid]\n# \u00e9t\u00e9\nddim_steps = [10]\n".encode("latin-1"))
+    return {**out, "STATE": str(folder / "state.pt"), "LATIN1": str(folder / "latin1.toml")}
+
+
+@pytest.mark.parametrize("uri,message", [
+    ("file:TMP/mlruns", "MLflow 3 no longer opens folder (file:) stores"),
+    ("TMP/mlruns", "MLflow 3 no longer opens folder (file:) stores"),
+    ("ftp://user:secret@host/x", "tracking URI ftp://user:***@host/x: MLflow does not support the scheme"),
+])
+@pytest.mark.parametrize("command", [
+    ["train", *TINY_ARGS[:-1], "--max-steps", "1"],
+    ["sweep", "--preset", "smoke", "--schedule", "linear", "--timesteps", "200", "--sampler", "ddim"],
+    ["evaluate", "--images", "NPZ"],
+    ["report", "--study", "s"],
+])
+def test_tracking_uris_mlflow_refuses_exit_2_for_every_command(tmp_path, monkeypatch, command, uri, message):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    (tmp_path / "in").mkdir()
+    subst = input_files(tmp_path / "in")
+    args = [subst.get(a, a) for a in command]
+    result = run(*args, "--tracking-uri", uri.replace("TMP", str(tmp_path)),
+                 *(["--out", tmp_path / "out"] if args[0] != "evaluate" else []))
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error:") and message in lines[0], result.output
+    assert "secret" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
 
 
 def test_sweep_refuses_an_existing_study_with_another_grid(tmp_path, monkeypatch):
