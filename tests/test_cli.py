@@ -113,7 +113,7 @@ def test_a_second_train_on_the_same_out_is_refused_while_the_first_runs(tmp_path
             assert first.poll() is None and time.monotonic() < deadline
             time.sleep(0.2)
         for resume in ([], ["--resume"]):
-            second = run("train", *TINY_ARGS, "--max-steps", "1", "--out", out, *data, *resume)
+            second = run("train", *TINY_ARGS, "--max-steps", "2", "--out", out, *data, *resume)
             assert second.exit_code == 2, second.output
             assert second.output.strip() == f"Error: --out {out} is in use by another run (pid {first.pid})"
     finally:
@@ -271,7 +271,7 @@ def test_every_command_refuses_an_in_memory_store(tmp_path, monkeypatch, url):
     npz = tmp_path / "in" / "x.npz"
     np.savez(npz, images=np.zeros((2, 1, 28, 28), np.uint8))
     out = ["--out", tmp_path / "out"]
-    tiny = [*TINY_ARGS[:-1], "--max-steps", "1"]  # without the fix, train would train: briefly
+    tiny = [*TINY_ARGS[:-1], "--max-steps", "2"]  # without the fix, train would train: briefly
     for args in (["train", "--tracking-uri", url, *out, *tiny],
                  ["evaluate", "--images", npz, "--tracking-uri", url],
                  ["sweep", "--storage", url, *out], ["sweep", "--tracking-uri", url, *out],
@@ -308,7 +308,7 @@ def input_files(folder: Path) -> dict:
     ("ftp://user:secret@host/x", "tracking URI ftp://user:***@host/x: MLflow does not support the scheme"),
 ])
 @pytest.mark.parametrize("command", [
-    ["train", *TINY_ARGS[:-1], "--max-steps", "1"],
+    ["train", *TINY_ARGS[:-1], "--max-steps", "2"],
     ["sweep", "--preset", "smoke", "--schedule", "linear", "--timesteps", "200", "--sampler", "ddim"],
     ["evaluate", "--images", "NPZ"],
     ["report", "--study", "s"],
