@@ -16,9 +16,9 @@ from pathlib import Path
 
 import click
 
-SCHEDULES = ("linear", "cosine", "quadratic", "sigmoid")  # kept in step with mnist_diff.schedules (tested)
-SAMPLERS = ("ddpm", "ddim")
-DEVICES = ("auto", "cpu", "cuda", "mps")
+from mnist_diff.choices import DEVICES, SAMPLERS, SCHEDULES
+from mnist_diff.presets import PRESETS
+
 RUN_LOCK = ".run.lock"  # in a train or bench --full --out folder: held by the run that writes there
 
 
@@ -37,7 +37,7 @@ class OneLineErrors(click.Group):
         except click.exceptions.Exit as e:
             sys.exit(e.exit_code)
         except click.ClickException as e:
-            from mnist_diff.redact import redact_text
+            from mnist_diff.util.redact import redact_text
             click.echo(f"Error: {redact_text(e.format_message())}", err=True)
             sys.exit(e.exit_code)
         except (click.Abort, KeyboardInterrupt):
@@ -45,7 +45,8 @@ class OneLineErrors(click.Group):
             sys.exit(130)
         except Exception:  # a crash: its traceback, less any password a library's error message quotes
             import traceback
-            from mnist_diff.redact import redact_text
+
+            from mnist_diff.util.redact import redact_text
             click.echo(redact_text(traceback.format_exc()), err=True, nl=False)
             sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)
@@ -85,7 +86,7 @@ class MnistRoot(click.Path):
 
     def convert(self, value, param, ctx):
         path = super().convert(value, param, ctx)
-        from mnist_diff.data import check_mnist_root
+        from mnist_diff.runtime.data import check_mnist_root
         try:
             check_mnist_root(path)
         except ValueError as err:
@@ -98,7 +99,7 @@ class InceptionWeights(click.Path):
 
     def convert(self, value, param, ctx):
         path = super().convert(value, param, ctx)
-        from mnist_diff.evaluate import check_weights
+        from mnist_diff.fid.engine import check_weights
         try:
             check_weights(path)
         except ValueError as err:
@@ -295,8 +296,8 @@ def own_run_folder(out_path: Path, out: str, resume: bool | None = False):
     """Hold --out for a training run's life (one check for `train` and `bench --full`): exit 2 while another
     run holds it, when it holds a training run this command does not resume (`resume` None: the command
     can't), or, resuming, when none of its checkpoints is readable. The last check: it creates the folder."""
-    from mnist_diff import checkpoint
-    from mnist_diff.locks import Busy, try_file_lock
+    from mnist_diff.runtime import checkpoint
+    from mnist_diff.util.locks import Busy, try_file_lock
     with contextlib.ExitStack() as stack:
         try:
             stack.enter_context(try_file_lock(out_path / RUN_LOCK))
@@ -316,7 +317,7 @@ def open_tracker(tracking_uri, experiment, no_tracking, **kwargs):
     """A Tracker whose store was checked reachable (exit 2 otherwise), or None with --no-tracking."""
     if no_tracking:
         return None
-    from mnist_diff import tracking
+    from mnist_diff.tracking import mlflow_store as tracking
     return tracking.Tracker(checked_tracking_uri(tracking_uri), experiment, **kwargs)
 
 
@@ -331,13 +332,13 @@ def refuse_in_memory(url: str | None, flag: str) -> None:
 
 def checked_tracking_uri(tracking_uri) -> str:
     """The resolved MLflow URI, once its store is known to be reachable (exit 2 otherwise). Creates nothing."""
-    from mnist_diff import tracking
+    from mnist_diff.tracking import mlflow_store as tracking
     refuse_in_memory(tracking_uri, "--tracking-uri")
     uri = tracking.resolve_uri(tracking_uri)
     try:
         tracking.check_reachable(uri)
     except tracking.TrackingUnavailable as err:
-        from mnist_diff.redact import redact_text
+        from mnist_diff.util.redact import redact_text
         raise BadInput(redact_text(str(err), uri))
     return uri
 
@@ -353,7 +354,8 @@ def make_config(**fields):
 
 def pick_device(name: str):
     import torch
-    from mnist_diff.device import configure_backend, resolve_device
+
+    from mnist_diff.runtime.device import configure_backend, resolve_device
     if name == "cuda" and not torch.cuda.is_available():
         raise BadInput("--device cuda: CUDA is not available on this machine")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
@@ -390,7 +392,7 @@ def train(device, data_dir, out, resume, dry_run, quiet, fid_weights, tracking_u
           run_name, **fields):
     """Train one config; score FID as it trains; write checkpoints and sample grids into --out; track in MLflow."""
     config = make_config(**fields)
-    from mnist_diff.workload import unscored
+    from mnist_diff.perf.workload import unscored
     if reason := unscored(config):
         raise BadInput(reason)
     out_path = check_writable_dir(out)
@@ -403,10 +405,10 @@ def train(device, data_dir, out, resume, dry_run, quiet, fid_weights, tracking_u
     tracker = open_tracker(tracking_uri, experiment, no_tracking, run_name=run_name or config.short_name())
     click.get_current_context().with_resource(own_run_folder(out_path, out, resume))
 
-    from mnist_diff.data import load_mnist
-    from mnist_diff.evaluate import Reference
-    from mnist_diff.experiment import run_experiment
-    from mnist_diff.train import StopSignals
+    from mnist_diff.fid.engine import Reference
+    from mnist_diff.runtime.data import load_mnist
+    from mnist_diff.training.experiment import run_experiment
+    from mnist_diff.training.trainer import StopSignals
 
     reference = Reference(config.fid_ref, config.fid_ref_samples, data_dir, fid_weights)
     with StopSignals():
@@ -424,8 +426,8 @@ def train(device, data_dir, out, resume, dry_run, quiet, fid_weights, tracking_u
 
 def check_resumable(config, ckpt_dir: Path, out: str) -> None:
     """--resume must keep the training settings of the checkpoint it continues (exit 2 naming them)."""
-    from mnist_diff import checkpoint
     from mnist_diff.config import Config, training_changes
+    from mnist_diff.runtime import checkpoint
     ckpt = checkpoint.load_latest(ckpt_dir)
     changes = ckpt and training_changes(Config.from_dict(ckpt["config"]), config)
     if changes:
@@ -464,8 +466,8 @@ def sample(checkpoint_path, num_samples, sampler, ddim_steps, eta, clip_x0, seed
     """Draw images from a checkpoint: a grid PNG and all images as uint8 (samples.npz) into --out."""
     out_path = check_writable_dir(out)
     dev = pick_device(device)
-    from mnist_diff.generate import generate
-    from mnist_diff.schedules import make_schedule
+    from mnist_diff.diffusion.schedules import make_schedule
+    from mnist_diff.runtime.generate import generate
 
     model, trained, _ = _load_checkpoint(checkpoint_path, dev)
     config = with_sampling(trained, sampler, ddim_steps, eta, clip_x0=clip_x0)
@@ -485,7 +487,7 @@ def with_sampling(trained, sampler, ddim_steps, eta, clip_x0=None, **more):
 
 
 def _load_checkpoint(path, device):
-    from mnist_diff.train import load_sampling_model
+    from mnist_diff.training.trainer import load_sampling_model
     try:
         return load_sampling_model(path, device)
     except Exception as err:  # a truncated, corrupt or foreign file is bad input, not a crash
@@ -494,9 +496,11 @@ def _load_checkpoint(path, device):
 
 def _save_samples(images, out_path: Path, config, seed: int, source) -> tuple[Path, Path]:
     import math
+
     import numpy as np
-    from mnist_diff.atomic import atomic_path
-    from mnist_diff.data import save_grid
+
+    from mnist_diff.runtime.data import save_grid
+    from mnist_diff.util.atomic import atomic_path
 
     out_path.mkdir(parents=True, exist_ok=True)
     npz = out_path / "samples.npz"
@@ -509,9 +513,6 @@ def _save_samples(images, out_path: Path, config, seed: int, source) -> tuple[Pa
     return npz, grid
 
 
-# The smoke preset: every grid point through the whole pipeline on CPU in minutes (tiny model, tiny FID).
-SMOKE = {"epochs": 2, "batch_size": 32, "train_samples": 256, "channels": 8, "warmup_steps": 5,
-         "fid_select_samples": 8, "fid_samples": 16, "fid_ref_samples": 32, "fid_batch_size": 64}
 
 
 @cli.command()
@@ -547,7 +548,7 @@ SMOKE = {"epochs": 2, "batch_size": 32, "train_samples": 256, "channels": 8, "wa
 @fid_options
 @fid_weights_option
 @tracking_options
-@click.option("--preset", type=click.Choice(("study", "smoke")), default="study", show_default=True,
+@click.option("--preset", type=click.Choice(tuple(PRESETS)), default="study", show_default=True,
               help="study: the reference study's settings. smoke: every grid point on CPU in minutes "
                    "(tiny model and data, tiny FID counts); options you give still win.")
 @click.option("--workers", type=Workers(), default="auto", show_default=True,
@@ -587,10 +588,9 @@ def sweep(ctx, study_name, storage, schedules, timesteps_list, samplers, seeds, 
     schedules x 2 (T, beta_end) x 2 samplers), narrowed by --schedule/--timesteps/--sampler, extended by --grid."""
     if no_tracking:
         raise BadInput("sweep always tracks in MLflow: drop --no-tracking")
-    if preset == "smoke":
-        for key, value in SMOKE.items():  # what the user left out or gave empty (MLproject's "not given")
-            if fields[key] is None or ctx.get_parameter_source(key) is click.core.ParameterSource.DEFAULT:
-                fields[key] = value
+    for key, value in PRESETS[preset].items():  # what the user left out or gave empty (MLproject's "not given")
+        if fields[key] is None or ctx.get_parameter_source(key) is click.core.ParameterSource.DEFAULT:
+            fields[key] = value
     schedules, samplers = selected(schedules, SCHEDULES), selected(samplers, SAMPLERS)
     steps = selected(timesteps_list, ("200", "1000"))
     grid, extra = study_grid(schedules, steps, samplers, seeds, grid_options, grid_file, max_points)
@@ -601,8 +601,8 @@ def sweep(ctx, study_name, storage, schedules, timesteps_list, samplers, seeds, 
                 raise BadInput(f"--{field.replace('_', '-')} {fields[field]} is also the grid dimension "
                                f"'{dim.label}': give {field} in one place")
     base = make_config(**fields)  # the fixed settings; each point then sets its grid fields
-    from mnist_diff.grid import GridError
-    from mnist_diff.workload import unscored
+    from mnist_diff.perf.workload import unscored
+    from mnist_diff.study.grid import GridError
     try:  # every point must be valid, e.g. --ddim-steps <= T, and give a score
         grid.configs(base, max_points, check=lambda c: unscored(c, ranked=True))
     except GridError as err:
@@ -612,7 +612,7 @@ def sweep(ctx, study_name, storage, schedules, timesteps_list, samplers, seeds, 
     tracking_uri = checked_tracking_uri(tracking_uri)
     dev = pick_device(device)
     if time_budget is not None:
-        from mnist_diff.study import budget_protocol
+        from mnist_diff.study.storage import budget_protocol
         kept = None if dry_run else budget_protocol(storage, study_name)  # a dry run opens no store
         if kept:  # a resumed study keeps its protocol, whatever the rates cached since would choose
             base = base.replace(**kept)
@@ -625,8 +625,10 @@ def sweep(ctx, study_name, storage, schedules, timesteps_list, samplers, seeds, 
     if workers == "auto":
         workers = auto_workers(dev, preset, grid.configs(base, max_points))
 
-    from mnist_diff.study import Sweep, SweepFailed, open_study, run_sweep
-    from mnist_diff.train import StopSignals
+    from mnist_diff.study.spec import Sweep
+    from mnist_diff.study.storage import open_study
+    from mnist_diff.study.sweep import SweepFailed, run_sweep
+    from mnist_diff.training.trainer import StopSignals
 
     in_grid = {"schedule", "timesteps", "beta_end", "sampler", "seed", *(f for d in grid.dims for f in d.fields)}
     fixed = {k: v for k, v in base.to_dict().items() if k not in in_grid}
@@ -658,7 +660,7 @@ def sweep(ctx, study_name, storage, schedules, timesteps_list, samplers, seeds, 
     if doc["best"]:
         b = doc["best"]
         click.echo(f"best: {b['params']} FID {b['best_fid']:.2f} (epoch {b['best_epoch']})")
-    from mnist_diff import tracking
+    from mnist_diff.tracking import mlflow_store as tracking
     click.echo(f"browse: {tracking.ui_command(tracking_uri)}  (experiment {experiment!r})")
     if failed is not None:
         raise click.ClickException(str(failed))
@@ -678,14 +680,20 @@ def auto_workers(dev, preset: str, configs) -> int:
 
 def pairs_of(steps: tuple) -> tuple:
     """The reference (T, beta_end) settings named by `--timesteps` (200, 1000)."""
-    from mnist_diff.grid import STUDY_PAIRS
+    from mnist_diff.presets import STUDY_PAIRS
     return tuple(p for p in STUDY_PAIRS if str(p[0]) in steps)
 
 
 def study_grid(schedules, steps, samplers, seeds: int, grid_options, grid_file, max_points):
     """(Grid, extra dimensions) of a sweep: the reference grid narrowed by the shorthands, then --grid and
     --grid-file dimensions. Every error is a one-line BadInput before anything starts."""
-    from mnist_diff.grid import Grid, GridError, load_file, parse_option, reference_dims
+    from mnist_diff.study.grid import (
+        Grid,
+        GridError,
+        load_file,
+        parse_option,
+        reference_dims,
+    )
     try:
         extra = [parse_option(part) for text in grid_options for part in text.split(";") if part.strip()]
         if grid_file:
@@ -703,7 +711,8 @@ def study_grid(schedules, steps, samplers, seeds: int, grid_options, grid_file, 
 def fit_time_budget(grid, base, max_points: int, dev, seconds: float, rebench: bool = False):
     """`base` with the most faithful FID protocol that fits `seconds` on this device (`projection.fit_to_budget`),
     said in one line; BadInput when the grid varies the protocol, nothing fits or nothing can be measured."""
-    from mnist_diff import projection, workload
+    from mnist_diff.perf import workload
+    from mnist_diff.study import projection
     varied = sorted(set(workload.PROTOCOL_KNOBS) & {f for d in grid.dims for f in d.fields})
     if varied:
         raise BadInput(f"--time-budget chooses the FID protocol, which the grid varies ({', '.join(varied)}): "
@@ -728,7 +737,7 @@ def print_projection(spec, dev, workers: int = 1, rebench: bool = False) -> dict
     the full grid, whatever a resumed study has done. Returns the record for study.json."""
     from itertools import product
 
-    from mnist_diff import projection
+    from mnist_diff.study import projection
 
     space = spec.search_space()
     configs = [spec.config_for(dict(zip(space, values))) for values in product(*space.values())]
@@ -757,7 +766,7 @@ def check_storage(url: str) -> None:
         with engine.connect():
             pass
     except Exception as err:
-        from mnist_diff.redact import redact_text, redact_url
+        from mnist_diff.util.redact import redact_text, redact_url
         raise BadInput(f"--storage {redact_url(url)} is unreachable: {redact_text(str(err).splitlines()[0], url)}")
 
 
@@ -777,8 +786,10 @@ def report(study_name, results_path, storage, tracking_uri, no_tracking, out):
         raise BadInput("give exactly one of --study and --results")
     out_path = check_writable_dir(out)
     refuse_in_memory(storage, "--storage")
-    from mnist_diff import report as report_mod
-    from mnist_diff import tracking
+    from mnist_diff.report import analysis as report_mod
+    from mnist_diff.report.reader import load_study_from_mlflow
+    from mnist_diff.report.write import write_report
+    from mnist_diff.tracking import mlflow_store as tracking
 
     tracker = None
     if results_path is not None:
@@ -791,14 +802,14 @@ def report(study_name, results_path, storage, tracking_uri, no_tracking, out):
         if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
             raise BadInput(f"no MLflow run tagged as study {study_name!r}: there is no store at {uri}")
         try:
-            records, study, parent_id = tracking.load_study_from_mlflow(uri, study_name)
+            records, study, parent_id = load_study_from_mlflow(uri, study_name)
         except LookupError as err:
             raise BadInput(str(err).strip("'\""))
         if not no_tracking:
             tracker = tracking.Tracker(uri)
             tracker.run_id = parent_id
     out_path.mkdir(parents=True, exist_ok=True)
-    report_mod.write_report(records, study, out_path, tracker=tracker)
+    write_report(records, study, out_path, tracker=tracker)
     click.echo(f"report -> {out_path / 'report.md'} ({out_path / 'report.html'})")
     if tracker is not None:
         click.echo(f"logged to the study's parent run {tracker.run_id} under report/")
@@ -835,13 +846,13 @@ def evaluate(checkpoint_path, images_path, num_samples, sampler, ddim_steps, eta
     if (checkpoint_path is None) == (images_path is None):
         raise BadInput("give exactly one of --checkpoint and --images")
     dev = pick_device(device)
-    from mnist_diff.evaluate import Reference
+    from mnist_diff.fid.engine import Reference
     try:
         reference = Reference(fid_ref, fid_ref_samples, data_dir, fid_weights)
     except ValueError as err:
         raise BadInput(str(err)) from None
     if images_path is not None:
-        from mnist_diff.data import load_samples
+        from mnist_diff.runtime.data import load_samples
         try:
             images = load_samples(images_path)
         except ValueError as err:
@@ -855,9 +866,9 @@ def evaluate(checkpoint_path, images_path, num_samples, sampler, ddim_steps, eta
     tracker = open_tracker(tracking_uri, experiment, no_tracking, run_name="evaluate",
                            tags={"mnist_diff.command": "evaluate"})
 
-    from mnist_diff.evaluate import compute_fid
-    from mnist_diff.experiment import score_model
-    from mnist_diff.train import StopSignals
+    from mnist_diff.fid.engine import compute_fid
+    from mnist_diff.training.experiment import score_model
+    from mnist_diff.training.trainer import StopSignals
 
     params.update(fid_ref=fid_ref, fid_ref_samples=fid_ref_samples, fid_weights=fid_weights)
 
@@ -933,7 +944,7 @@ def bench(device, channels, batch_size, sample_batch, train_steps, sample_steps,
     if full and batch_size > (train_samples or 60_000):
         raise BadInput(f"--batch-size {batch_size} is larger than --train-samples {train_samples}")
     if full:  # checked now, not after the bench: e.g. --fid-ref-samples beyond the split
-        from mnist_diff.bench import full_config
+        from mnist_diff.perf.bench import full_config
         try:
             full_config(epochs=epochs, batch_size=batch_size, channels=channels, precision=precision,
                         compile=compile, fid_select_samples=fid_select_samples, fid_samples=fid_samples,
@@ -943,7 +954,7 @@ def bench(device, channels, batch_size, sample_batch, train_steps, sample_steps,
     dev = pick_device(device)
     if full and out:
         click.get_current_context().with_resource(own_run_folder(Path(out), out, resume=None))
-    from mnist_diff.bench import format_table, run_bench
+    from mnist_diff.perf.bench import format_table, run_bench
 
     gpu = dev.type != "cpu"
     result = run_bench(dev, channels=channels, batch_size=batch_size,
@@ -951,15 +962,15 @@ def bench(device, channels, batch_size, sample_batch, train_steps, sample_steps,
                        sample_batch=sample_batch, sample_steps=sample_steps or (50 if gpu else 5),
                        repeats=repeats, precision=precision, compile=compile, inception=inception,
                        fid_weights=fid_weights, fid_batch_size=fid_batch_size)
-    from mnist_diff.bench_cache import save
+    from mnist_diff.perf.bench_cache import save
     click.echo(format_table(result))
     click.echo(f"cached for `sweep` projections: {save(result, dev, precision)}")
-    from mnist_diff.projection import reference_projection
+    from mnist_diff.study.projection import reference_projection
     click.echo(reference_projection(result, dev, channels, batch_size, precision))
     if full:
         import tempfile
 
-        from mnist_diff.bench import format_full, run_full
+        from mnist_diff.perf.bench import format_full, run_full
         with tempfile.TemporaryDirectory() as tmp:
             result["full"] = run_full(dev, Path(out or tmp), data_dir=data_dir, fid_weights=fid_weights,
                                       epochs=epochs, fid_select_samples=fid_select_samples, fid_samples=fid_samples,

@@ -9,12 +9,15 @@ import json
 import math
 from dataclasses import dataclass
 
-from .accel import COMPILE_CHOICES
-from .samplers import SAMPLERS
-from .schedules import SCHEDULES, USES_BETA_RANGE
+from mnist_diff.choices import (
+    COMPILE_CHOICES,
+    FID_REFS,
+    PRECISIONS,
+    SAMPLERS,
+    SCHEDULES,
+    USES_BETA_RANGE,
+)
 
-PRECISIONS = ("auto", "fp32", "bf16")
-FID_REFS = ("train", "test")
 MNIST_SIZES = {"train": 60_000, "test": 10_000}  # images per MNIST split
 
 

@@ -33,8 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mnist_diff import workload
-from mnist_diff.grid import reference_configs
+from mnist_diff.perf import workload
+from mnist_diff.study.grid import reference_configs
 
 REPORT_RESERVE_S = 45      # report, figures and packing after the sweep
 STARTUP_S = 75             # worker start, CUDA context, compiling new batch shapes (grid, selection)
@@ -180,7 +180,7 @@ def seed_bench_cache(result: dict) -> None:
     compiles) of its own."""
     import torch
 
-    from mnist_diff import bench_cache
+    from mnist_diff.perf import bench_cache
     device = torch.device(result["device_type"])
     if device.type == "cuda" and not torch.cuda.is_available():
         say("no CUDA here: the sweep's projection measures its own quick bench")

@@ -12,11 +12,11 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mnist_diff.config import Config  # noqa: E402
-from mnist_diff.data import to_model_range  # noqa: E402
-from mnist_diff.device import configure_backend  # noqa: E402
-from mnist_diff.generate import generate  # noqa: E402
-from mnist_diff.schedules import make_schedule  # noqa: E402
-from mnist_diff.train import Trainer  # noqa: E402
+from mnist_diff.diffusion.schedules import make_schedule  # noqa: E402
+from mnist_diff.runtime.data import to_model_range  # noqa: E402
+from mnist_diff.runtime.device import configure_backend  # noqa: E402
+from mnist_diff.runtime.generate import generate  # noqa: E402
+from mnist_diff.training.trainer import Trainer  # noqa: E402
 
 
 def sync():

@@ -23,7 +23,7 @@ def data_dir():
 
 @pytest.fixture(scope="session")
 def mnist_small(data_dir):
-    from mnist_diff.data import load_mnist
+    from mnist_diff.runtime.data import load_mnist
     return load_mnist(data_dir, train=True, limit=256)
 
 

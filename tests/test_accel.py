@@ -8,15 +8,15 @@ import warnings
 import pytest
 import torch
 import torch._inductor.config as inductor_config
-
 from conftest import TINY
-from mnist_diff import accel
+
 from mnist_diff.config import Config
-from mnist_diff.device import effective_precision
-from mnist_diff.generate import generate
-from mnist_diff.model import UNet
-from mnist_diff.schedules import make_schedule
-from mnist_diff.train import Trainer
+from mnist_diff.diffusion.schedules import make_schedule
+from mnist_diff.diffusion.unet import UNet
+from mnist_diff.runtime import accel
+from mnist_diff.runtime.device import effective_precision
+from mnist_diff.runtime.generate import generate
+from mnist_diff.training.trainer import Trainer
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -11,9 +11,8 @@ from click.testing import CliRunner
 from conftest import malicious_checkpoint
 
 import cli
-from mnist_diff.device import effective_precision
-from mnist_diff.samplers import SAMPLERS
-from mnist_diff.schedules import SCHEDULES
+from mnist_diff.choices import SAMPLERS, SCHEDULES
+from mnist_diff.runtime.device import effective_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_ARGS = ["--timesteps", "20", "--beta-end", "0.2", "--channels", "8", "--batch-size", "32",
@@ -29,8 +28,14 @@ def files_under(path: Path) -> list:
     return sorted(p.relative_to(path) for p in path.rglob("*")) if path.exists() else []
 
 
-def test_cli_choices_match_the_package():
-    assert cli.SCHEDULES == SCHEDULES and cli.SAMPLERS == SAMPLERS
+def test_every_choice_the_cli_offers_is_implemented():
+    from mnist_diff.choices import USES_BETA_RANGE
+    from mnist_diff.diffusion.samplers import network_calls
+    from mnist_diff.diffusion.schedules import make_schedule
+
+    assert set(USES_BETA_RANGE) == set(SCHEDULES)
+    assert all(make_schedule(name, 10, 1e-4, 0.2).betas.shape == (10,) for name in SCHEDULES)
+    assert all(network_calls(name, 10, 5) > 0 for name in SAMPLERS)
 
 
 BAD_TRAIN = [
@@ -345,7 +350,7 @@ def test_sweep_refuses_to_resume_a_study_with_other_settings(tmp_path, monkeypat
     import optuna
 
     from mnist_diff.config import Config
-    from mnist_diff.study import Sweep
+    from mnist_diff.study.spec import Sweep
     monkeypatch.chdir(tmp_path)
     storage = f"sqlite:///{tmp_path}/optuna.db"
     study = optuna.create_study(study_name="s", storage=storage)

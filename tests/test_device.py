@@ -4,7 +4,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from mnist_diff.device import autocast, configure_backend, cpu_has_bf16, effective_precision, native_bf16
+from mnist_diff.runtime.device import (
+    autocast,
+    configure_backend,
+    cpu_has_bf16,
+    effective_precision,
+    native_bf16,
+)
 
 
 @pytest.mark.parametrize("device_type,capability,native", [

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from mnist_diff.diffusion import predict_x0, q_posterior, q_sample
-from mnist_diff.schedules import make_schedule
+from mnist_diff.diffusion.forward import predict_x0, q_posterior, q_sample
+from mnist_diff.diffusion.schedules import make_schedule
 
 
 def test_q_sample_moments():

@@ -4,16 +4,22 @@ import builtins
 import os
 import shutil
 import warnings
+from urllib.parse import urlparse
 
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from urllib.parse import urlparse
 
-from mnist_diff.data import load_mnist, to_fid_rgb
-from mnist_diff.evaluate import (Reference, compute_fid, ensure_reference_stats, frechet_distance,
-                                 trace_sqrt_product, weights_fingerprint)
+from mnist_diff.fid.engine import (
+    Reference,
+    compute_fid,
+    ensure_reference_stats,
+    frechet_distance,
+    trace_sqrt_product,
+    weights_fingerprint,
+)
+from mnist_diff.runtime.data import load_mnist, to_fid_rgb
 
 N = 16
 

@@ -2,17 +2,22 @@
 per-epoch FIDs and grids a run may use."""
 import pytest
 import torch
-
 from conftest import TINY
-from mnist_diff import checkpoint
+
 from mnist_diff.config import Config
-from mnist_diff.evaluate import Reference, compute_fid
-from mnist_diff.experiment import (SamplingRecord, final_images, run_experiment, score_saved_training,
-                                   selection_images)
-from mnist_diff.generate import generate
-from mnist_diff.samplers import image_seeds
-from mnist_diff.schedules import make_schedule
-from mnist_diff.train import GRID_SEED, load_sampling_model
+from mnist_diff.diffusion.samplers import image_seeds
+from mnist_diff.diffusion.schedules import make_schedule
+from mnist_diff.fid.engine import Reference, compute_fid
+from mnist_diff.runtime import checkpoint
+from mnist_diff.runtime.generate import generate
+from mnist_diff.training.experiment import (
+    SamplingRecord,
+    final_images,
+    run_experiment,
+    score_saved_training,
+    selection_images,
+)
+from mnist_diff.training.trainer import GRID_SEED, load_sampling_model
 
 
 def test_final_fid_never_scores_the_selection_images(tmp_path, mnist_small, data_dir, fid_weights, monkeypatch):

@@ -8,13 +8,20 @@ import optuna
 import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
+from test_study import TINY
 
 import cli
 from mnist_diff.config import Config
-from mnist_diff.grid import Grid, GridError, load_file, make_dim, parse_option, reference_dims, reference_grid
-from mnist_diff.study import Sweep
-
-from test_study import TINY
+from mnist_diff.study.grid import (
+    Grid,
+    GridError,
+    load_file,
+    make_dim,
+    parse_option,
+    reference_dims,
+    reference_grid,
+)
+from mnist_diff.study.spec import Sweep
 
 # TINY without the options these grids vary (an option the grid also sets is refused)
 _i, _j = TINY.index("--channels"), TINY.index("--ddim-steps")

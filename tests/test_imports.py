@@ -1,8 +1,9 @@
 import subprocess
 import sys
 
-PURE = ["mnist_diff.schedules", "mnist_diff.diffusion", "mnist_diff.samplers", "mnist_diff.model",
-        "mnist_diff.config", "mnist_diff.bench", "mnist_diff.device", "mnist_diff.accel"]
+PURE = ["mnist_diff.diffusion.schedules", "mnist_diff.diffusion.forward", "mnist_diff.diffusion.samplers",
+        "mnist_diff.diffusion.unet", "mnist_diff.config", "mnist_diff.perf.bench", "mnist_diff.runtime.device",
+        "mnist_diff.runtime.accel"]
 
 
 def test_math_modules_import_no_tracking_study_or_cli_libraries():

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mnist_diff.model import Attention, UNet
+from mnist_diff.diffusion.unet import Attention, UNet
 
 
 def with_fused_kernel(block: Attention, x: torch.Tensor) -> torch.Tensor:

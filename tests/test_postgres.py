@@ -20,9 +20,10 @@ from mlflow.tracking import MlflowClient
 
 import cli
 from mnist_diff.config import Config
-from mnist_diff.locks import exclusive
-from mnist_diff.study import Sweep, claim_study
-from mnist_diff.tracking import Tracker
+from mnist_diff.study.spec import Sweep
+from mnist_diff.study.sweep import claim_study
+from mnist_diff.tracking.mlflow_store import Tracker
+from mnist_diff.util.locks import exclusive
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVER = os.environ.get("MNIST_DIFF_TEST_PG")  # postgresql://user:password@host:port, no database

@@ -6,8 +6,8 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 import cli
-from mnist_diff.redact import RedactingFormatter, redact_text, redact_url
-from mnist_diff.tracking import Tracker, ui_command
+from mnist_diff.tracking.mlflow_store import Tracker, ui_command
+from mnist_diff.util.redact import RedactingFormatter, redact_text, redact_url
 
 
 def test_redact_url():

@@ -7,10 +7,20 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from mnist_diff.report import (HOLDS, NOT_ENOUGH_SEEDS, NOT_HOLDS, UNDETERMINED, analyse, load_records_from_json,
-                               sign_test, t_interval, write_report)
-from mnist_diff.report_render import report_blocks, to_markdown
-from mnist_diff.tracking import Tracker, load_study_from_mlflow
+from mnist_diff.report.analysis import (
+    HOLDS,
+    NOT_ENOUGH_SEEDS,
+    NOT_HOLDS,
+    UNDETERMINED,
+    analyse,
+    load_records_from_json,
+    sign_test,
+    t_interval,
+)
+from mnist_diff.report.reader import load_study_from_mlflow
+from mnist_diff.report.render import report_blocks, to_markdown
+from mnist_diff.report.write import write_report
+from mnist_diff.tracking.mlflow_store import Tracker
 
 GRID = {"schedule": ["linear", "cosine", "quadratic", "sigmoid"], "timesteps_beta_end": [[200, 0.08], [1000, 0.02]],
         "sampler": ["ddpm", "ddim"], "seed": [0]}

@@ -1,13 +1,19 @@
 import pytest
 import torch
 
-from mnist_diff.data import to_uint8
-from mnist_diff.diffusion import extract
-from mnist_diff.generate import generate
-from mnist_diff.model import UNet
-from mnist_diff.samplers import (StackedRandomGenerator, ddim_sample, ddim_timesteps, ddpm_sample, image_seeds,
-                                 sample)
-from mnist_diff.schedules import make_schedule
+from mnist_diff.diffusion.forward import extract
+from mnist_diff.diffusion.samplers import (
+    StackedRandomGenerator,
+    ddim_sample,
+    ddim_timesteps,
+    ddpm_sample,
+    image_seeds,
+    sample,
+)
+from mnist_diff.diffusion.schedules import make_schedule
+from mnist_diff.diffusion.unet import UNet
+from mnist_diff.runtime.data import to_uint8
+from mnist_diff.runtime.generate import generate
 
 
 class Oracle(torch.nn.Module):
@@ -233,7 +239,7 @@ def test_ddim_eta0_deterministic_given_xT_and_eta1_not():
 
 
 def test_batch_sizes_fold_a_small_tail_into_the_last_batch():
-    from mnist_diff.generate import batch_sizes
+    from mnist_diff.runtime.generate import batch_sizes
     assert batch_sizes(2064, 2000) == [2064]            # a 64-image grid rides along with a 2,000-image FID set
     assert batch_sizes(72, 64) == [72]
     assert batch_sizes(73, 64) == [64, 9]                # more than an eighth: a batch of its own
@@ -243,7 +249,7 @@ def test_batch_sizes_fold_a_small_tail_into_the_last_batch():
 
 def test_an_epochs_grid_and_fid_set_drawn_in_one_pass_are_the_images_drawn_apart(tmp_path):
     from mnist_diff.config import Config
-    from mnist_diff.train import sample_epoch
+    from mnist_diff.training.trainer import sample_epoch
     torch.manual_seed(0)
     model = UNet(channels=8).eval()
     config = Config(schedule="linear", timesteps=20, beta_end=0.2, channels=8, sampler="ddpm", ddim_steps=10)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from mnist_diff.schedules import SCHEDULES, make_betas, make_schedule
+from mnist_diff.diffusion.schedules import SCHEDULES, make_betas, make_schedule
 
 STUDY = [(200, 0.08), (1000, 0.02)]
 

@@ -5,12 +5,12 @@ import json
 import optuna
 import pytest
 
-from mnist_diff import checkpoint
-from mnist_diff.evaluate import weights_fingerprint
-from mnist_diff.shared_trainings import DONE_MARKER, Uploader, mark_done, restore
-from mnist_diff.study import StoredTrainingIndex
-from mnist_diff.tracking import Tracker
-from mnist_diff.train import EpochEnd
+from mnist_diff.fid.engine import weights_fingerprint
+from mnist_diff.runtime import checkpoint
+from mnist_diff.study.objective import StoredTrainingIndex
+from mnist_diff.study.shared_trainings import DONE_MARKER, Uploader, mark_done, restore
+from mnist_diff.tracking.mlflow_store import Tracker
+from mnist_diff.training.trainer import EpochEnd
 
 
 @pytest.fixture

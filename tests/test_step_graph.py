@@ -6,13 +6,13 @@ import warnings
 
 import pytest
 import torch
-
 from conftest import TINY
-from mnist_diff import accel
-from mnist_diff.accel import CompileFallbackWarning
+
 from mnist_diff.config import Config
-from mnist_diff.step_graph import RerunCapture, StepGraph, update_error
-from mnist_diff.train import Trainer
+from mnist_diff.runtime import accel
+from mnist_diff.runtime.accel import CompileFallbackWarning
+from mnist_diff.runtime.step_graph import RerunCapture, StepGraph, update_error
+from mnist_diff.training.trainer import Trainer
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # warm-ups of the EMA and the learning rate inside the 5 steps: the scalars change at every step

@@ -9,18 +9,27 @@ import numpy as np
 import optuna
 import pytest
 from click.testing import CliRunner
+from conftest import TINY as TINY_CONFIG
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
 import cli
-from conftest import TINY as TINY_CONFIG
-from mnist_diff import checkpoint, workload
 from mnist_diff.config import Config
-from mnist_diff.evaluate import Reference
-from mnist_diff.experiment import score_model, selection_images
-from mnist_diff.schedules import make_schedule
-from mnist_diff.study import Objective, Sweep, open_study, parent_run
-from mnist_diff.train import Interrupted, StopSignals, load_sampling_model, sample_epoch
+from mnist_diff.diffusion.schedules import make_schedule
+from mnist_diff.fid.engine import Reference
+from mnist_diff.perf import workload
+from mnist_diff.runtime import checkpoint
+from mnist_diff.study.objective import Objective
+from mnist_diff.study.spec import Sweep
+from mnist_diff.study.storage import open_study
+from mnist_diff.study.sweep import parent_run
+from mnist_diff.training.experiment import score_model, selection_images
+from mnist_diff.training.trainer import (
+    Interrupted,
+    StopSignals,
+    load_sampling_model,
+    sample_epoch,
+)
 
 TINY = ["--epochs", "2", "--batch-size", "32", "--train-samples", "64", "--channels", "8", "--warmup-steps", "2",
         "--fid-select-samples", "8", "--fid-samples", "10", "--fid-ref-samples", "16", "--fid-batch-size", "16",
@@ -306,7 +315,10 @@ def test_a_takeover_scores_every_epoch_with_its_own_sampler(tmp_path, monkeypatc
 def test_which_failed_points_a_new_sweep_queues_again(tmp_path):
     """The retry policy at sweep start, on a real SQLite study holding one failed trial per grid point."""
     from mnist_diff.config import Config
-    from mnist_diff.study import WORKER_LOST, Sweep, _requeue_failed, open_study, parent_status
+    from mnist_diff.study.retries import WORKER_LOST
+    from mnist_diff.study.spec import Sweep
+    from mnist_diff.study.storage import open_study, requeue_failed
+    from mnist_diff.study.sweep import parent_status
 
     sweep = Sweep(study_name="q", out_dir=tmp_path, base=Config(), pairs=((200, 0.08),), samplers=("ddpm",),
                   storage=f"sqlite:///{tmp_path}/optuna.db", max_retries=2)
@@ -328,19 +340,19 @@ def test_which_failed_points_a_new_sweep_queues_again(tmp_path):
     def queued():
         return {t.system_attrs["fixed_params"]["schedule"]: t.user_attrs for t in study.get_trials(states=(S.WAITING,))}
 
-    assert _requeue_failed(study, sweep) == 2
+    assert requeue_failed(study, sweep) == 2
     assert queued() == {"cosine": {"retry_of_trial": 1, "retries": 1, "errors": ["OSError: disk"]},
                         "sigmoid": {"retry_of_trial": 3, "retries": 1, "errors": [WORKER_LOST]}}
-    assert _requeue_failed(study, sweep) == 0  # queued points are not queued twice
+    assert requeue_failed(study, sweep) == 0  # queued points are not queued twice
     assert parent_status(study, sweep, interrupted=False)[1] == "2 grid point(s) failed, 2 not run; 0/4 complete"
-    assert _requeue_failed(study, sweep, retry_failed=True) == 2  # the rest, deterministic too, with fresh budget
+    assert requeue_failed(study, sweep, retry_failed=True) == 2  # the rest, deterministic too, with fresh budget
     assert {k: v["retries"] for k, v in queued().items()} == {"linear": 0, "cosine": 1, "quadratic": 0, "sigmoid": 1}
 
 
 def test_one_command_claims_a_study(tmp_path):
     """However many `sweep` commands start at once, exactly one sets the study up (see the two-command test in
     test_resilience for the end-to-end version)."""
-    from mnist_diff.study import claim_study
+    from mnist_diff.study.sweep import claim_study
     sweep = Sweep(study_name="c", out_dir=tmp_path, base=Config(), storage=f"sqlite:///{tmp_path}/optuna.db")
     assert [claim_study(sweep) for _ in range(3)] == [True, False, False]
     assert claim_study(Sweep(study_name="other", out_dir=tmp_path, base=Config(), storage=sweep.storage))
@@ -369,8 +381,8 @@ def test_a_worker_never_runs_points_again_and_again(tmp_path, data_dir):
     """The defence against a sweep that never ends: a grid whose open points never reach 0 (two equal choices,
     which `grid` no longer makes) stops after 1 + --max-retries trials a point. Its trials fail at once
     (NonFiniteLoss at step 2, before any FID)."""
-    from mnist_diff.grid import Dim
-    from mnist_diff.study import work
+    from mnist_diff.study.grid import Dim
+    from mnist_diff.study.worker import work
     base = Config(**{**TINY_CONFIG, "epochs": 2, "train_samples": 64, "lr": 1e30})
     sweep = Sweep(study_name="spin", out_dir=tmp_path, base=base, schedules=("linear",), pairs=((20, 0.2),),
                   samplers=("ddim",), extra=(Dim(("eta",), ((0.0,), (0.0,))),), storage=f"sqlite:///{tmp_path}/o.db",

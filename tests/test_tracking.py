@@ -3,15 +3,15 @@ import re
 
 import pytest
 from click.testing import CliRunner
+from conftest import TINY
 from mlflow.tracking import MlflowClient
 
 import cli
 from mnist_diff.config import Config
-from mnist_diff.evaluate import Reference
-from mnist_diff.experiment import run_experiment
-from mnist_diff.tracking import Tracker, find_study_run
-from mnist_diff.train import Callback
-from conftest import TINY
+from mnist_diff.fid.engine import Reference
+from mnist_diff.tracking.mlflow_store import Tracker, find_study_run
+from mnist_diff.training.experiment import run_experiment
+from mnist_diff.training.trainer import Callback
 
 FID_ARGS = ["--fid-select-samples", "8", "--fid-samples", "10", "--fid-ref-samples", "16", "--fid-batch-size", "10"]
 
@@ -101,7 +101,8 @@ def test_unreachable_tracking_store_is_rejected_before_training(tmp_path):
 
 def test_evaluate_command_scores_a_samples_file(tmp_path, data_dir, fid_weights, monkeypatch):
     import numpy as np
-    from mnist_diff.data import load_mnist
+
+    from mnist_diff.runtime.data import load_mnist
     monkeypatch.setenv("MNIST_DIFF_FID_CACHE", str(tmp_path / "fid-cache"))
     npz = tmp_path / "samples.npz"
     np.savez(npz, images=load_mnist(data_dir, train=False, limit=12).numpy())

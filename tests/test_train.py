@@ -3,12 +3,19 @@ import signal
 
 import pytest
 import torch
-
 from conftest import TINY, malicious_checkpoint
-from mnist_diff import checkpoint
+
 from mnist_diff.config import Config
-from mnist_diff.train import Callback, Interrupted, NonFiniteLoss, StopSignals, Trainer
-from mnist_diff.train import ema_decay_at, ema_nominal_step
+from mnist_diff.runtime import checkpoint
+from mnist_diff.training.trainer import (
+    Callback,
+    Interrupted,
+    NonFiniteLoss,
+    StopSignals,
+    Trainer,
+    ema_decay_at,
+    ema_nominal_step,
+)
 
 
 def tiny(**kw):
@@ -151,7 +158,8 @@ def test_loading_a_checkpoint_never_runs_its_code(tmp_path):
 def test_a_new_start_removes_temporary_files_of_killed_writers_only(tmp_path, mnist_small):
     import subprocess
     import sys
-    from mnist_diff.atomic import temporary_name
+
+    from mnist_diff.util.atomic import temporary_name
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
                           check=True)
     ckpts = tmp_path / "checkpoints"
@@ -228,7 +236,7 @@ def test_resume_skips_a_truncated_newest_checkpoint(tmp_path, mnist_small):
 
 
 def test_same_seed_same_loss_curve_and_samples(tmp_path, mnist_small):
-    from mnist_diff.generate import generate
+    from mnist_diff.runtime.generate import generate
     runs = []
     for name in ("a", "b"):
         t = Trainer(tiny(epochs=2), mnist_small[:128], tmp_path / name, progress=False)

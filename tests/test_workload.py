@@ -9,10 +9,11 @@ import torch
 from click.testing import CliRunner
 
 import cli
-from mnist_diff import bench_cache, workload
 from mnist_diff.config import Config
-from mnist_diff.device import effective_precision
-from mnist_diff.workload import FINAL, GRIDS, INCEPTION, SELECTION, TRAINING, Rates
+from mnist_diff.perf import bench_cache, workload
+from mnist_diff.perf.workload import FINAL, GRIDS, INCEPTION, SELECTION, TRAINING, Rates
+from mnist_diff.presets import SMOKE
+from mnist_diff.runtime.device import effective_precision
 
 
 def reference_study() -> list:
@@ -254,8 +255,8 @@ def test_sweep_dry_run_projects_each_width_of_a_grid_at_its_own_rates(cached_cpu
 
 
 def test_time_budget_fits_the_fid_protocol_or_refuses(cached_cpu_bench):
-    from mnist_diff.grid import reference_configs
-    smoke = [c.replace(**cli.SMOKE) for c in reference_configs()]
+    from mnist_diff.study.grid import reference_configs
+    smoke = [c.replace(**SMOKE) for c in reference_configs()]
     rates = workload.rates_from_bench(BENCH_CPU[1], "cpu")
     asked = sum(workload.project_configs(smoke, rates).values())
     args = ["sweep", "--dry-run", "--device", "cpu", "--preset", "smoke", "--time-budget"]
@@ -336,7 +337,7 @@ def test_bench_full_measures_everything_sweep_projects_and_runs_the_study_path(t
 
 
 def test_bench_measures_a_grid_sized_batch_for_the_step_latency():
-    from mnist_diff.bench import format_table, run_bench
+    from mnist_diff.perf.bench import format_table, run_bench
     r = run_bench(torch.device("cpu"), channels=8, batch_size=8, train_steps=1, sample_batch=80, sample_steps=2,
                   repeats=1, compile="off", inception=False)
     assert r["small_sample_batch"] == 64 and r["ddpm_small_image_steps_per_s"] > 0
@@ -349,7 +350,7 @@ def test_bench_measures_a_grid_sized_batch_for_the_step_latency():
 def test_flops_per_image_of_the_default_unet():
     """Issue 10's figure, 0.70 GFLOP per evaluation at width 64; a training step is about three forwards (the
     backward computes gradients of both inputs and weights); width 32 is a quarter (channels squared)."""
-    from mnist_diff.bench import gflop_per_image
+    from mnist_diff.perf.bench import gflop_per_image
     forward, train = gflop_per_image(64)
     assert forward == pytest.approx(0.7017, abs=1e-4) and train == pytest.approx(2.1042, abs=1e-4)
     assert train / forward == pytest.approx(3.0, abs=0.01)
@@ -396,7 +397,7 @@ def test_fit_protocol_takes_the_most_faithful_reduction_that_fits():
 
 
 def test_workers_auto_is_one_per_core_for_the_smoke_preset_on_a_cpu_and_one_otherwise():
-    from mnist_diff.grid import reference_configs
+    from mnist_diff.study.grid import reference_configs
     configs = reference_configs(Config())  # 16 points, 8 trainings (the samplers share one)
     cpu, cores = torch.device("cpu"), os.cpu_count() or 1
     assert cli.auto_workers(cpu, "smoke", configs) == min(cores, 8)
@@ -432,7 +433,8 @@ def test_the_smoke_projection_is_within_2x_of_the_wall_time(tmp_path, monkeypatc
 
 def test_a_cached_bench_says_when_it_is_outdated_or_was_measured_under_load():
     import time
-    from mnist_diff.bench import BENCH_VERSION
+
+    from mnist_diff.perf.bench_cache import BENCH_VERSION
     now = time.time()
     fresh = {"bench_version": BENCH_VERSION, "measured_at": now - 3600, "load_average": 0.4, "cores": 2}
     assert bench_cache.outdated(fresh, now) is None and bench_cache.busy(fresh) is None

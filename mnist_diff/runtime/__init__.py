@@ -1,0 +1,2 @@
+"""Running the math on a device: numerics, compile and CUDA graphs, MNIST, checkpoints, batched generation,
+and where the time goes."""

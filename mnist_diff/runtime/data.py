@@ -1,0 +1,84 @@
+"""MNIST through torchvision, held on the training device as one uint8 tensor."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from mnist_diff.util.atomic import atomic_path
+from mnist_diff.util.paths import CACHE_ROOT
+
+DEFAULT_DATA_DIR = CACHE_ROOT / "data"
+
+
+def load_mnist(data_dir: str | os.PathLike | None, *, train: bool = True, limit: int | None = None,
+               device="cpu") -> torch.Tensor:
+    """MNIST images as uint8 [N, 1, 28, 28] on `device`. `data_dir` is a torchvision root; torchvision
+    downloads into it on first use unless it already holds MNIST/raw."""
+    from torchvision.datasets import MNIST
+
+    root = Path(data_dir) if data_dir else DEFAULT_DATA_DIR
+    images = MNIST(str(root), train=train, download=True).data  # uint8 [N, 28, 28]
+    if limit is not None:
+        images = images[:limit]
+    return images.unsqueeze(1).contiguous().to(device)
+
+
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+               "t10k-labels-idx1-ubyte")  # torchvision.datasets.MNIST.resources, extracted or as .gz
+
+
+def check_mnist_root(data_dir: str | os.PathLike) -> None:
+    """Raise ValueError unless the torchvision root `data_dir` holds MNIST (MNIST/raw, its files extracted or
+    gzipped): a folder given for the data is read, never downloaded into (which fails offline)."""
+    raw = Path(data_dir) / "MNIST" / "raw"
+    missing = [n for n in MNIST_FILES if not (raw / n).is_file() and not (raw / f"{n}.gz").is_file()]
+    if missing:
+        raise ValueError(f"{data_dir} holds no MNIST: looked for {raw / missing[0]}[.gz] "
+                         f"({len(missing)} of {len(MNIST_FILES)} files missing)")
+
+
+def load_samples(path: str | os.PathLike) -> torch.Tensor:
+    """The images of a samples.npz written by `sample`: uint8 [N, 1, 28, 28], N >= 2. ValueError, with a
+    one-line reason, for anything else; nothing in the file is executed (no pickles)."""
+    import numpy as np
+    try:
+        npz = np.load(path, allow_pickle=False)
+        if not isinstance(npz, np.lib.npyio.NpzFile):
+            raise ValueError("an .npy array, not an .npz archive")
+        with npz:
+            images = npz["images"]
+    except Exception as err:  # not numpy, no 'images', truncated, pickled objects
+        raise ValueError(f"unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (1, 28, 28) or len(images) < 2:
+        raise ValueError(f"expected at least 2 uint8 images [N, 1, 28, 28] (0..255, as `sample` writes), got "
+                         f"{images.dtype} {list(images.shape)}")
+    return torch.from_numpy(images)
+
+
+def to_model_range(images_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1]."""
+    return images_u8.float() / 127.5 - 1.0
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """float [-1, 1] -> uint8 [0, 255], rounded."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def to_fid_rgb(images_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, 1, H, W] -> uint8 [N, 3, H, W], the gray channel repeated, as torch-fidelity wants."""
+    return images_u8.expand(-1, 3, -1, -1)
+
+
+def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 8) -> Path:
+    """Save images in [-1, 1] (or uint8) as one PNG grid; written atomically."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    u8 = images if images.dtype == torch.uint8 else to_uint8(images)
+    grid = make_grid(u8.cpu(), nrow=nrow, padding=2, pad_value=255)
+    with atomic_path(path) as tmp:
+        Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
+    return Path(path)

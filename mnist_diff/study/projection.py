@@ -1,0 +1,116 @@
+"""A study's projected time on this device: the bench rates of each model a grid trains (cached per device by
+`bench_cache`, measured briefly when missing), the projection `sweep` prints and records, and the FID protocol
+that fits a time budget. The arithmetic is `workload`'s; this module adds the device and the words. No click.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Callable, Sequence
+
+import torch
+
+from mnist_diff.config import Config
+from mnist_diff.perf import bench_cache, workload
+from mnist_diff.perf.bench import quick_bench
+from mnist_diff.study.grid import reference_configs
+from mnist_diff.study.workers import worker_threads
+
+
+class BudgetError(ValueError):
+    """A time budget that no FID protocol meets, with a one-line reason."""
+
+
+def parallel_workers(device, workers: int) -> int:
+    """How many of `workers` worker processes run at once: one per core on a CPU, one per GPU on CUDA."""
+    units = torch.cuda.device_count() if device.type == "cuda" else (os.cpu_count() or 1)
+    return max(1, min(workers, units))
+
+
+@contextmanager
+def _threads(device, workers: int):
+    """Torch threads as each of `workers` worker processes has them on a CPU (`workers.worker_threads`): the
+    rates a worker gets, and the cache entry they are kept under (`bench_cache.entry_key`)."""
+    before = torch.get_num_threads()
+    if device.type == "cpu" and workers > 1:
+        torch.set_num_threads(worker_threads(workers))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def device_rates(configs: Sequence[Config], device, say: Callable[[str], None] = print,
+                 remeasure: bool = False, workers: int = 1) -> dict:
+    """This device's bench rates for each model the configs train (`workload.rate_key`: a grid over widths has
+    several) in one of `workers` worker processes, from the bench cache, or measured (a short bench, announced
+    through `say`) and cached: when missing, when `remeasure`, or when a cached quick bench is outdated (a
+    full one is kept, and said so)."""
+    with _threads(device, workers):
+        return _device_rates(configs, device, say, remeasure)
+
+
+def _device_rates(configs, device, say, remeasure: bool) -> dict:
+    name, rates = bench_cache.device_name(device), {}
+    for key, c in {workload.rate_key(c): c for c in configs}.items():
+        bench = None if remeasure else bench_cache.load(device, c.channels, c.batch_size, c.precision)
+        stale = bench and bench_cache.outdated(bench)
+        if bench is None or (stale and bench.get("quick")):  # a quick bench costs seconds: measure again
+            say(f"measuring this device for the projection (channels {c.channels}, batch {c.batch_size}"
+                f"{'; the cached figure was ' + stale if stale else ''}; a few seconds, then cached)...")
+            bench = quick_bench(device, c.channels, c.batch_size, c.precision)
+        how = "quick bench" if bench.get("quick") else "bench"
+        notes = [n for n in (bench_cache.outdated(bench), bench_cache.busy(bench)) if n]
+        caveat = f" ({'; '.join(notes)}: `sweep --rebench` measures again)" if notes else ""
+        rates[key] = workload.rates_from_bench(
+            bench, device.type, source=f"{how} of {name}, cached in {bench_cache.cache_path(device)}{caveat}")
+    return rates
+
+
+def fit_to_budget(configs: Sequence[Config], base: Config, rates, seconds: float) -> tuple[Config, str]:
+    """(base with the most faithful FID protocol of `workload.PROTOCOL_STEPS` whose projection for `configs`, the
+    grid's points of `base`, fits in `seconds`; one line saying what was chosen). Base itself when it fits as it
+    is. Raises BudgetError when even the smallest protocol does not fit."""
+    budget, duration = workload.format_duration(seconds), workload.format_duration
+    asked = sum(workload.project_configs(configs, rates).values())
+    if asked <= seconds:
+        return base, f"--time-budget {budget}: the protocol as given fits (projected {duration(asked)})"
+    fit = workload.fit_protocol(configs, rates, seconds)
+    if fit is None:
+        smallest = [workload.reduce_protocol(c, *workload.PROTOCOL_STEPS[-1]) for c in configs]
+        least = sum(workload.project_configs(smallest, rates).values())
+        raise BudgetError(f"--time-budget {budget}: even the smallest FID protocol is projected at {duration(least)} "
+                          "on this device; give more time, fewer --epochs or a smaller grid")
+    step, projected = fit
+    fitted = workload.reduce_protocol(base, *step)
+    return fitted, (f"--time-budget {budget}: the protocol as given is projected at {duration(asked)}; running "
+                    f"selection FID on {fitted.fid_select_samples:,} images every {fitted.fid_every} epoch(s) "
+                    f"(grids with them), final FID on {fitted.fid_samples:,} (projected {duration(projected)})")
+
+
+def study_projection(configs: Sequence[Config], rates: dict | None, device, suggest_smoke: bool = True,
+                     workers: int = 1) -> tuple[str, dict | None]:
+    """(The text `sweep` prints: the work per phase, its projected time, the wall time with `workers` worker
+    processes, one line more when that exceeds an hour; the record kept in study.json: device, rates, seconds
+    per phase (serial), workers at once and projected wall seconds; None without rates)."""
+    parallel = parallel_workers(device, workers)
+    table = workload.format_table(configs, rates, parallel)
+    if rates is None:
+        return table, None
+    where = f"{device.type} ({bench_cache.device_name(device)})"
+    seconds = workload.project_configs(configs, rates)
+    wall = workload.wall_seconds(seconds, len(configs), parallel)
+    warning = workload.long_study_warning(wall, where, suggest_smoke=suggest_smoke)
+    sources = "; ".join(dict.fromkeys(r.source for r in rates.values()))
+    return "\n".join([table, *([warning] if warning else [])]), {
+        "device": where, "rates": sources, "seconds": seconds, "workers": parallel, "wall_seconds": wall}
+
+
+def reference_projection(bench_result: dict, device, channels: int, batch_size: int, precision: str) -> str:
+    """One line: the reference study's projected time at a bench's rates (what `sweep --dry-run` details)."""
+    rates = workload.rates_from_bench(bench_result, device.type)
+    base = Config(channels=channels, batch_size=batch_size, precision=precision)
+    seconds = workload.project(workload.count(reference_configs(base)), rates)
+    parts = ", ".join(f"{k} {workload.format_duration(v)}" for k, v in seconds.items())
+    return (f"the reference study (16 configs, default protocol) on this device: "
+            f"{workload.format_duration(sum(seconds.values()))} ({parts}; `sweep --dry-run` for details)")

@@ -1,0 +1,186 @@
+"""The study: an Optuna grid over schedule x (T, beta_end) x sampler (x seed), one MLflow child run per
+trial under one parent run per study.
+
+Training is shared: a DDPM and a DDIM trial of the same training config (same `Config.training_key()`)
+train one model in `OUT/trainings/<key>/`, keeping every epoch's EMA weights. Whichever trial holds the
+training's lock and finds no `training_done.json` trains (resuming what an interrupted trial of either
+sampler left); once it is done the other only samples and scores. Per-epoch FIDs are never shared: each
+trial scores every epoch with its own sampler (see `experiment`), and draws its grids and writes its
+`result.json` in its own folder `OUT/trials/<number>/`. `training_done.json` and the `mnist_diff.trained_by`
+tags name the run that made the training's last optimizer step. With a tracking server, machines share no
+disk: the training's files travel through the server (`shared_trainings`), indexed in the study's storage.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import optuna
+
+from mnist_diff.study.records import grid_text, phase_sums, study_doc, write_results
+from mnist_diff.study.retries import enqueue
+from mnist_diff.study.spec import Sweep
+from mnist_diff.study.storage import (
+    failed_points,
+    make_storage,
+    open_study,
+    point_of,
+    points_done,
+    requeue_failed,
+    trainings_first,
+)
+from mnist_diff.study.worker import prefetch, setup_logging, work
+from mnist_diff.study.workers import run_workers
+from mnist_diff.tracking.mlflow_store import Tracker, find_study_run
+from mnist_diff.util.redact import redact_url
+
+log = logging.getLogger(__name__)
+
+
+CLAIM_SUFFIX = ".mnist-diff-claim"
+
+PARENT_WAIT_S = 120.0
+
+def claim_study(sweep: Sweep) -> bool:
+    """True for exactly one `sweep` command per study, however many start at the same instant, on however many
+    machines: creating an Optuna study is atomic in the shared storage (study names are unique), so whoever
+    creates the marker study `<name>.mnist-diff-claim` sets the study up (queues its points, creates its
+    parent run) and the others wait for that."""
+    try:
+        optuna.create_study(study_name=sweep.study_name + CLAIM_SUFFIX, storage=make_storage(sweep.storage))
+        return True
+    except optuna.exceptions.DuplicatedStudyError:
+        return False
+
+def _parent_id(sweep: Sweep, study: optuna.Study, claimed: bool) -> str | None:
+    """The parent run id another command recorded in the study, waiting for it while the claimant creates it;
+    None when this command holds the claim (or the claimant died first). Reads Optuna only: until the
+    claimant has made the MLflow store, touching it too would collide (SQLite's migrations do)."""
+    deadline = time.monotonic() + PARENT_WAIT_S
+    while True:
+        known = study.user_attrs.get("mlflow_parent_run_id")  # read from the storage each time
+        if known or claimed:
+            return known
+        if time.monotonic() > deadline:
+            log.warning("study %s: the command that claimed it made no parent run in %.0f s; making one",
+                        sweep.study_name, PARENT_WAIT_S)
+            return None
+        time.sleep(0.5)
+
+def parent_run(sweep: Sweep, study: optuna.Study, claimed: bool = True) -> Tracker:
+    """The study's one parent MLflow run: found again when the sweep resumes or another command made it,
+    else created (by the command that `claim_study` chose)."""
+    known = _parent_id(sweep, study, claimed)
+    tracker = Tracker(sweep.tracking_uri, sweep.experiment, run_name=sweep.study_name,
+                      tags={"mnist_diff.role": "study", "mnist_diff.study": sweep.study_name})
+    existing = (tracker.client.get_run(known) if known else  # else one made before studies were claimed
+                find_study_run(tracker.client, tracker.uri, sweep.experiment, sweep.study_name))
+    if existing is not None:
+        tracker.run_id, tracker.experiment_id = existing.info.run_id, existing.info.experiment_id
+        tracker.client.update_run(tracker.run_id, status="RUNNING")
+    else:
+        tracker.start()
+        tracker.log_params({**sweep.fixed, "study_name": sweep.study_name, "grid_size": sweep.size,
+                            "grid": grid_text(sweep.grid), "storage": redact_url(sweep.storage)})
+        tracker.log_dict(study_doc(sweep), "study.json")
+    study.set_user_attr("mlflow_parent_run_id", tracker.run_id)
+    return tracker
+
+class SweepFailed(RuntimeError):
+    """Worker processes exited with an error, or grid points failed or were left unrun; the results were
+    written all the same (`doc`)."""
+
+    def __init__(self, message: str, doc: dict):
+        super().__init__(message)
+        self.doc = doc
+
+def parent_status(study: optuna.Study, sweep: Sweep, interrupted: bool) -> tuple[str, str | None, str]:
+    """(status, reason, 'done/size') of the study's parent run: FINISHED only when every grid point is COMPLETE;
+    RUNNING while a trial still runs (another command's worker, or a dead one not yet found stale); KILLED
+    when this command was interrupted; FAILED otherwise, saying how many points failed or never ran."""
+    S = optuna.trial.TrialState
+    trials = study.get_trials(deepcopy=False)
+    complete, done = points_done(study, sweep)
+    running = any(t.state == S.RUNNING for t in trials)
+    failed = {point_of(t) for t in trials if t.state == S.FAIL} - {point_of(t) for t in trials if t.state != S.FAIL}
+    if complete == sweep.size:
+        return "FINISHED", None, done
+    if running:
+        return "RUNNING", None, done
+    if interrupted:
+        return "KILLED", f"interrupted with {done} grid points complete", done
+    reason = f"{len(failed)} grid point(s) failed" if failed else ""
+    unrun = sweep.size - complete - len(failed)
+    if unrun:
+        reason += (", " if reason else "") + f"{unrun} not run"
+    return "FAILED", f"{reason}; {done} complete", done
+
+def run_sweep(sweep: Sweep, workers: int = 1, retry_failed: bool = False) -> dict:
+    """Create or resume the study, run `workers` worker processes (1: this process), write the results and
+    close the parent run. Raises SweepFailed (after writing the results) when a worker exited non-zero or the
+    study ended FAILED (`parent_status`), naming each failed point."""
+    from mnist_diff.tracking.mlflow_store import reconcile_orphans
+
+    study = open_study(sweep)  # first: a study with another grid is refused before anything is written
+    sweep.out_dir.mkdir(parents=True, exist_ok=True)
+    prefetch(sweep)
+    optuna.storages.fail_stale_trials(study)  # workers killed -9: StaleTrial marks their runs KILLED, retries
+    requeue_failed(study, sweep, retry_failed)
+    claimed = claim_study(sweep)
+    if claimed and not study.get_trials(deepcopy=False):  # a new study: its points, one of each training first
+        for params in trainings_first(sweep):
+            enqueue(study, params)
+    parent = parent_run(sweep, study, claimed)
+    live = {t.user_attrs.get("mlflow_run_id") for t in study.get_trials(deepcopy=False)
+            if t.state == optuna.trial.TrialState.RUNNING}
+    reconciled = reconcile_orphans(parent.client, parent.uri, sweep.experiment, sweep.study_name, live)
+    if reconciled:
+        log.warning("marked %d orphaned MLflow run(s) KILLED: %s", len(reconciled), ", ".join(reconciled))
+    codes, interrupted, error = [], False, None
+    try:
+        if workers <= 1:
+            setup_logging(sweep.out_dir)
+            work(sweep, parent.run_id)
+        else:
+            codes = run_workers(sweep, parent.run_id, workers)
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
+    except Exception as err:
+        error = err
+        raise
+    finally:
+        study = open_study(sweep)
+        doc = write_results(study, sweep)
+        _log_parent(parent, sweep, study, doc, interrupted, error, codes)
+    bad = [f"worker {i} exited with code {c}" for i, c in enumerate(codes) if c != 0]
+    status, reason, _ = parent_status(study, sweep, interrupted=False)
+    if status == "FAILED":
+        bad.append(reason)
+    if bad:
+        raise SweepFailed("; ".join(bad) + f" (see {sweep.out_dir / 'training.log'})"
+                          + "".join(f"\n  {line}" for line in failed_points(study, sweep)), doc)
+    return doc
+
+def _log_parent(parent: Tracker, sweep: Sweep, study: optuna.Study, doc: dict, interrupted: bool,
+                error: Exception | None, codes: list) -> None:
+    best = doc.get("best")
+    if best:
+        parent.log_metrics({"best_fid": best["best_fid"], "complete_trials": doc["complete"]})
+        parent.set_tags({"best_config": json.dumps(best["params"])})
+    spent = phase_sums(doc["results"])
+    if spent:  # where the study's time went, summed over every trial that recorded it (workers overlap)
+        parent.log_metrics({f"seconds_{k}": v for k, v in spent.items()})
+    parent.log_artifact(sweep.out_dir / "grid_search_results.json")
+    if (sweep.out_dir / "training.log").exists():
+        parent.log_artifact(sweep.out_dir / "training.log")
+    status, reason, done = parent_status(study, sweep, interrupted)
+    tags = {"mnist_diff.points_done": done}
+    if any(c != 0 for c in codes):
+        tags["mnist_diff.worker_exit_codes"] = json.dumps(codes)
+    parent.set_tags(tags)
+    error_type = "Interrupted" if status == "KILLED" else "IncompleteGrid"
+    if error is not None and status == "FAILED":  # this command itself failed (e.g. the storage went away)
+        reason, error_type = f"{type(error).__name__}: {error}; {reason}", type(error).__name__
+    parent.set_status(status, reason, error_type)
