@@ -18,48 +18,69 @@ from mnist_diff.choices import (
     USES_BETA_RANGE,
 )
 
+def _field(default, help: str):
+    """A Config field with its help text: one home for a setting's default and what it means."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 MNIST_SIZES = {"train": 60_000, "test": 10_000}  # images per MNIST split
 
 
 @dataclass(frozen=True)
 class Config:
+    """One run's settings. Each field's help is the text of its CLI option (`cli.options`)."""
     # diffusion
-    schedule: str = "linear"
-    timesteps: int = 1000
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
+    schedule: str = _field("linear", 'Beta schedule. cosine (improved DDPM) is defined by alpha_bar alone and'
+                                     ' IGNORES --beta-start/--beta-end: for it only --timesteps matters.')
+    timesteps: int = _field(1000, 'Diffusion steps T.')
+    beta_start: float = _field(1e-4, 'First beta (not for cosine).')
+    beta_end: float = _field(0.02, 'Last beta (not for cosine).')
     # sampling
-    sampler: str = "ddpm"
-    ddim_steps: int = 50
-    eta: float = 0.0
-    clip_x0: bool = True      # clip each step's predicted x_0 to [-1, 1] (both samplers)
+    sampler: str = _field("ddpm", 'ddpm: ancestral, all T steps. ddim: --ddim-steps steps from T-1 to 0.')
+    ddim_steps: int = _field(50, 'DDIM steps (<= --timesteps).')
+    eta: float = _field(0.0, "DDIM noise: 0 is deterministic given x_T, 1 matches DDPM's variance.")
+    clip_x0: bool = _field(True, "Clip each step's predicted x_0 to [-1, 1] (both samplers). It changes DDPM "
+                                 'and DDIM differently, so it is part of any comparison of the two.')
     # training (defaults: the reference study's batch and epochs)
-    epochs: int = 20
-    batch_size: int = 128
-    lr: float = 2e-4          # AdamW; linear warm-up over warmup_steps, then constant
-    warmup_steps: int = 500
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999  # 0 turns EMA off (sampling then uses the raw weights)
-    ema_warmup_steps: int = 400  # the EMA decay ramps linearly from 0 to ema_decay over these steps (train.py)
-    channels: int = 64
-    seed: int = 0
-    precision: str = "auto"   # auto: bf16 autocast where the device has native bf16 (device.py), else fp32
-    train_samples: int | None = None  # use only the first N training images (tests, smoke runs)
-    max_steps: int | None = None
+    epochs: int = _field(20, 'Training epochs (the reference study: 20).')
+    batch_size: int = _field(128, 'Training batch (the reference study: 128).')
+    lr: float = _field(2e-4, 'AdamW learning rate, after a linear warm-up of --warmup-steps; then constant.')
+    warmup_steps: int = _field(500, "Optimizer steps of the learning rate's linear warm-up.")
+    weight_decay: float = _field(0.0, 'AdamW weight decay.')
+    grad_clip: float = _field(1.0, 'Clip the gradient norm to this (0: no clipping).')
+    ema_decay: float = _field(0.999, 'EMA of the weights used for sampling; 0 turns it off (sampling then '
+                                     'uses the raw weights).')
+    ema_warmup_steps: int = _field(400, 'The EMA decay ramps linearly from 0 to --ema-decay over these '
+                                        'optimizer steps (0: --ema-decay from the start); logged as the '
+                                        'metric ema_decay.')
+    channels: int = _field(64, 'UNet base width (multiple of 8); 64 is 2.9M parameters.')
+    seed: int = _field(0, 'Seed of the weights, the data order and the noise.')
+    precision: str = _field("auto", 'auto: bf16 autocast where the device has native bf16 (GPUs of compute '
+                                    'capability 8.0+, CPUs with AVX512-BF16 or AMX), fp32 elsewhere.')
+    train_samples: int | None = _field(None, 'Train on the first N MNIST images only (smoke runs, tests).')
+    max_steps: int | None = _field(None, 'Stop after N optimizer steps.')
     # FID protocol
-    fid_every: int = 1               # score the EMA model every N epochs (0: never; the last epoch is "best")
-    fid_select_samples: int = 2000   # images per epoch-selection FID
-    fid_samples: int = 10000         # images for the final FID of the best epoch (0: skip it)
-    fid_ref: str = "train"
-    fid_ref_samples: int | None = None
-    fid_batch_size: int = 500
-    kid: bool = False
-    grid_images: int = 64            # images in each epoch's sample grid (an 8x8 grid), from their own seeds
-    grid_every: int = 1              # draw the grid every N epochs and at the last (0: never)
+    fid_every: int = _field(1, 'Score the EMA model every N epochs (0: never) and keep the best epoch.')
+    fid_select_samples: int = _field(2000, 'Images per epoch-selection FID.')
+    fid_samples: int = _field(10000, "Images for the final FID of the best epoch, not the selection's: "
+                                     'best_fid (0: skip).')
+    fid_ref: str = _field("train", 'MNIST split the samples are compared with.')
+    fid_ref_samples: int | None = _field(None, 'Use only the first N reference images (default: the whole '
+                                               'split).')
+    fid_batch_size: int = _field(500, 'Batch for the Inception network.')
+    kid: bool = _field(False, 'Also compute KID.')
+    grid_images: int = _field(64, "Images in each epoch's sample sheet (own seeds; drawn with the selection "
+                                  'images).')
+    grid_every: int = _field(1, 'Draw the sample sheet every N epochs and at the last (0: never). Set it to '
+                                "--fid-every and each sheet is drawn in its epoch's selection pass: small "
+                                'batches cost GPU time.')
     # how it runs, not what it computes (outside the training key; see RUNTIME_FIELDS)
-    compile: str = "auto"                   # torch.compile the UNet: auto (on for CUDA), on, off
-    sample_batch_size: int | None = None    # images per sampling batch; None: what the device holds
+    compile: str = _field("auto", 'torch.compile the UNet (on CUDA with CUDA graphs) for sampling and '
+                                  'training. auto: on for CUDA, off elsewhere (compiling costs minutes on a '
+                                  'CPU). If it fails: one warning, then eager.')
+    sample_batch_size: int | None = _field(None, 'Images per sampling batch (speed only: image i depends on '
+                                                 '(seed, i)). Default: what the device holds (up to 2000 on a'
+                                                 ' GPU, 64 on CPU).')
 
     def __post_init__(self):
         validate(self)

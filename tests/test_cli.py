@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from conftest import malicious_checkpoint
 
 import cli
+from mnist_diff.cli.checks import RUN_LOCK
 from mnist_diff.choices import SAMPLERS, SCHEDULES
 from mnist_diff.runtime.device import effective_precision
 
@@ -112,7 +113,7 @@ def test_a_second_train_on_the_same_out_is_refused_while_the_first_runs(tmp_path
                               "--out", str(out), *data], cwd=tmp_path, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     try:
-        lock = out / cli.RUN_LOCK
+        lock = out / RUN_LOCK
         deadline = time.monotonic() + 120
         while not (lock.exists() and lock.read_text() == str(first.pid)):
             assert first.poll() is None and time.monotonic() < deadline

@@ -15,6 +15,8 @@ from mlflow.projects._project_spec import load_project
 from mlflow.tracking import MlflowClient
 
 import cli
+from mnist_diff.choices import SAMPLERS, SCHEDULES
+from mnist_diff.cli.params import selected
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRY_COMMANDS = {"main": "sweep", "train": "train", "sample": "sample", "evaluate": "evaluate"}
@@ -55,9 +57,9 @@ def test_empty_parameters_mean_not_given(tmp_path):
     assert argv[argv.index("--epochs") + 1] == "" and argv[argv.index("--fid-samples") + 1] == ""
     ctx = cli.cli.commands["sweep"].make_context("sweep", argv)
     assert ctx.params["epochs"] is None and ctx.params["fid_ref_samples"] is None
-    assert cli.selected(ctx.params["samplers"], cli.SAMPLERS) == ("ddim",)
-    assert cli.selected(ctx.params["schedules"], cli.SCHEDULES) == ("linear", "cosine")
-    assert cli.selected(ctx.params["timesteps_list"], ("200", "1000")) == ("200", "1000")
+    assert selected(ctx.params["samplers"], SAMPLERS) == ("ddim",)
+    assert selected(ctx.params["schedules"], SCHEDULES) == ("linear", "cosine")
+    assert selected(ctx.params["timesteps_list"], ("200", "1000")) == ("200", "1000")
 
 
 @pytest.mark.parametrize("args,expected", [
@@ -68,7 +70,7 @@ def test_empty_parameters_mean_not_given(tmp_path):
 ])
 def test_grid_filters_take_comma_lists_and_repeats(args, expected):
     ctx = cli.cli.commands["sweep"].make_context("sweep", args)
-    assert cli.selected(ctx.params["schedules"], cli.SCHEDULES) == expected
+    assert selected(ctx.params["schedules"], SCHEDULES) == expected
 
 
 # -- `mlflow run` for real ---------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 changes one fails here, by name."""
 import optuna
 
-from mnist_diff.study.optuna_compat import grid_point_id, stored_trial
+from mnist_diff.study.optuna_compat import grid_point_id, retried_trial_number, stored_trial
 
 SPACE = {"schedule": ["linear", "cosine", "sigmoid"], "timesteps_beta_end": ["200:0.08", "1000:0.02"]}
 
@@ -34,4 +34,25 @@ def test_stored_trial_holds_the_attributes_set_when_it_was_queued(tmp_path):
     stored = stored_trial(trial)
     assert isinstance(stored, optuna.trial.FrozenTrial)
     assert stored.number == trial.number and stored.user_attrs == {"retries": 2}
-    assert optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(stored) is None
+    assert retried_trial_number(stored) is None
+
+
+def test_a_stale_trial_is_failed_and_its_retry_names_it(tmp_path):
+    """Heartbeats: a trial whose worker died (no heartbeat for the grace period) is failed by
+    `fail_stale_trials`, and the retry the callback queues names it (`retried_trial_number`)."""
+    import time
+
+    from mnist_diff.study.optuna_compat import fail_stale_trials, knowingly_experimental
+
+    with knowingly_experimental():
+        storage = optuna.storages.RDBStorage(
+            f"sqlite:///{tmp_path / 'hb.db'}", heartbeat_interval=1, grace_period=1,
+            failed_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
+    study = optuna.create_study(storage=storage)
+    trial = study.ask()
+    storage.record_heartbeat(trial._trial_id)
+    time.sleep(2.1)
+    fail_stale_trials(study)
+    states = [t.state for t in study.get_trials()]
+    assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING]
+    assert retried_trial_number(study.get_trials()[1]) == trial.number

@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 import cli
+from mnist_diff.cli.checks import checked_tracking_uri
 from mnist_diff.config import Config
 from mnist_diff.study.spec import Sweep
 from mnist_diff.study.sweep import claim_study
@@ -269,7 +270,7 @@ def test_a_tracking_server_url_with_credentials(mlflow_server, monkeypatch, tmp_
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "")  # restored after the test
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "")
     with_credentials = mlflow_server.replace("http://", "http://alice:hunter2@")
-    uri = cli.checked_tracking_uri(with_credentials)
+    uri = checked_tracking_uri(with_credentials)
     assert uri == mlflow_server and os.environ["MLFLOW_TRACKING_PASSWORD"] == "hunter2"
     tracker = Tracker(with_credentials, "creds")
     tracker.start()

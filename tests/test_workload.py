@@ -9,6 +9,8 @@ import torch
 from click.testing import CliRunner
 
 import cli
+from mnist_diff.cli.params import Duration
+from mnist_diff.study.plan import auto_workers
 from mnist_diff.config import Config
 from mnist_diff.perf import bench_cache, workload
 from mnist_diff.perf.workload import FINAL, GRIDS, INCEPTION, SELECTION, TRAINING, Rates
@@ -287,7 +289,7 @@ def test_time_budget_fits_the_fid_protocol_or_refuses(cached_cpu_bench):
 
 
 def test_durations():
-    d = cli.Duration()
+    d = Duration()
     assert [d.convert(t, None, None) for t in ("600", "90s", "25m", "25min", "1h30m", "1.5h", "2h 5s", "")] == [
         600, 90, 1500, 1500, 5400, 5400, 7205, None]
     for bad in ("0", "m", "5d", "-5m", "1h-2m", "h1"):
@@ -400,10 +402,10 @@ def test_workers_auto_is_one_per_core_for_the_smoke_preset_on_a_cpu_and_one_othe
     from mnist_diff.study.grid import reference_configs
     configs = reference_configs(Config())  # 16 points, 8 trainings (the samplers share one)
     cpu, cores = torch.device("cpu"), os.cpu_count() or 1
-    assert cli.auto_workers(cpu, "smoke", configs) == min(cores, 8)
-    assert cli.auto_workers(cpu, "study", configs) == 1
+    assert auto_workers(cpu, "smoke", configs) == min(cores, 8)
+    assert auto_workers(cpu, "study", configs) == 1
     one_training = [c for c in configs if c.training_key() == configs[0].training_key()]
-    assert len(one_training) == 2 and cli.auto_workers(cpu, "smoke", one_training) == 1
+    assert len(one_training) == 2 and auto_workers(cpu, "smoke", one_training) == 1
 
 
 def test_the_smoke_projection_is_within_2x_of_the_wall_time(tmp_path, monkeypatch, data_dir, fid_weights):

@@ -57,6 +57,23 @@ def load_samples(path: str | os.PathLike) -> torch.Tensor:
     return torch.from_numpy(images)
 
 
+def save_samples(images: torch.Tensor, out_dir: Path, config, seed: int, source) -> tuple[Path, Path]:
+    """(samples.npz, samples.png) in `out_dir`: every image as uint8 with how it was sampled (what
+    `load_samples` reads back), and a sheet of the first 100."""
+    import math
+
+    import numpy as np
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    npz = out_dir / "samples.npz"
+    with atomic_path(npz) as tmp:
+        np.savez_compressed(tmp, images=images.cpu().numpy(), seed=seed, sampler=config.sampler,
+                            ddim_steps=config.ddim_steps, eta=config.eta, clip_x0=config.clip_x0,
+                            checkpoint=str(source))
+    shown = images[:100]
+    return npz, save_grid(shown, out_dir / "samples.png", nrow=math.ceil(math.sqrt(len(shown))))
+
+
 def to_model_range(images_u8: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] -> float [-1, 1]."""
     return images_u8.float() / 127.5 - 1.0

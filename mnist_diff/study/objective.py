@@ -9,7 +9,7 @@ import time
 
 import optuna
 
-from mnist_diff.study.optuna_compat import stored_trial
+from mnist_diff.study.optuna_compat import retried_trial_number, stored_trial
 
 from mnist_diff.fid.engine import Reference
 from mnist_diff.runtime import timing
@@ -55,7 +55,7 @@ class Objective:
                 "mnist_diff.training_key": key}
         frozen = stored_trial(trial)
         retried_from = frozen.user_attrs.get(
-            "retry_of_trial", optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen))
+            "retry_of_trial", retried_trial_number(frozen))
         if retried_from is not None:
             tags["mnist_diff.retry_of_trial"] = retried_from
             tags.update(retry_tags(frozen.user_attrs.get("retries", 0), frozen.user_attrs.get("errors", [])))

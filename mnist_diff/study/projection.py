@@ -114,3 +114,37 @@ def reference_projection(bench_result: dict, device, channels: int, batch_size: 
     parts = ", ".join(f"{k} {workload.format_duration(v)}" for k, v in seconds.items())
     return (f"the reference study (16 configs, default protocol) on this device: "
             f"{workload.format_duration(sum(seconds.values()))} ({parts}; `sweep --dry-run` for details)")
+
+
+def fit_time_budget(configs: Sequence[Config], base: Config, device, seconds: float, rebench: bool = False,
+                    say: Callable[[str], None] = print) -> Config:
+    """`base` with the most faithful FID protocol that fits `seconds` on this device (`fit_to_budget`), said
+    through `say`; BudgetError when the configs vary the protocol, nothing fits or the device can't be
+    measured."""
+    varied = sorted(k for k in workload.PROTOCOL_KNOBS if len({getattr(c, k) for c in configs}) > 1)
+    if varied:
+        raise BudgetError(f"--time-budget chooses the FID protocol, which the grid varies ({', '.join(varied)}): "
+                          "drop one of them")
+    try:
+        rates = device_rates(configs, device, say=say, remeasure=rebench)
+    except Exception as err:
+        raise BudgetError(f"--time-budget {workload.format_duration(seconds)}: measuring this device failed "
+                          f"({type(err).__name__}: {err})") from None
+    base, said = fit_to_budget(configs, base, rates, seconds)
+    say(said)
+    return base
+
+
+def sweep_projection(configs: Sequence[Config], device, workers: int = 1, rebench: bool = False,
+                     suggest_smoke: bool = True, say: Callable[[str], None] = print) -> dict | None:
+    """Say the study's work per phase and its projected time at this device's bench rates in one of `workers`
+    worker processes (measured and cached on first use, or again with `rebench`), and its wall time with them.
+    Returns the record for study.json. A projection is advice: a device that can't be measured stops nothing."""
+    try:
+        rates = device_rates(configs, device, say=say, remeasure=rebench, workers=workers)
+    except Exception as err:
+        say(f"no time projection: measuring this device failed ({type(err).__name__}: {err})")
+        rates = None
+    text, record = study_projection(configs, rates, device, suggest_smoke=suggest_smoke, workers=workers)
+    say(text)
+    return record

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
+from itertools import product
 from pathlib import Path
 
 from mnist_diff.config import RUNTIME_FIELDS, Config
@@ -55,3 +56,8 @@ class Sweep:
 
     def config_for(self, params: dict) -> Config:
         return self.base.replace(**self.grid.overrides(params))
+
+    def configs(self) -> list[Config]:
+        """Every grid point's config, in grid order, whatever a resumed study has done."""
+        space = self.search_space()
+        return [self.config_for(dict(zip(space, values))) for values in product(*space.values())]

@@ -5,17 +5,43 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tempfile
-import warnings
 from itertools import product
 from pathlib import Path
 
 import optuna
 
+from mnist_diff.study.optuna_compat import knowingly_experimental
 from mnist_diff.perf.workload import PROTOCOL_KNOBS
 from mnist_diff.study.retries import WORKER_LOST, StaleTrial, queue_retry
 from mnist_diff.study.spec import RESUMABLE_FIELDS, Sweep
 from mnist_diff.util.locks import exclusive
+from mnist_diff.util.redact import redact_text, redact_url
+from mnist_diff.util.urls import in_memory_reason, in_memory_sqlite
+
+
+class StorageUnavailable(ValueError):
+    """The Optuna storage can't be used (in memory, a missing or read-only folder, no server): one line."""
+
+
+def check_storage(url: str) -> None:
+    """The Optuna storage must be reachable before any training starts. Creates nothing for SQLite."""
+    if in_memory_sqlite(url):
+        raise StorageUnavailable(in_memory_reason(url, "--storage"))
+    if url.startswith("sqlite:///"):
+        folder = Path(url[len("sqlite:///"):]).expanduser().absolute().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise StorageUnavailable(f"--storage {url}: folder {folder} does not exist or is not writable")
+        return
+    try:
+        import sqlalchemy
+        engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": 5} if "postgres" in url else {})
+        with engine.connect():
+            pass
+    except Exception as err:
+        raise StorageUnavailable(f"--storage {redact_url(url)} is unreachable: "
+                                 f"{redact_text(str(err).splitlines()[0], url)}") from None
 
 
 def make_storage(url: str, heartbeat: int | None = None, on_stale=None):
@@ -33,9 +59,7 @@ def make_storage(url: str, heartbeat: int | None = None, on_stale=None):
     # collide on it (SQLite: INSERT INTO alembic_version; PostgreSQL: CREATE TYPE ... already exists). The
     # lock is PostgreSQL's own there, else a file in the temp folder: nothing beside the user's files.
     name = "optuna-init-" + hashlib.sha256(url.encode()).hexdigest()[:16]
-    with exclusive(url, name, Path(tempfile.gettempdir()) / "mnist-diff-locks"), warnings.catch_warnings():
-        # heartbeats are marked experimental; they are exactly what we rely on, knowingly
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    with exclusive(url, name, Path(tempfile.gettempdir()) / "mnist-diff-locks"), knowingly_experimental():
         return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
 
 def open_study(sweep: Sweep) -> optuna.Study:

@@ -18,6 +18,7 @@ import time
 
 import optuna
 
+from mnist_diff.study.optuna_compat import fail_stale_trials
 from mnist_diff.study.records import grid_text, phase_sums, study_doc, write_results
 from mnist_diff.study.retries import enqueue
 from mnist_diff.study.spec import Sweep
@@ -125,7 +126,7 @@ def run_sweep(sweep: Sweep, workers: int = 1, retry_failed: bool = False) -> dic
     study = open_study(sweep)  # first: a study with another grid is refused before anything is written
     sweep.out_dir.mkdir(parents=True, exist_ok=True)
     prefetch(sweep)
-    optuna.storages.fail_stale_trials(study)  # workers killed -9: StaleTrial marks their runs KILLED, retries
+    fail_stale_trials(study)  # workers killed -9: StaleTrial marks their runs KILLED, retries
     requeue_failed(study, sweep, retry_failed)
     claimed = claim_study(sweep)
     if claimed and not study.get_trials(deepcopy=False):  # a new study: its points, one of each training first

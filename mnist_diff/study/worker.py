@@ -9,6 +9,7 @@ from pathlib import Path
 
 import optuna
 
+from mnist_diff.study.optuna_compat import fail_stale_trials
 from mnist_diff.fid.engine import Reference
 from mnist_diff.study.objective import Objective
 from mnist_diff.study.records import write_results
@@ -66,7 +67,7 @@ def work(sweep: Sweep, parent_run_id: str) -> None:
             # Other workers' trials are running, or a dead worker's trial is not stale yet (kill -9, then the
             # same command again at once): wait, so that a trial found stale is retried here, not left behind.
             time.sleep(min(5, sweep.heartbeat))
-            optuna.storages.fail_stale_trials(study)
+            fail_stale_trials(study)
         else:
             return
 

@@ -1,0 +1,54 @@
+"""`report`: a study's findings (tables, the reference claims checked, figures), from MLflow or a results file."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from mnist_diff.cli.checks import check_writable_dir, checked_tracking_uri, refuse_in_memory
+from mnist_diff.cli.group import BadInput
+from mnist_diff.cli.options import out_option, tracking_uri_option
+
+
+@click.command()
+@click.option("--study", "study_name", default=None, help="The study to report on (read from MLflow).")
+@click.option("--results", "results_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Or a grid_search_results.json written by `sweep`.")
+@click.option("--storage", default=None, hidden=True,
+              help="Ignored: the report reads the study's runs from MLflow (kept so old commands still parse).")
+@tracking_uri_option
+@click.option("--no-tracking", is_flag=True, help="Don't log the report to the study's parent run.")
+@out_option("runs/report")
+def report(study_name, results_path, storage, tracking_uri, no_tracking, out):
+    """The study's findings: tables, the reference study's claims checked, figures (report.md/html + PNGs)."""
+    if (study_name is None) == (results_path is None):
+        raise BadInput("give exactly one of --study and --results")
+    out_path = check_writable_dir(out)
+    refuse_in_memory(storage, "--storage")
+    from mnist_diff.report.analysis import load_records_from_json
+    from mnist_diff.report.reader import load_study_from_mlflow
+    from mnist_diff.report.write import write_report
+    from mnist_diff.tracking.mlflow_store import Tracker
+
+    tracker = None
+    if results_path is not None:
+        try:
+            records, study = load_records_from_json(results_path)
+        except (ValueError, KeyError) as err:
+            raise BadInput(f"--results {results_path}: not a grid_search_results.json ({err})")
+    else:
+        uri = checked_tracking_uri(tracking_uri)
+        if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+            raise BadInput(f"no MLflow run tagged as study {study_name!r}: there is no store at {uri}")
+        try:
+            records, study, parent_id = load_study_from_mlflow(uri, study_name)
+        except LookupError as err:
+            raise BadInput(str(err).strip("'\""))
+        if not no_tracking:
+            tracker = Tracker(uri)
+            tracker.run_id = parent_id
+    out_path.mkdir(parents=True, exist_ok=True)
+    write_report(records, study, out_path, tracker=tracker)
+    click.echo(f"report -> {out_path / 'report.md'} ({out_path / 'report.html'})")
+    if tracker is not None:
+        click.echo(f"logged to the study's parent run {tracker.run_id} under report/")
