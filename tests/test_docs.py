@@ -117,7 +117,7 @@ def commands_in_markdown(text: str, name: str) -> list[DocCommand]:
         else:
             prose.append(line)
     prose_text = "\n".join(prose)
-    for m in re.finditer(r"(?<!`)(`+)(?!`)((?:(?!\n[ \t]*\n).)+?)(?<!`)\1(?!`)", prose_text, flags=re.S):
+    for m in re.finditer(r"(?<!`)(`+)(?!`)((?:(?!\n[ \t]*\n).)+?)(?<!`)\1(?!`)", prose_text, flags=re.DOTALL):
         line = prose_text.count("\n", 0, m.start()) + 1
         span = m.group(2).replace("\n", " ").strip()
         if re.match(rf"({'|'.join(COMMANDS)}) -", span):  # the short form in prose: `sweep --dry-run`
@@ -298,7 +298,7 @@ def test_readme_is_short():
 def test_readme_starts_with_the_setup_commands():
     """The first two commands of README.md run the main job and the tests, exactly as CI and users type them."""
     text = (ROOT / "README.md").read_text()
-    block = re.search(r"```[a-z]*\n(.*?)```", text, flags=re.S).group(1)
+    block = re.search(r"```[a-z]*\n(.*?)```", text, flags=re.DOTALL).group(1)
     first_two = [line.split("#")[0].strip() for line in block.strip().split("\n")[:2]]
     assert tuple(first_two) == SETUP_COMMANDS
 
@@ -307,7 +307,7 @@ def test_relative_links_resolve():
     """Every relative link and image of README.md and docs/*.md names a file that exists."""
     broken = []
     for page in PAGES:
-        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.DOTALL)
         for target in re.findall(r"\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)", text):
             if re.match(r"[a-z]+:", target) or target.startswith("#"):
                 continue
