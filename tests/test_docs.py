@@ -8,6 +8,7 @@ import json
 import re
 import shlex
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 import click
@@ -278,11 +279,11 @@ def mlflow_run_lines() -> list[tuple[str, list]]:
 def test_docs_mlflow_run_parameters_exist(where, argv):
     entry_points = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]
     entry = "main"
-    for flag, value in zip(argv, argv[1:]):
+    for flag, value in pairwise(argv):
         if flag in ("-e", "--entry-point"):
             entry = value
     assert entry in entry_points, f"{where}: no entry point {entry!r}"
-    for flag, value in zip(argv, argv[1:]):
+    for flag, value in pairwise(argv):
         if flag in ("-P", "--param-list"):
             param = value.split("=", 1)[0]
             assert param in entry_points[entry]["parameters"], f"{where}: {entry} has no parameter {param!r}"
