@@ -69,9 +69,9 @@ class Config:
                                                'split).')
     fid_batch_size: int = _field(500, 'Batch for the Inception network.')
     kid: bool = _field(False, 'Also compute KID.')
-    grid_images: int = _field(64, "Images in each epoch's sample sheet (own seeds; drawn with the selection "
+    sheet_images: int = _field(64, "Images in each epoch's sample sheet (own seeds; drawn with the selection "
                                   'images).')
-    grid_every: int = _field(1, 'Draw the sample sheet every N epochs and at the last (0: never). Set it to '
+    sheet_every: int = _field(1, 'Draw the sample sheet every N epochs and at the last (0: never). Set it to '
                                 "--fid-every and each sheet is drawn in its epoch's selection pass: small "
                                 'batches cost GPU time.')
     # how it runs, not what it computes (outside the training key; see RUNTIME_FIELDS)
@@ -126,7 +126,7 @@ class Config:
 
 
 def epoch_due(every: int, epoch: int, last_epoch: int) -> bool:
-    """Whether a per-epoch output (selection FID: `fid_every`, sample grid: `grid_every`) is due: every
+    """Whether a per-epoch output (selection FID: `fid_every`, sample sheet: `sheet_every`) is due: every
     `every` epochs and at the last one; never when `every` is 0."""
     return every > 0 and (epoch % every == 0 or epoch == last_epoch)
 
@@ -154,7 +154,7 @@ def _stable_hash(d: dict) -> str:
 
 SAMPLING_FIELDS = ("sampler", "ddim_steps", "eta", "clip_x0")
 EVAL_FIELDS = ("fid_every", "fid_select_samples", "fid_samples", "fid_ref", "fid_ref_samples",
-               "fid_batch_size", "kid", "grid_images", "grid_every")
+               "fid_batch_size", "kid", "sheet_images", "sheet_every")
 # Speed settings. They live in the config (not as separate arguments) because the config is what reaches
 # every place that trains or samples, and what config.json and MLflow record; like the sampling and FID fields
 # they stay out of the training key and the resume check: a run may resume with other values.
@@ -206,8 +206,8 @@ def validate(c: Config) -> None:
     need(c.fid_samples == 0 or c.fid_samples >= 2, f"--fid-samples must be 0 (no final FID) or >= 2, got {c.fid_samples}")
     check_reference(c.fid_ref, c.fid_ref_samples)
     need(c.fid_batch_size >= 1, "--fid-batch-size must be >= 1")
-    need(1 <= c.grid_images <= 1024, f"--grid-images must be in [1, 1024], got {c.grid_images}")
-    need(c.grid_every >= 0, f"--grid-every must be >= 0, got {c.grid_every}")
+    need(1 <= c.sheet_images <= 1024, f"--sheet-images must be in [1, 1024], got {c.sheet_images}")
+    need(c.sheet_every >= 0, f"--sheet-every must be >= 0, got {c.sheet_every}")
     need(c.compile in COMPILE_CHOICES, f"unknown --compile {c.compile!r}; choose one of {', '.join(COMPILE_CHOICES)}")
     need(c.sample_batch_size is None or c.sample_batch_size >= 1, "--sample-batch-size must be >= 1")
 

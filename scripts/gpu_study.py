@@ -145,7 +145,7 @@ def plan_study(args, run_dir: Path, py: str, plan_end: float) -> dict:
     say(f"protocol: selection FID on {select} images every {every} epoch(s), final FID on {final} images; "
         f"{epochs} epochs; projected {projected:.0f} s (serial) of {available:.0f} s available in {calls} call(s)")
     sweep_args = ["--fid-select-samples", str(select), "--fid-every", str(every), "--fid-samples", str(final),
-                  "--grid-every", str(every), "--epochs", str(epochs), *safe_mode]
+                  "--sheet-every", str(every), "--epochs", str(epochs), *safe_mode]
     if args.rehearse:
         sweep_args = ["--preset", "smoke", "--schedule", "linear", "--timesteps", "200", "--device", "cpu"]
     protocol = {"fid_select_samples": select, "fid_every": every, "fid_samples": final, "epochs": epochs,

@@ -3,6 +3,8 @@ import os
 import pytest
 import torch
 
+from mnist_diff.presets import SMOKE
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
@@ -32,9 +34,28 @@ def fid_weights():
     return os.environ.get("MNIST_DIFF_FID_WEIGHTS")
 
 
-# A config small enough to train in about a second per epoch on 2 CPU cores.
-TINY = dict(schedule="linear", timesteps=20, beta_end=0.2, channels=8, batch_size=32, train_samples=128,
-            warmup_steps=2, sampler="ddim", ddim_steps=5)
+# Every test's config starts here: the smoke preset's model (width 8, batch 32) on a short diffusion (T=20) and
+# 128 images, an epoch in about a second on 2 CPU cores. Tests change what they need; commands take it as
+# options through `cli_args`.
+TINY = dict(schedule="linear", timesteps=20, beta_end=0.2, channels=SMOKE["channels"], batch_size=SMOKE["batch_size"],
+            train_samples=128, warmup_steps=2, sampler="ddim", ddim_steps=5)
+
+
+def cli_args(**fields) -> list[str]:
+    """Config fields as command-line options: `--name value`; a boolean as `--name` or `--no-name`."""
+    args = []
+    for name, value in fields.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + flag[2:])
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+def tiny_args(*fields: str, **changes) -> list[str]:
+    """TINY's `fields` (all of them by default) with `changes`, as options."""
+    return cli_args(**{**{k: TINY[k] for k in (fields or TINY)}, **changes})
 
 
 class RunsCode:

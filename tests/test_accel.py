@@ -84,7 +84,7 @@ def weights(trainer):
 
 def test_compile_on_where_it_cannot_work_warns_once_per_kind_and_runs_exactly_eager(tmp_path, data_dir):
     """`train --compile on` on a machine without a C++ compiler: the first training step fails to compile and
-    is rerun eagerly (random generator restored), the epoch's sample grid fails to compile and is drawn
+    is rerun eagerly (random generator restored), the epoch's sample sheet fails to compile and is drawn
     eagerly; one warning each, and the run ends with the weights and grid of a `--compile off` run, bit for bit.
     A fresh inductor cache and shapes no other test compiles make sure the compiler is really called."""
     from click.testing import CliRunner

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import malicious_checkpoint
+from conftest import malicious_checkpoint, tiny_args
 
 import cli
 from mnist_diff.cli.checks import RUN_LOCK
@@ -16,9 +16,8 @@ from mnist_diff.choices import SAMPLERS, SCHEDULES
 from mnist_diff.runtime.device import effective_precision
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_ARGS = ["--timesteps", "20", "--beta-end", "0.2", "--channels", "8", "--batch-size", "32",
-             "--train-samples", "64", "--warmup-steps", "2", "--sampler", "ddim", "--ddim-steps", "5", "--quiet",
-             "--fid-every", "0", "--fid-samples", "0", "--no-tracking"]
+TINY_ARGS = [*tiny_args("timesteps", "beta_end", "channels", "batch_size", "warmup_steps", "sampler", "ddim_steps",
+                        train_samples=64, fid_every=0, fid_samples=0), "--quiet", "--no-tracking"]
 
 
 def run(*args):
@@ -222,7 +221,7 @@ MORE_BAD = [
     (["report", "--results", "GARBAGE"], "not a grid_search_results.json"),
     (["sweep", "--no-tracking"], "drop --no-tracking"),
     (["sweep", "--seeds", "0"], "--seeds"),
-    (["train", "--grid-every", "-1"], "--grid-every"),
+    (["train", "--sheet-every", "-1"], "--sheet-every"),
     (["bench", "--channels", "12"], "multiple of 8"),
     (["bench", "--compile", "fast"], "'fast' is not one of"),
     (["evaluate", "--images", "NHWC", "--no-tracking"], "expected at least 2 uint8 images [N, 1, 28, 28]"),
@@ -374,3 +373,12 @@ def test_dry_run_shows_clip_x0_and_ema_warmup(tmp_path):
     result = run("train", "--dry-run", "--no-clip-x0", "--ema-warmup-steps", "0", "--out", tmp_path / "o")
     config = json.loads(result.output)
     assert config["clip_x0"] is False and config["ema_warmup_steps"] == 0
+
+
+def test_the_sample_sheet_options_keep_their_old_names_hidden():
+    result = run("train", "--grid-images", "4", "--grid-every", "2", "--dry-run", "--no-tracking")
+    assert result.exit_code == 0, result.output
+    config = json.loads(result.output)
+    assert config["sheet_images"] == 4 and config["sheet_every"] == 2
+    shown = run("train", "--help").output
+    assert "--sheet-images" in shown and "--grid-images" not in shown and "--grid-every" not in shown

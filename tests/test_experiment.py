@@ -17,7 +17,7 @@ from mnist_diff.training.experiment import (
     score_saved_training,
     selection_images,
 )
-from mnist_diff.training.trainer import GRID_SEED, load_sampling_model
+from mnist_diff.training.trainer import SHEET_SEED, load_sampling_model
 
 
 def test_final_fid_never_scores_the_selection_images(tmp_path, mnist_small, data_dir, fid_weights, monkeypatch):
@@ -27,12 +27,12 @@ def test_final_fid_never_scores_the_selection_images(tmp_path, mnist_small, data
     select, final = selection_images(config), final_images(config)
     assert (len(select), len(final)) == (6, 8) and not set(select) & set(final)
     seeds = {name: set(image_seeds(config.seed, len(r), r.start)) for name, r in (("select", select), ("final", final))}
-    seeds["grid"] = set(image_seeds(GRID_SEED, config.grid_images))
+    seeds["grid"] = set(image_seeds(SHEET_SEED, config.sheet_images))
     assert not seeds["select"] & seeds["final"] and not (seeds["select"] | seeds["final"]) & seeds["grid"]
 
     reference = Reference("train", 16, data_dir, fid_weights)
     result = run_experiment(config, mnist_small[:128], tmp_path / "run", reference=reference, progress=False)
-    assert result["fid_images"] == {"seed": 0, "selection": [0, 6], "final": [6, 14]}
+    assert result.fid_images == {"seed": 0, "selection": [0, 6], "final": [6, 14]}
 
     model, _, _ = load_sampling_model(checkpoint.ema_path(tmp_path / "run" / "checkpoints", 1), "cpu")
     schedule = make_schedule(config.schedule, config.timesteps, config.beta_start, config.beta_end)
@@ -41,7 +41,7 @@ def test_final_fid_never_scores_the_selection_images(tmp_path, mnist_small, data
     selection_set, final_set = draw(6, 0), draw(8, 6)
     assert not any(torch.equal(a, b) for a in final_set for b in selection_set)
     # the final FID is that of images 6..13 (not 0..7, as before). One FID recomputed: each costs seconds on CPU
-    assert result["best_fid"] == pytest.approx(compute_fid(final_set, reference, batch_size=16)["fid"], rel=1e-4)
+    assert result.best_fid == pytest.approx(compute_fid(final_set, reference, batch_size=16)["fid"], rel=1e-4)
 
 
 def test_sampling_record_keeps_each_sampler_apart_and_drops_stale_entries(tmp_path, data_dir, fid_weights):
@@ -72,17 +72,17 @@ def test_sampling_record_keeps_each_sampler_apart_and_drops_stale_entries(tmp_pa
 
 def test_grid_every_draws_grids_on_due_epochs_only_in_training_and_in_a_shared_training(tmp_path, data_dir,
                                                                                       fid_weights, mnist_small):
-    """--grid-every 2 over 3 epochs: grids at epochs 2 and 3 (the last), in the training run and in a run of
+    """--sheet-every 2 over 3 epochs: grids at epochs 2 and 3 (the last), in the training run and in a run of
     another sampler that scores the saved training; the selection FID still every epoch."""
     reference = Reference("train", 16, data_dir, fid_weights)
-    config = Config(**{**TINY, "epochs": 3, "grid_every": 2, "grid_images": 4, "fid_select_samples": 4,
+    config = Config(**{**TINY, "epochs": 3, "sheet_every": 2, "sheet_images": 4, "fid_select_samples": 4,
                        "fid_samples": 0, "fid_ref_samples": 16, "fid_batch_size": 16})
     result = run_experiment(config, mnist_small[:128], tmp_path / "run", reference=reference, progress=False,
                             fid_cache=tmp_path / "fid-cache")
     assert sorted(p.name for p in (tmp_path / "run" / "samples").iterdir()) == ["epoch-002.png", "epoch-003.png"]
-    assert sorted(result["epoch_fids"]) == [1, 2, 3]
+    assert sorted(result.epoch_fids) == [1, 2, 3]
     ddpm = config.replace(sampler="ddpm")
     other = score_saved_training(ddpm, tmp_path / "run", tmp_path / "ddpm", reference=reference, device="cpu",
                                  progress=False, fid_cache=tmp_path / "fid-cache")
     assert sorted(p.name for p in (tmp_path / "ddpm" / "samples").iterdir()) == ["epoch-002.png", "epoch-003.png"]
-    assert sorted(other["epoch_fids"]) == [1, 2, 3] and other["epoch_fids"] != result["epoch_fids"]
+    assert sorted(other.epoch_fids) == [1, 2, 3] and other.epoch_fids != result.epoch_fids

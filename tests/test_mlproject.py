@@ -110,7 +110,7 @@ def test_mlflow_run_main_smoke_runs_every_grid_point(tmp_path):
     # training size is left out on purpose (the empty value becomes the smoke preset's).
     mlflow_run(tmp_path, "-P", "preset=smoke", "-P", f"storage=sqlite:///{tmp_path}/optuna.db",
                "-P", f"out={tmp_path}/out", "-P", "epochs=1", "-P", "fid-select-samples=2",
-               "-P", "fid-samples=2", "-P", "fid-ref-samples=2", "-P", "grid-images=4",
+               "-P", "fid-samples=2", "-P", "fid-ref-samples=2", "-P", "sheet-images=4",
                "-P", "workers=2")  # a worker per core
     study = optuna.load_study(study_name="mnist-diff-study", storage=f"sqlite:///{tmp_path}/optuna.db")
     trials = study.get_trials()
@@ -130,7 +130,7 @@ def test_mlflow_run_main_smoke_runs_every_grid_point(tmp_path):
     assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
     p = parent.data.params
     assert p["train-samples"] == "''" and p["train_samples"] == "256" and p["epochs"] == "1"
-    assert p["grid_images"] == "4"
+    assert p["sheet_images"] == "4"
 
 
 def test_mlflow_run_main_with_a_grid(tmp_path):

@@ -159,7 +159,7 @@ def _machine_cmd(study, storage, server, machine: Path, *options) -> list:
             "--tracking-uri", server, "--experiment", study, "--out", str(machine / "out"),
             "--schedule", "cosine", "--timesteps", "200", "--ddim-steps", "5", "--batch-size", "32",
             "--train-samples", "64", "--channels", "8", "--warmup-steps", "2", "--fid-select-samples", "4", "--fid-samples", "8",
-            "--fid-ref-samples", "16", "--fid-batch-size", "16", "--grid-images", "16", "--quiet", *options]
+            "--fid-ref-samples", "16", "--fid-batch-size", "16", "--sheet-images", "16", "--quiet", *options]
 
 
 def _start(cmd, machine: Path):

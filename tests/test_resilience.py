@@ -10,6 +10,7 @@ from pathlib import Path
 import optuna
 import pytest
 from click.testing import CliRunner
+from conftest import tiny_args
 from mlflow.tracking import MlflowClient
 
 import cli
@@ -22,9 +23,10 @@ def sweep_cmd(tmp_path, *extra):
     return [sys.executable, str(ROOT / "cli.py"), "sweep", "--study-name", "r",
             "--storage", f"sqlite:///{tmp_path}/optuna.db", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
             "--experiment", "e", "--out", str(tmp_path / "out"), "--schedule", "linear", "--timesteps", "200",
-            "--sampler", "ddim", "--ddim-steps", "5", "--epochs", "3", "--batch-size", "32", "--train-samples", "640",
-            "--channels", "8", "--warmup-steps", "2", "--fid-every", "0", "--fid-samples", "8",
-            "--fid-ref-samples", "16", "--fid-batch-size", "16", "--heartbeat", "1", "--quiet", *extra]
+            "--sampler", "ddim",
+            *tiny_args("batch_size", "channels", "warmup_steps", "ddim_steps", epochs=3, train_samples=640,
+                       fid_every=0, fid_samples=8, fid_ref_samples=16, fid_batch_size=16),
+            "--heartbeat", "1", "--quiet", *extra]
 
 
 def start_and_wait_for_epoch(tmp_path, cmd=None, trainings=1, timeout=240):
@@ -134,10 +136,9 @@ def test_non_finite_loss_fails_one_trial_and_the_others_go_on(tmp_path):
 def tiny_sweep_args(tmp_path, *extra):
     return ["sweep", "--study-name", "t", "--storage", f"sqlite:///{tmp_path}/optuna.db",
             "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--experiment", "e", "--out", str(tmp_path / "out"),
-            "--schedule", "linear", "--timesteps", "200", "--epochs", "1", "--batch-size", "32",
-            "--train-samples", "64", "--channels", "8", "--warmup-steps", "2", "--fid-every", "0",
-            "--fid-samples", "8", "--fid-ref-samples", "16", "--fid-batch-size", "16", "--ddim-steps", "5",
-            "--quiet", *extra]
+            "--schedule", "linear", "--timesteps", "200",
+            *tiny_args("batch_size", "channels", "warmup_steps", "ddim_steps", epochs=1, train_samples=64,
+                       fid_every=0, fid_samples=8, fid_ref_samples=16, fid_batch_size=16), "--quiet", *extra]
 
 
 def test_transient_failure_is_retried_up_to_max_retries_and_retry_failed_requeues(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ import optuna
 import pytest
 from click.testing import CliRunner
 from conftest import TINY as TINY_CONFIG
+from conftest import tiny_args
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -31,9 +32,9 @@ from mnist_diff.training.trainer import (
     sample_epoch,
 )
 
-TINY = ["--epochs", "2", "--batch-size", "32", "--train-samples", "64", "--channels", "8", "--warmup-steps", "2",
-        "--fid-select-samples", "8", "--fid-samples", "10", "--fid-ref-samples", "16", "--fid-batch-size", "16",
-        "--ddim-steps", "5", "--quiet"]
+# TINY's training for a sweep (whose grid sets schedule, T, beta_end and sampler), 2 epochs of 64 images
+TINY = [*tiny_args("batch_size", "channels", "warmup_steps", "ddim_steps", epochs=2, train_samples=64,
+                   fid_select_samples=8, fid_samples=10, fid_ref_samples=16, fid_batch_size=16), "--quiet"]
 
 
 def sweep_args(tmp_path, *extra):

@@ -129,7 +129,7 @@ def test_failed_artifact_uploads_are_recorded_and_training_goes_on(tmp_path, mni
         result = run_experiment(config, mnist_small[:128], tmp_path / "run", tracker=tracker, progress=False,
                                 reference=Reference("train", 16, data_dir, fid_weights))
     run = MlflowClient(uri).get_run(tracker.run_id)
-    assert run.info.status == "FINISHED" and result["epochs_done"] == 2
+    assert run.info.status == "FINISHED" and result.epochs_done == 2
     assert int(run.data.tags["artifact_upload_errors"]) >= 3
     assert "samples step" in run.data.tags["artifact_upload_last_error"] or "pt" in run.data.tags[
         "artifact_upload_last_error"]

@@ -203,7 +203,7 @@ FIELD_PLACES = {
     "clip_x0": ("sampling", False),
     "fid_every": ("neither", 2), "fid_select_samples": ("neither", 100), "fid_samples": ("neither", 0),
     "fid_ref": ("neither", "test"), "fid_ref_samples": ("neither", 100), "fid_batch_size": ("neither", 50),
-    "kid": ("neither", True), "grid_images": ("neither", 16), "grid_every": ("neither", 0),
+    "kid": ("neither", True), "sheet_images": ("neither", 16), "sheet_every": ("neither", 0),
     "compile": ("neither", "off"), "sample_batch_size": ("neither", 100),
 }
 

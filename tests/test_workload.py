@@ -159,12 +159,12 @@ def test_passes_and_their_projection_with_latency():
     assert s[FINAL] == pytest.approx(20 * (0.01 + 30 * per_image))
     assert workload.count([base.replace(sample_batch_size=16)]).phase(FINAL).passes == ((30, 20, 16, 1.0),)
     # grids every 3rd epoch (3 and the last, 5); selection at 2, 4, 5: only epoch 5 draws both in one pass
-    sparse = workload.count([base.replace(grid_every=3)])
-    assert workload.grid_epochs(base.replace(grid_every=3)) == [3, 5]
+    sparse = workload.count([base.replace(sheet_every=3)])
+    assert workload.grid_epochs(base.replace(sheet_every=3)) == [3, 5]
     assert sparse.phase(SELECTION).passes == ((10, 20, 0, 2.0), (74, 20, 0, pytest.approx(10 / 74)))
     assert sparse.phase(GRIDS).passes == ((64, 20, 0, 1.0), (74, 20, 0, pytest.approx(64 / 74)))
     assert (sparse.phase(GRIDS).images, sparse.phase(SELECTION).images) == (2 * 64, 3 * 10)
-    assert workload.count([base.replace(grid_every=0)]).phase(GRIDS).passes == ()
+    assert workload.count([base.replace(sheet_every=0)]).phase(GRIDS).passes == ()
 
 
 def test_rates_from_bench_label_estimates():
@@ -271,7 +271,7 @@ def test_time_budget_fits_the_fid_protocol_or_refuses(cached_cpu_bench):
     assert tight.exit_code == 0, tight.output
     assert "running selection FID on 8 images every 2 epoch(s) (grids with them), final FID on 16" in tight.output
     assert "16 trials, 8 trainings, 32 FID scores" in tight.output
-    fitted = sum(workload.project_configs([c.replace(fid_every=2, grid_every=2) for c in smoke], rates).values())
+    fitted = sum(workload.project_configs([c.replace(fid_every=2, sheet_every=2) for c in smoke], rates).values())
     assert f"(projected {workload.format_duration(fitted)})" in tight.output
     for bad, message in ((["1s"], "--time-budget 1 s: even the smallest FID protocol is projected at "),
                          (["1h", "--grid", "fid_samples=16,32"],
@@ -392,10 +392,10 @@ def test_fit_protocol_takes_the_most_faithful_reduction_that_fits():
     # never more work than asked for: a config scoring less keeps its own counts, fid_every 0 stays 0 (its
     # grids are thinned like anyone's)
     small = Config(fid_select_samples=100, fid_every=0, fid_samples=0)
-    assert workload.reduce_protocol(small, 1000, 2, 5000) == small.replace(grid_every=2)
-    assert workload.reduce_protocol(small.replace(grid_every=0), 1000, 2, 5000).grid_every == 0
+    assert workload.reduce_protocol(small, 1000, 2, 5000) == small.replace(sheet_every=2)
+    assert workload.reduce_protocol(small.replace(sheet_every=0), 1000, 2, 5000).sheet_every == 0
     assert workload.reduce_protocol(Config(), 500, 4, 2000).to_dict() == {
-        **Config().to_dict(), "fid_select_samples": 500, "fid_every": 4, "fid_samples": 2000, "grid_every": 4}
+        **Config().to_dict(), "fid_select_samples": 500, "fid_every": 4, "fid_samples": 2000, "sheet_every": 4}
 
 
 def test_workers_auto_is_one_per_core_for_the_smoke_preset_on_a_cpu_and_one_otherwise():

@@ -23,9 +23,25 @@ FIELD_TYPES = {
     "train_samples": OptionalInt(min=1), "max_steps": OptionalInt(min=1), "fid_every": click.IntRange(min=0),
     "fid_select_samples": OptionalInt(min=2), "fid_samples": OptionalInt(min=0), "fid_ref": click.Choice(FID_REFS),
     "fid_ref_samples": OptionalInt(min=2), "fid_batch_size": OptionalInt(min=1), "kid": bool,
-    "grid_images": OptionalInt(min=1, max=1024), "grid_every": OptionalInt(min=0),
+    "sheet_images": OptionalInt(min=1, max=1024), "sheet_every": OptionalInt(min=0),
     "compile": click.Choice(COMPILE_CHOICES), "sample_batch_size": click.IntRange(min=1),
 }
+
+
+# Old option names that keep working, hidden from --help: the 8x8 picture was a "grid" before "grid" meant
+# only the study's.
+OLD_NAMES = {"sheet_images": ["--grid-images"], "sheet_every": ["--grid-every"]}
+
+
+class RenamedOption(click.Option):
+    """An option whose old names still parse; --help shows only its own."""
+
+    def get_help_record(self, ctx):
+        opts, self.opts = self.opts, self.opts[:1]
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.opts = opts
 
 
 def config_option(name: str, **overrides):
@@ -34,15 +50,15 @@ def config_option(name: str, **overrides):
     field, flag = FIELDS[name], "--" + name.replace("_", "-")
     kwargs = {"type": FIELD_TYPES[name], "default": field.default, "show_default": field.default is not None,
               "help": field.metadata["help"]}
-    decls = [flag]
+    decls = [flag, *OLD_NAMES.get(name, []), name]
     if FIELD_TYPES[name] is bool:  # on/off: a flag when off by default, else a --x/--no-x pair
         del kwargs["type"]
         if field.default is False:
             kwargs.update(is_flag=True, show_default=False)
         else:
-            decls = [f"{flag}/--no-{flag[2:]}"]
+            decls = [f"{flag}/--no-{flag[2:]}", name]
     kwargs.update(overrides)
-    return click.option(*decls, **kwargs)
+    return click.option(*decls, cls=RenamedOption, **kwargs)
 
 
 def apply(options):
@@ -63,7 +79,7 @@ sampler_options = config_options("sampler", "ddim_steps", "eta", "clip_x0")
 training_options = config_options("epochs", "batch_size", "lr", "warmup_steps", "ema_decay", "ema_warmup_steps",
                                   "channels", "precision", "train_samples", "max_steps")
 fid_options = config_options("fid_every", "fid_select_samples", "fid_samples", "fid_ref", "fid_ref_samples",
-                             "fid_batch_size", "sample_batch_size", "kid", "grid_images", "grid_every")
+                             "fid_batch_size", "sample_batch_size", "kid", "sheet_images", "sheet_every")
 compile_option = config_option("compile")
 sample_batch_option = config_option("sample_batch_size")
 

@@ -31,7 +31,7 @@ from mnist_diff.cli.options import (compile_option, config_option, data_dir_opti
 @quiet_option
 def train(device, data_dir, out, resume, dry_run, quiet, fid_weights, tracking_uri, experiment, no_tracking,
           run_name, **fields):
-    """Train one config; score FID as it trains; write checkpoints and sample grids into --out; track in MLflow."""
+    """Train one config; score FID as it trains; write checkpoints and sample sheets into --out; track in MLflow."""
     config = make_config(**fields)
     from mnist_diff.perf.workload import unscored
     if reason := unscored(config):
@@ -77,9 +77,8 @@ def check_resumable(config, ckpt_dir: Path, out: str) -> None:
                        "or another --out")
 
 
-def summary_line(result: dict) -> str:
-    line = f"trained {result['steps']} steps ({result['epochs_done']} epochs) -> {result['out_dir']}"
-    if result.get("best_fid") is not None:
-        line += (f"; best epoch {result['best_epoch']}: FID {result['best_fid']:.2f} "
-                 f"({result['config']['fid_samples']} samples)")
+def summary_line(result) -> str:
+    line = f"trained {result.steps} steps ({result.epochs_done} epochs) -> {result.out_dir}"
+    if result.best_fid is not None:
+        line += f"; best epoch {result.best_epoch}: FID {result.best_fid:.2f} ({result.config['fid_samples']} samples)"
     return line

@@ -87,7 +87,7 @@ def _bench_mode(device, compile: str, *, channels, batch_size, train_steps, samp
     return out
 
 
-SMALL_SAMPLE_BATCH = 64  # Config.grid_images: the sampling batch of an epoch's grid alone
+SMALL_SAMPLE_BATCH = 64  # Config.sheet_images: the sampling batch of an epoch's grid alone
 INCEPTION_IMAGES = {"cuda": 4000, "cpu": 16}  # per timed repeat: several Inception batches on a GPU
 SCORE_IMAGES = 2000  # the selection FID's size: the fixed cost is timed on a set this big (the n x n path)
 
@@ -269,9 +269,8 @@ def run_full(device: torch.device, out_dir, *, data_dir=None, fid_weights=None, 
     wall = time.perf_counter() - t0
     return {"config": config.to_dict(), "out_dir": str(out_dir), "setup_seconds": setup, "wall_seconds": wall,
             "seconds": timing.totals(wall_seconds=wall),
-            "train_images_per_s": result["steps"] * batch_size / max(result["train_seconds"], 1e-9),
-            "epoch_fids": result["epoch_fids"], "best_epoch": result.get("best_epoch"),
-            "best_fid": result.get("best_fid")}
+            "train_images_per_s": result.steps * batch_size / max(result.train_seconds, 1e-9),
+            "epoch_fids": result.epoch_fids, "best_epoch": result.best_epoch, "best_fid": result.best_fid}
 
 
 def format_full(full: dict) -> str:

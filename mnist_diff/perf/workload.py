@@ -109,9 +109,9 @@ def unscored(c: Config, ranked: bool = False) -> str | None:
 
 
 def grid_epochs(c: Config) -> list[int]:
-    """The epochs that get a sample grid: every `grid_every`-th and the last (train.Trainer)."""
+    """The epochs that get a sample sheet: every `sheet_every`-th and the last (train.Trainer)."""
     last = epochs_done(c)
-    return [e for e in range(1, last + 1) if epoch_due(c.grid_every, e, last)]
+    return [e for e in range(1, last + 1) if epoch_due(c.sheet_every, e, last)]
 
 
 def count(configs: Sequence[Config]) -> Workload:
@@ -135,11 +135,11 @@ def count(configs: Sequence[Config]) -> Workload:
         scored, grids = scored_epochs(c), grid_epochs(c)
         both = len(set(scored) & set(grids))
         final = c.fid_samples if c.fid_samples > 0 and epochs_done(c) >= 1 else 0
-        shared = c.grid_images + c.fid_select_samples  # an epoch drawing both: its time split by images
+        shared = c.sheet_images + c.fid_select_samples  # an epoch drawing both: its time split by images
         add(SELECTION, shared, calls, batch, both * c.fid_select_samples / shared)
-        add(GRIDS, shared, calls, batch, both * c.grid_images / shared)
+        add(GRIDS, shared, calls, batch, both * c.sheet_images / shared)
         add(SELECTION, c.fid_select_samples, calls, batch, len(scored) - both)
-        add(GRIDS, c.grid_images, calls, batch, len(grids) - both)
+        add(GRIDS, c.sheet_images, calls, batch, len(grids) - both)
         add(FINAL, final, calls, batch, 1 if final else 0)
         trial_scores = len(scored) + (1 if final else 0)
         scores += trial_scores
@@ -272,7 +272,7 @@ PROTOCOL_STEPS = ((2000, 1, 10000), (1000, 1, 10000), (1000, 2, 10000), (1000, 2
                   (500, 4, 5000), (500, 4, 2000), (250, 5, 2000), (250, 10, 1000))
 
 
-PROTOCOL_KNOBS = ("fid_select_samples", "fid_every", "fid_samples", "grid_every")  # what reduce_protocol sets
+PROTOCOL_KNOBS = ("fid_select_samples", "fid_every", "fid_samples", "sheet_every")  # what reduce_protocol sets
 
 
 def reduce_protocol(c: Config, select: int, every: int, final: int) -> Config:
@@ -280,7 +280,7 @@ def reduce_protocol(c: Config, select: int, every: int, final: int) -> Config:
     most `final` final images: never more work than c asked for."""
     return c.replace(fid_select_samples=min(c.fid_select_samples, select),
                      fid_every=c.fid_every and max(c.fid_every, every), fid_samples=min(c.fid_samples, final),
-                     grid_every=c.grid_every and max(c.grid_every, every))
+                     sheet_every=c.sheet_every and max(c.sheet_every, every))
 
 
 def fit_protocol(configs: Sequence[Config], rates: Rates | Mapping[tuple, Rates], seconds: float

@@ -76,7 +76,7 @@ def montage_figure(complete: dict):
                      + "".join(f" {k}={fmt(v)}" for k, v in p.extra) + "\n"
                      f"FID {r['best_fid']:.2f} @ epoch {r['best_epoch']}", fontsize=8)
     if not shown:
-        axes[0][0].text(0.5, 0.5, "no sample grids found", ha="center", va="center")
+        axes[0][0].text(0.5, 0.5, "no sample sheets found", ha="center", va="center")
     fig.tight_layout()
     return fig, absent
 

@@ -48,7 +48,7 @@ def default_sample_batch_size(device, channels: int = 64) -> int:
 
 def device_layout(model: torch.nn.Module) -> torch.nn.Module:
     """Channels-last on CUDA, where cuDNN's NHWC convolutions use the tensor cores, and cuDNN picks its
-    fastest convolutions by timing them (results on a GPU are not bit-reproducible anyway, see README).
+    fastest convolutions by timing them (results on a GPU are not bit-reproducible anyway, see docs/fid-protocol.md).
     Unchanged elsewhere: on the CPU it would change the rounding of the bit-exact runs."""
     if next(model.parameters()).device.type == "cuda":
         torch.backends.cudnn.benchmark = True

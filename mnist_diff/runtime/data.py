@@ -71,7 +71,7 @@ def save_samples(images: torch.Tensor, out_dir: Path, config, seed: int, source)
                             ddim_steps=config.ddim_steps, eta=config.eta, clip_x0=config.clip_x0,
                             checkpoint=str(source))
     shown = images[:100]
-    return npz, save_grid(shown, out_dir / "samples.png", nrow=math.ceil(math.sqrt(len(shown))))
+    return npz, save_sheet(shown, out_dir / "samples.png", nrow=math.ceil(math.sqrt(len(shown))))
 
 
 def to_model_range(images_u8: torch.Tensor) -> torch.Tensor:
@@ -89,7 +89,7 @@ def to_fid_rgb(images_u8: torch.Tensor) -> torch.Tensor:
     return images_u8.expand(-1, 3, -1, -1)
 
 
-def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 8) -> Path:
+def save_sheet(images: torch.Tensor, path: str | os.PathLike, nrow: int = 8) -> Path:
     """Save images in [-1, 1] (or uint8) as one PNG grid; written atomically."""
     from PIL import Image
     from torchvision.utils import make_grid

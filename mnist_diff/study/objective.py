@@ -85,25 +85,23 @@ class Objective:
                     result = run_experiment(config, self.images_loader(), train_dir, out_dir=trial_dir,
                                             reference=reference, tracker=tracker, resume=True, progress=s.progress,
                                             callbacks=uploads)
-                    trained_by = result["trained_by"]  # whoever made the last optimizer step
+                    trained_by = result.trained_by  # whoever made the last optimizer step
                     write_json(done_marker, {"run_id": trained_by})
                     if index is not None:
                         mark_done(index, trained_by)
             if trained_by is not None:
                 tracker.set_tags({"mnist_diff.trained_by": trained_by})
-            attrs = {"best_fid": result.get("best_fid"), "best_epoch": result.get("best_epoch"),
-                     "best_fid_select": result.get("best_fid_select"), "epoch_fids": result["epoch_fids"],
-                     "trained_by_run_id": trained_by, "train_seconds": result.get("train_seconds"),
-                     "final_sampling_seconds": result.get("final_sampling_seconds"),
-                     "samples_dir": str(samples_dir)}
+            attrs = {"best_fid": result.best_fid, "best_epoch": result.best_epoch,
+                     "best_fid_select": result.best_fid_select, "epoch_fids": result.epoch_fids,
+                     "trained_by_run_id": trained_by, "train_seconds": result.train_seconds,
+                     "final_sampling_seconds": result.final_sampling_seconds, "samples_dir": str(samples_dir)}
             for k, v in attrs.items():
                 trial.set_user_attr(k, v)
             seconds = timing.totals(wall_seconds=time.perf_counter() - t0)  # this trial's own work only
             trial.set_user_attr("phase_seconds", seconds)
             tracker.log_metrics({f"seconds_{k}": v for k, v in seconds.items()})
-        log.info("trial %d done: best_fid %s (epoch %s)", trial.number, result.get("best_fid"),
-                 result.get("best_epoch"))
-        scores = (result.get("best_fid"), result.get("best_fid_select"))
+        log.info("trial %d done: best_fid %s (epoch %s)", trial.number, result.best_fid, result.best_epoch)
+        scores = (result.best_fid, result.best_fid_select)
         value = next((v for v in scores if v is not None and math.isfinite(v)), None)
         if value is None:  # else Optuna fails the trial with no error of ours on it: say why; retry nothing
             raise NoScore(f"the trial ended with no finite score (best_fid {scores[0]}, "

@@ -36,7 +36,7 @@ def run_workers(sweep: Sweep, parent_run_id: str, workers: int) -> list:
     bar = StudyBar(sweep)
     while True:
         if interrupt is not None:
-            sig = signal.SIGTERM if "SIGTERM" in str(interrupt) else signal.SIGINT
+            sig = getattr(interrupt, "signum", signal.SIGINT)  # Ctrl-C outside StopSignals: SIGINT
             for p in procs:
                 if p.pid is not None and p.exitcode is None:
                     try:

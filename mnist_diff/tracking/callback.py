@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 from mnist_diff.tracking import figures as plots
+from mnist_diff.training.experiment import ExperimentResult
 from mnist_diff.training.trainer import (
     Callback,
     EpochEnd,
@@ -58,21 +59,21 @@ class TrackingCallback(Callback):
     def on_epoch_end(self, end: EpochEnd) -> None:
         self.tracker.log_metrics({"epoch_loss": end.loss, "train_images_per_sec": end.images_per_sec,
                                   **end.metrics}, step=end.epoch)
-        if end.grid_path is not None:
-            self.tracker.log_image(end.grid_path, key="samples", step=end.epoch)
+        if end.sheet_path is not None:
+            self.tracker.log_image(end.sheet_path, key="samples", step=end.epoch)
 
 
-def log_final(tracker, result: dict, out_dir: Path, best_checkpoint: Path | None,
+def log_final(tracker, result: ExperimentResult, out_dir: Path, best_checkpoint: Path | None,
               last_checkpoint: Path | None, history: list[dict]) -> None:
     """The end-of-training record: summary metrics, curves, the resolved config and the checkpoints."""
-    tracker.log_metrics({k: result.get(k) for k in ("best_fid", "best_epoch", "best_fid_select",
+    tracker.log_metrics({k: getattr(result, k) for k in ("best_fid", "best_epoch", "best_fid_select",
                                                      "final_sampling_seconds", "final_fid_seconds",
                                                      "train_seconds", "kid", "kid_std")})
     if history:
         fig = plots.curves_figure(history)
         tracker.log_figure(fig, "curves.png")
         plots.plt.close(fig)
-    tracker.log_dict(result, "result.json")
+    tracker.log_dict(result.to_dict(), "result.json")
     if best_checkpoint is not None:
         tracker.log_artifact(best_checkpoint, "checkpoints/best")
     if last_checkpoint is not None:

@@ -296,7 +296,7 @@ class Tracker:
         from mnist_diff.tracking.callback import TrackingCallback
         return TrackingCallback(self, extra_params)
 
-    def log_final(self, result: dict, out_dir: Path, best_checkpoint: Path | None, last_checkpoint: Path | None,
+    def log_final(self, result, out_dir: Path, best_checkpoint: Path | None, last_checkpoint: Path | None,
                   history: list[dict]) -> None:
         """The end-of-training record (`callback.log_final`)."""
         from mnist_diff.tracking.callback import log_final

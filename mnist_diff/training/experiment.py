@@ -9,7 +9,7 @@ number (the best per-epoch FID).
 Which images: image i is drawn from seed (config.seed, i) (see `generate`). The selection scores images
 0 .. fid_select_samples-1 (`selection_images`); the final FID scores the next fid_samples images
 (`final_images`), which the selection never saw, so `best_fid` does not reward the images that picked the
-epoch. The per-epoch grids have their own fixed seed (`train.GRID_SEED`).
+epoch. The per-epoch grids have their own fixed seed (`train.SHEET_SEED`).
 
 Per-epoch FIDs and grids belong to (training, sampling config). A DDPM and a DDIM run can share one training
 folder, whose checkpoints and loss history they share, but each keeps its own record there (`SamplingRecord`)
@@ -20,9 +20,11 @@ grid of every epoch in its own grid folder (drawn again only where no valid one 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -175,8 +177,8 @@ class FidSelection(Callback):
         return selection_seeds(self.config) if fid_due(self.config, epoch, self.last_epoch) else []
 
     def on_epoch_end(self, end: EpochEnd) -> None:
-        if end.grid_path is not None:
-            self.record.put_grid(end.epoch, end.grid_path)
+        if end.sheet_path is not None:
+            self.record.put_grid(end.epoch, end.sheet_path)
         seeds = self.seeds_for_epoch_end(end.epoch)
         if not seeds:
             return
@@ -186,19 +188,19 @@ class FidSelection(Callback):
         end.metrics.update(m)
 
 
-def score_past_epochs(config: Config, history: list[dict], record: SamplingRecord, grid_dir, *,
+def score_past_epochs(config: Config, history: list[dict], record: SamplingRecord, sheet_dir, *,
                       last_epoch: int, reference: Reference, device, tracker=None, progress=True,
                       fid_cache=None) -> None:
     """Epochs trained before this run, maybe under another sampling config: put this config's grid of each
-    epoch due one (`grid_every`) in `grid_dir` (a copy of a valid one from the record, else drawn), score the
+    epoch due one (`sheet_every`) in `sheet_dir` (a copy of a valid one from the record, else drawn), score the
     due ones the record has no FID for, from the saved per-epoch EMA weights, and log them to this run's
     tracker, which has not seen them."""
     schedule = make_schedule(config.schedule, config.timesteps, config.beta_start, config.beta_end)
-    grid_dir = Path(grid_dir)
-    grid_dir.mkdir(parents=True, exist_ok=True)
+    sheet_dir = Path(sheet_dir)
+    sheet_dir.mkdir(parents=True, exist_ok=True)
     for h in history:
         epoch = h["epoch"]
-        grid = grid_dir / f"epoch-{epoch:03d}.png" if epoch_due(config.grid_every, epoch, last_epoch) else None
+        grid = sheet_dir / f"epoch-{epoch:03d}.png" if epoch_due(config.sheet_every, epoch, last_epoch) else None
         known = record.grid(epoch) if grid is not None else None
         draw_grid = grid is not None and known is None
         score = fid_due(config, epoch, last_epoch) and record.fid(epoch) is None
@@ -218,6 +220,41 @@ def score_past_epochs(config: Config, history: list[dict], record: SamplingRecor
                 tracker.log_image(grid, key="samples", step=epoch)
 
 
+@dataclass(frozen=True)
+class ExperimentResult:
+    """What one experiment produced: its training, its best epoch and the scores; `result.json` is `to_dict()`.
+    A field is None where it does not apply (no final FID with fid_samples 0; `trained_in` only for a training
+    another run did)."""
+    config: dict
+    training_key: str
+    sampling_key: str
+    out_dir: str
+    steps: int
+    epochs_done: int
+    history: list            # one dict per epoch: loss, and this sampling config's selection FID where scored
+    epoch_fids: dict         # {epoch: selection FID}
+    fid_images: dict         # the seed and the [start, stop) image ranges of the selection and the final FID
+    final_loss: float | None = None
+    train_seconds: float | None = None
+    fit_seconds: float | None = None  # this run's wall time in `fit` (training and selection)
+    trained_by: str | None = None     # the MLflow run that made the last optimizer step
+    trained_in: str | None = None
+    best_epoch: int | None = None
+    best_fid_select: float | None = None
+    best_fid: float | None = None
+    final_sampling_seconds: float | None = None
+    final_fid_seconds: float | None = None
+    kid: float | None = None
+    kid_std: float | None = None
+
+    def to_dict(self) -> dict:
+        """As `result.json` holds it: the fields that apply."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None or k in _ALWAYS_WRITTEN}
+
+
+_ALWAYS_WRITTEN = ("final_loss", "train_seconds", "trained_by")
+
+
 def best_epoch(history: list[dict]) -> tuple[int, float | None] | None:
     """(epoch, selection FID) of the lowest FID; the last epoch when nothing was scored; None if no epoch."""
     scored = [h for h in history if h.get("fid") is not None]
@@ -229,7 +266,7 @@ def best_epoch(history: list[dict]) -> tuple[int, float | None] | None:
 
 def run_experiment(config: Config, images: torch.Tensor, train_dir, *, reference: Reference, out_dir=None,
                    tracker=None, resume: bool = False, progress: bool = True, fid_cache=None,
-                   extra_params: dict | None = None, callbacks: list | None = None) -> dict:
+                   extra_params: dict | None = None, callbacks: list | None = None) -> ExperimentResult:
     """Train (or resume) in `train_dir`, select the best epoch by this config's FIDs, score it. The grids
     (`samples/`) and `result.json` go to `out_dir` (default `train_dir`). A resumed training may have been
     started under another sampling config: its past epochs are scored with this one (`score_past_epochs`)."""
@@ -240,7 +277,7 @@ def run_experiment(config: Config, images: torch.Tensor, train_dir, *, reference
     if tracker is not None:
         cbs.append(tracker.training_callback(extra_params))
     trainer = Trainer(config, images, train_dir, callbacks=cbs + list(callbacks or []), progress=progress,
-                      grid_dir=out_dir / "samples", run_id=tracker.run_id if tracker is not None else None)
+                      sheet_dir=out_dir / "samples", run_id=tracker.run_id if tracker is not None else None)
     if resume and trainer.resume():
         score_past_epochs(config, trainer.history, record, out_dir / "samples",
                           last_epoch=trainer.total_steps // trainer.steps_per_epoch, reference=reference,
@@ -258,36 +295,37 @@ def run_experiment(config: Config, images: torch.Tensor, train_dir, *, reference
 
 def finalize(config: Config, history: list[dict], ckpt_dir: Path, out_dir: Path, result: dict, *,
              reference: Reference, device, tracker=None, progress=True, fid_cache=None,
-             last_checkpoint: Path | None = None) -> dict:
+             last_checkpoint: Path | None = None) -> ExperimentResult:
     """Score the best epoch with the `final_images`; write result.json; log the final record. `history`
     holds this sampling config's FIDs only."""
     select, final = selection_images(config), final_images(config)
-    result = {"config": config.to_dict(), "training_key": config.training_key(),
-              "sampling_key": config.sampling_key(), "out_dir": str(out_dir), **result, "history": history,
-              "epoch_fids": {h["epoch"]: h["fid"] for h in history if h.get("fid") is not None},
-              "final_loss": history[-1]["loss"] if history else None,
-              "fid_images": {"seed": config.seed, "selection": [select.start, select.stop],
-                             "final": [final.start, final.stop]}}
+    scores = {}
     best = best_epoch(history)
     best_path = None
     if best is not None:
-        result["best_epoch"], result["best_fid_select"] = best
+        scores["best_epoch"], scores["best_fid_select"] = best
         best_path = checkpoint.ema_path(ckpt_dir, best[0])
         if config.fid_samples > 0:
             model, _, _ = load_sampling_model(best_path, device)
             m = score_model(model, config, reference, len(final), start=final.start, progress=progress,
                             fid_cache=fid_cache, desc=f"final FID (epoch {best[0]})", phase="final")
-            result.update(best_fid=m["fid"], final_sampling_seconds=m["sampling_seconds"],
+            scores.update(best_fid=m["fid"], final_sampling_seconds=m["sampling_seconds"],
                           final_fid_seconds=m["fid_seconds"], **{k: m[k] for k in ("kid", "kid_std") if k in m})
+    result = ExperimentResult(
+        config=config.to_dict(), training_key=config.training_key(), sampling_key=config.sampling_key(),
+        out_dir=str(out_dir), **result, **scores, history=history,
+        epoch_fids={h["epoch"]: h["fid"] for h in history if h.get("fid") is not None},
+        final_loss=history[-1]["loss"] if history else None,
+        fid_images={"seed": config.seed, "selection": [select.start, select.stop], "final": [final.start, final.stop]})
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    write_json(Path(out_dir) / "result.json", result)
+    write_json(Path(out_dir) / "result.json", result.to_dict())
     if tracker is not None:
         tracker.log_final(result, out_dir, best_path, last_checkpoint, history)
     return result
 
 
 def score_saved_training(config: Config, train_dir, out_dir, *, reference: Reference, device, tracker=None,
-                         progress: bool = True, fid_cache=None) -> dict:
+                         progress: bool = True, fid_cache=None) -> ExperimentResult:
     """Score a finished training another run did (same training config, maybe another sampler): this config's
     grids and FIDs of every epoch it lacks, from the saved EMA weights, then the final FID. Nothing is trained."""
     train_dir, out_dir = Path(train_dir), Path(out_dir)

@@ -26,7 +26,7 @@ from mnist_diff.diffusion.samplers import image_seeds
 from mnist_diff.diffusion.schedules import make_schedule
 from mnist_diff.diffusion.unet import UNet, count_parameters
 from mnist_diff.runtime import accel, checkpoint, timing
-from mnist_diff.runtime.data import save_grid, to_model_range
+from mnist_diff.runtime.data import save_sheet, to_model_range
 from mnist_diff.runtime.device import autocast
 from mnist_diff.runtime.generate import generate_seeds
 from mnist_diff.runtime.step_graph import StepGraph, portable_optimizer_state
@@ -34,7 +34,7 @@ from mnist_diff.util import atomic
 
 log = logging.getLogger(__name__)
 LOG_EVERY = 50          # optimizer steps between host syncs (loss readout, non-finite check)
-GRID_SEED = 12345       # the per-epoch grids' own seeds (config.grid_images of them), the same every epoch
+SHEET_SEED = 12345       # the per-epoch grids' own seeds (config.sheet_images of them), the same every epoch
 
 
 class NonFiniteLoss(RuntimeError):
@@ -44,7 +44,11 @@ class NonFiniteLoss(RuntimeError):
 
 
 class Interrupted(KeyboardInterrupt):
-    """Stopped by SIGINT or SIGTERM (a KeyboardInterrupt, so trackers mark the run KILLED)."""
+    """Stopped by SIGINT or SIGTERM (a KeyboardInterrupt, so trackers mark the run KILLED); `signum` says which."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = signum
 
 
 class StopSignals:
@@ -55,7 +59,8 @@ class StopSignals:
     active: "StopSignals | None" = None
 
     def __init__(self):
-        self.received: str | None = None
+        self.received: str | None = None  # the name of the signal whose stop the training loop defers
+        self.received_signum: int = signal.SIGINT
         self.defer = False
         self._previous: dict = {}
 
@@ -74,10 +79,10 @@ class StopSignals:
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
         if self.defer and self.received is None:
-            self.received = name
+            self.received, self.received_signum = name, signum
             log.warning("%s received: stopping after the current step", name)
             return
-        raise Interrupted(name)
+        raise Interrupted(name, signum)
 
 
 @dataclass
@@ -89,7 +94,7 @@ class EpochEnd:
     images_per_sec: float
     sampling_model: torch.nn.Module   # the EMA model (or the raw one with EMA off), in eval mode
     ema_path: Path              # this epoch's sampling weights on disk
-    grid_path: Path | None      # this epoch's 8x8 sample grid; None where none is due (`grid_every`)
+    sheet_path: Path | None      # this epoch's 8x8 sample sheet; None where none is due (`sheet_every`)
     metrics: dict = field(default_factory=dict)  # callbacks add theirs (e.g. fid); kept in the history
     drawn: dict = field(default_factory=dict)    # seed -> image: what callbacks asked for in the grid's pass
     drawn_seconds: float = 0.0                   # their share of that pass's time
@@ -152,7 +157,7 @@ class Trainer:
     out_dir: Path
     callbacks: list = field(default_factory=list)
     progress: bool = True
-    grid_dir: Path | None = None    # the per-epoch sample grids (default out_dir/samples)
+    sheet_dir: Path | None = None    # the per-epoch sample sheets (default out_dir/samples)
     run_id: str | None = None       # who trains (e.g. an MLflow run id), saved in checkpoints as `trained_by`
 
     def __post_init__(self):
@@ -160,7 +165,7 @@ class Trainer:
         self.out_dir = Path(self.out_dir)
         self.device = self.images.device
         self.ckpt_dir = self.out_dir / "checkpoints"
-        self.grid_dir = Path(self.grid_dir) if self.grid_dir is not None else self.out_dir / "samples"
+        self.sheet_dir = Path(self.sheet_dir) if self.sheet_dir is not None else self.out_dir / "samples"
         self.schedule = make_schedule(c.schedule, c.timesteps, c.beta_start, c.beta_end).to(self.device)
         self.model = build_model(c, self.device)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False) if c.ema_decay > 0 else None
@@ -303,7 +308,7 @@ class Trainer:
     def fit(self) -> dict:
         c = self.config
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        self.grid_dir.mkdir(parents=True, exist_ok=True)
+        self.sheet_dir.mkdir(parents=True, exist_ok=True)
         for folder in (self.out_dir, self.ckpt_dir):  # a run killed mid-write left its temporary files
             atomic.remove_stale(folder)
         (self.out_dir / "config.json").write_text(json.dumps(c.to_dict(), indent=2))
@@ -327,7 +332,7 @@ class Trainer:
                     if window:  # the epoch's loss sums must hold these steps too, or a resume logs another loss
                         self._fold(window, window_start, t_window)
                     self.save()
-                    raise Interrupted(f"{stop.received} at step {self.step}; checkpoint saved")
+                    raise Interrupted(f"{stop.received} at step {self.step}; checkpoint saved", stop.received_signum)
                 epoch, b = divmod(self.step, self.steps_per_epoch)
                 if perm is None or b == 0:
                     perm = epoch_permutation(c.seed, epoch, n, self.device)
@@ -351,7 +356,7 @@ class Trainer:
             if self.step % self.steps_per_epoch != 0:  # stopped by --max-steps mid-epoch
                 self.save()
             if stop and stop.received:  # came during the last step or the last epoch's scoring: still a stop
-                raise Interrupted(f"{stop.received} at step {self.step}; checkpoint saved")
+                raise Interrupted(f"{stop.received} at step {self.step}; checkpoint saved", stop.received_signum)
         finally:
             bar.close()
             if stop:
@@ -368,14 +373,14 @@ class Trainer:
                  "step": self.step, "ema": self.sampling_model.state_dict()},
                 checkpoint.ema_path(self.ckpt_dir, epoch))
         seeds = [s for cb in self.callbacks for s in cb.seeds_for_epoch_end(epoch)]
-        grid_path = self.grid_dir / f"epoch-{epoch:03d}.png"
-        if not epoch_due(c.grid_every, epoch, self.total_steps // self.steps_per_epoch):
-            grid_path = None
+        sheet_path = self.sheet_dir / f"epoch-{epoch:03d}.png"
+        if not epoch_due(c.sheet_every, epoch, self.total_steps // self.steps_per_epoch):
+            sheet_path = None
         drawn, seconds = [], 0.0
-        if grid_path is not None or seeds:
-            grid_path, drawn, seconds = sample_epoch(self.sampling_model, self.schedule, c, grid_path, seeds,
+        if sheet_path is not None or seeds:
+            sheet_path, drawn, seconds = sample_epoch(self.sampling_model, self.schedule, c, sheet_path, seeds,
                                                      progress=self.progress)
-        end = EpochEnd(epoch, self.step, loss, ips, self.sampling_model, ema_path, grid_path,
+        end = EpochEnd(epoch, self.step, loss, ips, self.sampling_model, ema_path, sheet_path,
                        drawn=dict(zip(seeds, drawn)), drawn_seconds=seconds)
         for cb in self.callbacks:
             cb.on_epoch_end(end)
@@ -390,8 +395,8 @@ def sample_epoch(model, schedule, config: Config, path, seeds: Sequence[int] = (
     a 64-image grid alone is a small batch, which on a GPU costs about as long as a full one. The grid (8x8 by
     default) has fixed seeds of its own, so epochs compare. Returns the grid's path, the images of `seeds` and
     their share of the pass's seconds (the grid's share counts as "grids")."""
-    n = config.grid_images if path is not None else 0
-    grid_seeds = image_seeds(GRID_SEED, n)
+    n = config.sheet_images if path is not None else 0
+    grid_seeds = image_seeds(SHEET_SEED, n)
     parts = ([f"grid {Path(path).stem}"] if n else []) + ([f"{len(seeds):,} images"] if seeds else [])
     desc = " + ".join(parts)
     t0 = time.perf_counter()
@@ -404,7 +409,7 @@ def sample_epoch(model, schedule, config: Config, path, seeds: Sequence[int] = (
     seconds = time.perf_counter() - t0
     extra_seconds = seconds * len(seeds) / (len(seeds) + n)
     timing.add("grids", seconds - extra_seconds)
-    grid = save_grid(images[:n], path, nrow=math.ceil(math.sqrt(n))) if n else None
+    grid = save_sheet(images[:n], path, nrow=math.ceil(math.sqrt(n))) if n else None
     return grid, images[n:], extra_seconds
 
 
