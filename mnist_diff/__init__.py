@@ -19,5 +19,15 @@ checks both, imports inside functions included):
 
 __version__ = "0.1.0"
 
-LAYERS = (("util", "choices", "presets", "config"), ("diffusion",), ("runtime",), ("fid",), ("training",),
-          ("tracking",), ("perf",), ("study",), ("report",), ("cli",))
+LAYERS = (
+    ("util", "choices", "presets", "config"),
+    ("diffusion",),
+    ("runtime",),
+    ("fid",),
+    ("training",),
+    ("tracking",),
+    ("perf",),
+    ("study",),
+    ("report",),
+    ("cli",),
+)

@@ -1,6 +1,7 @@
 """Run configuration: one frozen, validated dataclass, a flat dict for tracking, and stable hashes of the
 fields that decide what model gets trained (so a DDPM and a DDIM trial can share one training) and of those
 that decide how it is sampled (so each keeps its own per-epoch FIDs of that training)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,6 +19,7 @@ from mnist_diff.choices import (
     USES_BETA_RANGE,
 )
 
+
 def _field(default, help: str):
     """A Config field with its help text: one home for a setting's default and what it means."""
     return dataclasses.field(default=default, metadata={"help": help})
@@ -29,70 +31,92 @@ MNIST_SIZES = {"train": 60_000, "test": 10_000}  # images per MNIST split
 @dataclass(frozen=True)
 class Config:
     """One run's settings. Each field's help is the text of its CLI option (`cli.options`)."""
+
     # diffusion
-    schedule: str = _field("linear", 'Beta schedule. cosine (improved DDPM) is defined by alpha_bar alone and'
-                                     ' IGNORES --beta-start/--beta-end: for it only --timesteps matters.')
-    timesteps: int = _field(1000, 'Diffusion steps T.')
-    beta_start: float = _field(1e-4, 'First beta (not for cosine).')
-    beta_end: float = _field(0.02, 'Last beta (not for cosine).')
+    schedule: str = _field(
+        "linear",
+        "Beta schedule. cosine (improved DDPM) is defined by alpha_bar alone and"
+        " IGNORES --beta-start/--beta-end: for it only --timesteps matters.",
+    )
+    timesteps: int = _field(1000, "Diffusion steps T.")
+    beta_start: float = _field(1e-4, "First beta (not for cosine).")
+    beta_end: float = _field(0.02, "Last beta (not for cosine).")
     # sampling
-    sampler: str = _field("ddpm", 'ddpm: ancestral, all T steps. ddim: --ddim-steps steps from T-1 to 0.')
-    ddim_steps: int = _field(50, 'DDIM steps (<= --timesteps).')
+    sampler: str = _field("ddpm", "ddpm: ancestral, all T steps. ddim: --ddim-steps steps from T-1 to 0.")
+    ddim_steps: int = _field(50, "DDIM steps (<= --timesteps).")
     eta: float = _field(0.0, "DDIM noise: 0 is deterministic given x_T, 1 matches DDPM's variance.")
-    clip_x0: bool = _field(True, "Clip each step's predicted x_0 to [-1, 1] (both samplers). It changes DDPM "
-                                 'and DDIM differently, so it is part of any comparison of the two.')
+    clip_x0: bool = _field(
+        True,
+        "Clip each step's predicted x_0 to [-1, 1] (both samplers). It changes DDPM "
+        "and DDIM differently, so it is part of any comparison of the two.",
+    )
     # training (defaults: the reference study's batch and epochs)
-    epochs: int = _field(20, 'Training epochs (the reference study: 20).')
-    batch_size: int = _field(128, 'Training batch (the reference study: 128).')
-    lr: float = _field(2e-4, 'AdamW learning rate, after a linear warm-up of --warmup-steps; then constant.')
+    epochs: int = _field(20, "Training epochs (the reference study: 20).")
+    batch_size: int = _field(128, "Training batch (the reference study: 128).")
+    lr: float = _field(2e-4, "AdamW learning rate, after a linear warm-up of --warmup-steps; then constant.")
     warmup_steps: int = _field(500, "Optimizer steps of the learning rate's linear warm-up.")
-    weight_decay: float = _field(0.0, 'AdamW weight decay.')
-    grad_clip: float = _field(1.0, 'Clip the gradient norm to this (0: no clipping).')
-    ema_decay: float = _field(0.999, 'EMA of the weights used for sampling; 0 turns it off (sampling then '
-                                     'uses the raw weights).')
-    ema_warmup_steps: int = _field(400, 'The EMA decay ramps linearly from 0 to --ema-decay over these '
-                                        'optimizer steps (0: --ema-decay from the start); logged as the '
-                                        'metric ema_decay.')
-    channels: int = _field(64, 'UNet base width (multiple of 8); 64 is 2.9M parameters.')
-    seed: int = _field(0, 'Seed of the weights, the data order and the noise.')
-    precision: str = _field("auto", 'auto: bf16 autocast where the device has native bf16 (GPUs of compute '
-                                    'capability 8.0+, CPUs with AVX512-BF16 or AMX), fp32 elsewhere.')
-    train_samples: int | None = _field(None, 'Train on the first N MNIST images only (smoke runs, tests).')
-    max_steps: int | None = _field(None, 'Stop after N optimizer steps.')
+    weight_decay: float = _field(0.0, "AdamW weight decay.")
+    grad_clip: float = _field(1.0, "Clip the gradient norm to this (0: no clipping).")
+    ema_decay: float = _field(
+        0.999, "EMA of the weights used for sampling; 0 turns it off (sampling then uses the raw weights)."
+    )
+    ema_warmup_steps: int = _field(
+        400,
+        "The EMA decay ramps linearly from 0 to --ema-decay over these "
+        "optimizer steps (0: --ema-decay from the start); logged as the "
+        "metric ema_decay.",
+    )
+    channels: int = _field(64, "UNet base width (multiple of 8); 64 is 2.9M parameters.")
+    seed: int = _field(0, "Seed of the weights, the data order and the noise.")
+    precision: str = _field(
+        "auto",
+        "auto: bf16 autocast where the device has native bf16 (GPUs of compute "
+        "capability 8.0+, CPUs with AVX512-BF16 or AMX), fp32 elsewhere.",
+    )
+    train_samples: int | None = _field(None, "Train on the first N MNIST images only (smoke runs, tests).")
+    max_steps: int | None = _field(None, "Stop after N optimizer steps.")
     # FID protocol
-    fid_every: int = _field(1, 'Score the EMA model every N epochs (0: never) and keep the best epoch.')
-    fid_select_samples: int = _field(2000, 'Images per epoch-selection FID.')
-    fid_samples: int = _field(10000, "Images for the final FID of the best epoch, not the selection's: "
-                                     'best_fid (0: skip).')
-    fid_ref: str = _field("train", 'MNIST split the samples are compared with.')
-    fid_ref_samples: int | None = _field(None, 'Use only the first N reference images (default: the whole '
-                                               'split).')
-    fid_batch_size: int = _field(500, 'Batch for the Inception network.')
-    kid: bool = _field(False, 'Also compute KID.')
-    sheet_images: int = _field(64, "Images in each epoch's sample sheet (own seeds; drawn with the selection "
-                                  'images).')
-    sheet_every: int = _field(1, 'Draw the sample sheet every N epochs and at the last (0: never). Set it to '
-                                "--fid-every and each sheet is drawn in its epoch's selection pass: small "
-                                'batches cost GPU time.')
+    fid_every: int = _field(1, "Score the EMA model every N epochs (0: never) and keep the best epoch.")
+    fid_select_samples: int = _field(2000, "Images per epoch-selection FID.")
+    fid_samples: int = _field(
+        10000, "Images for the final FID of the best epoch, not the selection's: best_fid (0: skip)."
+    )
+    fid_ref: str = _field("train", "MNIST split the samples are compared with.")
+    fid_ref_samples: int | None = _field(None, "Use only the first N reference images (default: the whole split).")
+    fid_batch_size: int = _field(500, "Batch for the Inception network.")
+    kid: bool = _field(False, "Also compute KID.")
+    sheet_images: int = _field(64, "Images in each epoch's sample sheet (own seeds; drawn with the selection images).")
+    sheet_every: int = _field(
+        1,
+        "Draw the sample sheet every N epochs and at the last (0: never). Set it to "
+        "--fid-every and each sheet is drawn in its epoch's selection pass: small "
+        "batches cost GPU time.",
+    )
     # how it runs, not what it computes (outside the training key; see RUNTIME_FIELDS)
-    compile: str = _field("auto", 'torch.compile the UNet (on CUDA with CUDA graphs) for sampling and '
-                                  'training. auto: on for CUDA, off elsewhere (compiling costs minutes on a '
-                                  'CPU). If it fails: one warning, then eager.')
-    sample_batch_size: int | None = _field(None, 'Images per sampling batch (speed only: image i depends on '
-                                                 '(seed, i)). Default: what the device holds (up to 2000 on a'
-                                                 ' GPU, 64 on CPU).')
+    compile: str = _field(
+        "auto",
+        "torch.compile the UNet (on CUDA with CUDA graphs) for sampling and "
+        "training. auto: on for CUDA, off elsewhere (compiling costs minutes on a "
+        "CPU). If it fails: one warning, then eager.",
+    )
+    sample_batch_size: int | None = _field(
+        None,
+        "Images per sampling batch (speed only: image i depends on "
+        "(seed, i)). Default: what the device holds (up to 2000 on a"
+        " GPU, 64 on CPU).",
+    )
 
     def __post_init__(self):
         validate(self)
 
-    def replace(self, **changes) -> "Config":
+    def replace(self, **changes) -> Config:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Config":
+    def from_dict(cls, d: dict) -> Config:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -143,8 +167,9 @@ def check_reference(split: str, samples: int | None) -> None:
     if split not in FID_REFS:
         raise ValueError(f"unknown --fid-ref {split!r}; choose train or test")
     if samples is not None and not 2 <= samples <= MNIST_SIZES[split]:
-        raise ValueError(f"--fid-ref-samples must be in [2, {MNIST_SIZES[split]}] (the MNIST {split} split), "
-                         f"got {samples}")
+        raise ValueError(
+            f"--fid-ref-samples must be in [2, {MNIST_SIZES[split]}] (the MNIST {split} split), got {samples}"
+        )
 
 
 def _stable_hash(d: dict) -> str:
@@ -153,8 +178,17 @@ def _stable_hash(d: dict) -> str:
 
 
 SAMPLING_FIELDS = ("sampler", "ddim_steps", "eta", "clip_x0")
-EVAL_FIELDS = ("fid_every", "fid_select_samples", "fid_samples", "fid_ref", "fid_ref_samples",
-               "fid_batch_size", "kid", "sheet_images", "sheet_every")
+EVAL_FIELDS = (
+    "fid_every",
+    "fid_select_samples",
+    "fid_samples",
+    "fid_ref",
+    "fid_ref_samples",
+    "fid_batch_size",
+    "kid",
+    "sheet_images",
+    "sheet_every",
+)
 # Speed settings. They live in the config (not as separate arguments) because the config is what reaches
 # every place that trains or samples, and what config.json and MLflow record; like the sampling and FID fields
 # they stay out of the training key and the resume check: a run may resume with other values.
@@ -166,6 +200,7 @@ LENGTH_FIELDS = ("epochs", "max_steps")
 
 def validate(c: Config) -> None:
     """Raise ValueError with a one-line reason for any impossible setting."""
+
     def need(ok: bool, msg: str):
         if not ok:
             raise ValueError(msg)
@@ -173,8 +208,10 @@ def validate(c: Config) -> None:
     for f in dataclasses.fields(c):  # nan and inf pass every range check below: refuse them first
         value = getattr(c, f.name)
         if f.type == "float":
-            need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
-                 f"{_flag(f.name)} must be a finite number, got {value!r}")
+            need(
+                isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+                f"{_flag(f.name)} must be a finite number, got {value!r}",
+            )
     need(c.schedule in SCHEDULES, f"unknown schedule {c.schedule!r}; choose one of {', '.join(SCHEDULES)}")
     need(c.sampler in SAMPLERS, f"unknown sampler {c.sampler!r}; choose one of {', '.join(SAMPLERS)}")
     need(c.timesteps >= 2, f"--timesteps must be >= 2, got {c.timesteps}")
@@ -196,14 +233,20 @@ def validate(c: Config) -> None:
     need(c.ema_warmup_steps >= 0, f"--ema-warmup-steps must be >= 0, got {c.ema_warmup_steps}")
     need(c.channels >= 8 and c.channels % 8 == 0, f"--channels must be a positive multiple of 8, got {c.channels}")
     need(c.precision in PRECISIONS, f"unknown precision {c.precision!r}; choose one of {', '.join(PRECISIONS)}")
-    need(c.train_samples is None or c.train_samples >= c.batch_size,
-         f"--train-samples ({c.train_samples}) must be at least --batch-size ({c.batch_size})")
-    need(c.train_samples is None or c.train_samples <= MNIST_SIZES["train"],
-         f"--train-samples must be <= {MNIST_SIZES['train']} (the MNIST train split), got {c.train_samples}")
+    need(
+        c.train_samples is None or c.train_samples >= c.batch_size,
+        f"--train-samples ({c.train_samples}) must be at least --batch-size ({c.batch_size})",
+    )
+    need(
+        c.train_samples is None or c.train_samples <= MNIST_SIZES["train"],
+        f"--train-samples must be <= {MNIST_SIZES['train']} (the MNIST train split), got {c.train_samples}",
+    )
     need(c.max_steps is None or c.max_steps >= 1, f"--max-steps must be >= 1, got {c.max_steps}")
     need(c.fid_every >= 0, f"--fid-every must be >= 0, got {c.fid_every}")
     need(c.fid_select_samples >= 2, f"--fid-select-samples must be >= 2, got {c.fid_select_samples}")
-    need(c.fid_samples == 0 or c.fid_samples >= 2, f"--fid-samples must be 0 (no final FID) or >= 2, got {c.fid_samples}")
+    need(
+        c.fid_samples == 0 or c.fid_samples >= 2, f"--fid-samples must be 0 (no final FID) or >= 2, got {c.fid_samples}"
+    )
     check_reference(c.fid_ref, c.fid_ref_samples)
     need(c.fid_batch_size >= 1, "--fid-batch-size must be >= 1")
     need(1 <= c.sheet_images <= 1024, f"--sheet-images must be in [1, 1024], got {c.sheet_images}")

@@ -18,6 +18,7 @@ stop at its `--budget` (the sweep saves its trials and checkpoints), then, on th
 `--resume` reads the run folder's bench and protocol, runs the same `sweep` (which goes on where it stopped)
 and the report. `--bench FILE` plans with an earlier bench of the same card instead of benching again.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,12 +34,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mnist_diff.perf import workload
-from mnist_diff.study.grid import reference_configs
+from mnist_diff.perf import workload  # noqa: E402  (after the sys.path line above)
+from mnist_diff.study.grid import reference_configs  # noqa: E402  (after the sys.path line above)
 
-REPORT_RESERVE_S = 45      # report, figures and packing after the sweep
-STARTUP_S = 75             # worker start, CUDA context, compiling new batch shapes (grid, selection)
-SAFETY = 1.15              # the projection leaves out checkpoints, MLflow logging and Python between steps
+REPORT_RESERVE_S = 45  # report, figures and packing after the sweep
+STARTUP_S = 75  # worker start, CUDA context, compiling new batch shapes (grid, selection)
+SAFETY = 1.15  # the projection leaves out checkpoints, MLflow logging and Python between steps
 
 
 def say(msg: str) -> None:
@@ -68,12 +69,20 @@ def run(cmd: list[str], timeout: float) -> int | str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", type=float, default=560, help="seconds for this call, from now")
-    ap.add_argument("--plan", type=float, default=None,
-                    help="seconds the whole study may take over this call and a --resume call (default: --budget)")
+    ap.add_argument(
+        "--plan",
+        type=float,
+        default=None,
+        help="seconds the whole study may take over this call and a --resume call (default: --budget)",
+    )
     ap.add_argument("--resume", action="store_true", help="finish the run folder's study: its bench and protocol")
-    ap.add_argument("--bench", dest="bench_from", default=None,
-                    help="plan with this bench JSON of the same card (docs/study/bench-*.json) instead of benching: "
-                         "about 2 minutes of device time less, and no new bench figures")
+    ap.add_argument(
+        "--bench",
+        dest="bench_from",
+        default=None,
+        help="plan with this bench JSON of the same card (docs/study/bench-*.json) instead of benching: "
+        "about 2 minutes of device time less, and no new bench figures",
+    )
     ap.add_argument("--workers", type=int, default=3, help="sweep workers sharing the GPU")
     ap.add_argument("--run-dir", default="runs/gpu", help="where the study's stores and outputs go")
     ap.add_argument("--pack", default=None, help="write the report, results, logs and stores to this .tar.gz")
@@ -95,15 +104,33 @@ def main() -> int:
         protocol = plan_study(args, run_dir, py, plan_end=time.time() + (args.plan or args.budget))
 
     # 3. the study, stopped in time (SIGTERM: trials saved, results written) to leave room for the report
-    sweep_rc = run([py, "cli.py", "sweep", "--study-name", "gpu-study", *stores, "--out", str(run_dir / "sweep"),
-                    "--workers", str(protocol["workers"]), "--heartbeat", "30", "--quiet", *protocol["args"]],
-                   timeout=deadline - time.time() - REPORT_RESERVE_S)
+    sweep_rc = run(
+        [
+            py,
+            "cli.py",
+            "sweep",
+            "--study-name",
+            "gpu-study",
+            *stores,
+            "--out",
+            str(run_dir / "sweep"),
+            "--workers",
+            str(protocol["workers"]),
+            "--heartbeat",
+            "30",
+            "--quiet",
+            *protocol["args"],
+        ],
+        timeout=deadline - time.time() - REPORT_RESERVE_S,
+    )
     if sweep_rc == "timeout":
         say(f"the study goes on with: python3 scripts/gpu_study.py --resume --run-dir {args.run_dir} --budget N")
 
     # 4. the report, from MLflow
-    report_rc = run([py, "cli.py", "report", "--study", "gpu-study", "--tracking-uri", stores[3],
-                     "--out", str(run_dir / "report")], timeout=max(10, deadline - time.time() - 10))
+    report_rc = run(
+        [py, "cli.py", "report", "--study", "gpu-study", "--tracking-uri", stores[3], "--out", str(run_dir / "report")],
+        timeout=max(10, deadline - time.time() - 10),
+    )
     if args.pack:
         pack(run_dir, Path(args.pack))
     say(f"done: sweep exit {sweep_rc}, report exit {report_rc}; {deadline - time.time():.0f} s of the budget left")
@@ -125,8 +152,10 @@ def plan_study(args, run_dir: Path, py: str, plan_end: float) -> dict:
     rates = workload.rates_from_bench(bench, bench["device_type"], source="bench.json")
     say(f"rates: {rates}")
     if not rates.sample_step_seconds and bench["device_type"] == "cuda":  # e.g. a bench from before session 6
-        say("this bench has no sampler step latency: small sampling batches (grids, selection sets under "
-            "the sampling batch) are under-projected; leave --plan some room")
+        say(
+            "this bench has no sampler step latency: small sampling batches (grids, selection sets under "
+            "the sampling batch) are under-projected; leave --plan some room"
+        )
 
     # 2. the protocol that fits the time left: each call pays for a start and a report
     calls = 2 if args.plan is not None and args.plan > args.budget else 1
@@ -142,15 +171,38 @@ def plan_study(args, run_dir: Path, py: str, plan_end: float) -> dict:
         fit = (step, full * epochs / 20)
         say(f"NOT FAITHFUL: even the smallest FID protocol does not fit; {epochs} epochs instead of 20")
     (select, every, final), projected = fit
-    say(f"protocol: selection FID on {select} images every {every} epoch(s), final FID on {final} images; "
-        f"{epochs} epochs; projected {projected:.0f} s (serial) of {available:.0f} s available in {calls} call(s)")
-    sweep_args = ["--fid-select-samples", str(select), "--fid-every", str(every), "--fid-samples", str(final),
-                  "--sheet-every", str(every), "--epochs", str(epochs), *safe_mode]
+    say(
+        f"protocol: selection FID on {select} images every {every} epoch(s), final FID on {final} images; "
+        f"{epochs} epochs; projected {projected:.0f} s (serial) of {available:.0f} s available in {calls} call(s)"
+    )
+    sweep_args = [
+        "--fid-select-samples",
+        str(select),
+        "--fid-every",
+        str(every),
+        "--fid-samples",
+        str(final),
+        "--sheet-every",
+        str(every),
+        "--epochs",
+        str(epochs),
+        *safe_mode,
+    ]
     if args.rehearse:
         sweep_args = ["--preset", "smoke", "--schedule", "linear", "--timesteps", "200", "--device", "cpu"]
-    protocol = {"fid_select_samples": select, "fid_every": every, "fid_samples": final, "epochs": epochs,
-                "projected_serial_s": projected, "available_s": available, "calls": calls, "workers": args.workers,
-                "safe_mode": safe_mode, "rehearsal": args.rehearse, "args": sweep_args}
+    protocol = {
+        "fid_select_samples": select,
+        "fid_every": every,
+        "fid_samples": final,
+        "epochs": epochs,
+        "projected_serial_s": projected,
+        "available_s": available,
+        "calls": calls,
+        "workers": args.workers,
+        "safe_mode": safe_mode,
+        "rehearsal": args.rehearse,
+        "args": sweep_args,
+    }
     (run_dir / "protocol.json").write_text(json.dumps(protocol, indent=1))
     return protocol
 
@@ -158,19 +210,52 @@ def plan_study(args, run_dir: Path, py: str, plan_end: float) -> dict:
 def run_bench(args, bench_json: Path, py: str) -> list[str]:
     """`cli.py bench` into bench_json, with fallbacks. Returns what the sweep must add when the default GPU path
     (bf16, compiled) failed in bench."""
-    bench_args = (["--device", "cpu", "--compile", "off", "--repeats", "1", "--train-steps", "1",
-                   "--sample-steps", "2"] if args.rehearse else
-                  ["--repeats", "3", "--train-steps", "30", "--sample-steps", "20"])
+    bench_args = (
+        ["--device", "cpu", "--compile", "off", "--repeats", "1", "--train-steps", "1", "--sample-steps", "2"]
+        if args.rehearse
+        else ["--repeats", "3", "--train-steps", "30", "--sample-steps", "20"]
+    )
     rc = run([py, "cli.py", "bench", *bench_args, "--json", str(bench_json)], timeout=min(240, args.budget / 3))
     if rc == "timeout":  # slow compilation, not a failure: eager rates for the projection, the sweep as is
         say("bench ran out of time: a quick eager bench for the projection")
-        run([py, "cli.py", "bench", "--compile", "off", "--repeats", "1", "--train-steps", "20",
-             "--sample-steps", "10", "--json", str(bench_json)], timeout=90)
+        run(
+            [
+                py,
+                "cli.py",
+                "bench",
+                "--compile",
+                "off",
+                "--repeats",
+                "1",
+                "--train-steps",
+                "20",
+                "--sample-steps",
+                "10",
+                "--json",
+                str(bench_json),
+            ],
+            timeout=90,
+        )
     elif rc != 0:  # eager failed too (bench falls back from compiling by itself)
         say("bench failed: once more in fp32, eager; the study then runs that way")
         safe_mode = ["--precision", "fp32", "--compile", "off"]
-        run([py, "cli.py", "bench", *safe_mode, "--repeats", "1", "--train-steps", "20", "--sample-steps", "10",
-             "--json", str(bench_json)], timeout=120)
+        run(
+            [
+                py,
+                "cli.py",
+                "bench",
+                *safe_mode,
+                "--repeats",
+                "1",
+                "--train-steps",
+                "20",
+                "--sample-steps",
+                "10",
+                "--json",
+                str(bench_json),
+            ],
+            timeout=120,
+        )
         return safe_mode
     return []
 
@@ -181,6 +266,7 @@ def seed_bench_cache(result: dict) -> None:
     import torch
 
     from mnist_diff.perf import bench_cache
+
     device = torch.device(result["device_type"])
     if device.type == "cuda" and not torch.cuda.is_available():
         say("no CUDA here: the sweep's projection measures its own quick bench")

@@ -1,5 +1,6 @@
 """torch.profiler over a few training steps (eager and compiled) and a few sampling steps: where a step's
 time goes on this device. Prints the top operators by device time and by host time, and ms per step."""
+
 from __future__ import annotations
 
 import sys
@@ -35,7 +36,7 @@ def main(modes=("on", "off"), steps=10):
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     images = torch.randint(0, 256, (128, 1, 28, 28), dtype=torch.uint8).to(device)
     for mode in modes:
-        config = Config(compile=mode, warmup_steps=10 ** 9)
+        config = Config(compile=mode, warmup_steps=10**9)
         with tempfile.TemporaryDirectory() as tmp:
             trainer = Trainer(config, images, tmp, progress=False)
             x0 = to_model_range(images)
@@ -65,16 +66,18 @@ def main(modes=("on", "off"), steps=10):
         if mode == "on":
             sched = make_schedule("linear", 20, 1e-4, 0.2)
             batch = 2000 if device.type == "cuda" else 64
-            generate(model, sched, num=batch, seed=0, sampler="ddpm", batch_size=batch, progress=False,
-                     compile=mode)
+            generate(model, sched, num=batch, seed=0, sampler="ddpm", batch_size=batch, progress=False, compile=mode)
             sync()
             t0 = time.perf_counter()
             with profile(activities=acts) as prof:
-                generate(model, sched, num=batch, seed=0, sampler="ddpm", batch_size=batch, progress=False,
-                         compile=mode)
+                generate(
+                    model, sched, num=batch, seed=0, sampler="ddpm", batch_size=batch, progress=False, compile=mode
+                )
                 sync()
-            print(f"== sample ddpm compile={mode} batch {batch}: {(time.perf_counter() - t0) / 20 * 1000:.2f} "
-                  f"ms/step (profiled)")
+            print(
+                f"== sample ddpm compile={mode} batch {batch}: {(time.perf_counter() - t0) / 20 * 1000:.2f} "
+                f"ms/step (profiled)"
+            )
             print(table(prof, dev_key))
             print(table(prof, "self_cpu_time_total", 12))
 

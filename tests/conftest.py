@@ -26,6 +26,7 @@ def data_dir():
 @pytest.fixture(scope="session")
 def mnist_small(data_dir):
     from mnist_diff.runtime.data import load_mnist
+
     return load_mnist(data_dir, train=True, limit=256)
 
 
@@ -37,8 +38,17 @@ def fid_weights():
 # Every test's config starts here: the smoke preset's model (width 8, batch 32) on a short diffusion (T=20) and
 # 128 images, an epoch in about a second on 2 CPU cores. Tests change what they need; commands take it as
 # options through `cli_args`.
-TINY = dict(schedule="linear", timesteps=20, beta_end=0.2, channels=SMOKE["channels"], batch_size=SMOKE["batch_size"],
-            train_samples=128, warmup_steps=2, sampler="ddim", ddim_steps=5)
+TINY = dict(
+    schedule="linear",
+    timesteps=20,
+    beta_end=0.2,
+    channels=SMOKE["channels"],
+    batch_size=SMOKE["batch_size"],
+    train_samples=128,
+    warmup_steps=2,
+    sampler="ddim",
+    ddim_steps=5,
+)
 
 
 def cli_args(**fields) -> list[str]:

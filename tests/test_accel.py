@@ -3,6 +3,7 @@ what eager does, padding changes no image, and where compiling cannot work (no C
 on eagerly after one warning. Compiling costs tens of seconds on 2 cores: few compilations, one batch shape
 each (inductor's on-disk cache makes reruns fast). On a machine with a GPU the device tests also run on CUDA
 (CUDA graphs, bf16), with tolerances for its other kernels: `pytest tests/test_accel.py` is the GPU check."""
+
 import warnings
 
 import pytest
@@ -56,6 +57,7 @@ def test_compiled_sampling_gives_the_eager_images(device):
     native: GPUs, CPUs with bf16 instructions; other kernels), 95% of pixels within 2 levels. Batch 4 over 6
     images: the second batch is padded from 2 to 4 rows."""
     from torch._dynamo.utils import counters
+
     s = make_schedule("linear", 20, 1e-4, 0.2)
     a, b = unet(0, device), unet(1, device)
     skips = counters["inductor"]["cudagraph_skips"]
@@ -92,14 +94,43 @@ def test_compile_on_where_it_cannot_work_warns_once_per_kind_and_runs_exactly_ea
 
     import cli
 
-    args = ["train", "--timesteps", "20", "--beta-end", "0.2", "--channels", "8", "--batch-size", "24",
-            "--train-samples", "48", "--warmup-steps", "2", "--sampler", "ddim", "--ddim-steps", "5", "--epochs",
-            "1", "--fid-every", "0", "--fid-samples", "0", "--no-tracking", "--quiet", "--device", "cpu",
-            *(["--data-dir", data_dir] if data_dir else [])]
+    args = [
+        "train",
+        "--timesteps",
+        "20",
+        "--beta-end",
+        "0.2",
+        "--channels",
+        "8",
+        "--batch-size",
+        "24",
+        "--train-samples",
+        "48",
+        "--warmup-steps",
+        "2",
+        "--sampler",
+        "ddim",
+        "--ddim-steps",
+        "5",
+        "--epochs",
+        "1",
+        "--fid-every",
+        "0",
+        "--fid-samples",
+        "0",
+        "--no-tracking",
+        "--quiet",
+        "--device",
+        "cpu",
+        *(["--data-dir", data_dir] if data_dir else []),
+    ]
     runs = {}
     for mode in ("off", "on"):
-        with temporary_cache_dir(str(tmp_path / f"inductor-{mode}")), inductor_config.patch(NO_COMPILER), \
-                warnings.catch_warnings(record=True) as caught:
+        with (
+            temporary_cache_dir(str(tmp_path / f"inductor-{mode}")),
+            inductor_config.patch(NO_COMPILER),
+            warnings.catch_warnings(record=True) as caught,
+        ):
             warnings.simplefilter("always")
             result = CliRunner().invoke(cli.cli, [*args, "--compile", mode, "--out", str(tmp_path / mode)])
         assert result.exit_code == 0, result.output
@@ -107,8 +138,7 @@ def test_compile_on_where_it_cannot_work_warns_once_per_kind_and_runs_exactly_ea
     assert runs["off"] == []
     assert len(runs["on"]) == 2 and "training" in runs["on"][0] and "sampling" in runs["on"][1], runs["on"]
     assert "C++ compiler" in runs["on"][0]
-    ckpt = {m: torch.load(next((tmp_path / m / "checkpoints").glob("ckpt-*.pt")), weights_only=False)
-            for m in runs}
+    ckpt = {m: torch.load(next((tmp_path / m / "checkpoints").glob("ckpt-*.pt")), weights_only=False) for m in runs}
     for part in ("model", "ema"):
         a, b = ckpt["off"][part], ckpt["on"][part]
         assert all(torch.equal(a[k], b[k]) for k in a), part
@@ -122,6 +152,7 @@ def test_compiled_training_resumes_exactly_and_follows_eager(tmp_path, mnist_sma
     compiled (batch 32, forward and backward). On CUDA (CUDA graphs, bf16, cuDNN's atomic adds) "exactly"
     becomes: weights within what 5 AdamW steps of lr <= 2e-4 can move them, losses within 1e-3."""
     from torch._dynamo.utils import counters
+
     images = mnist_small[:256].to(device)  # 8 steps per epoch
     # fp32 on a CPU: this tests compiling, and inductor takes twice as long over bf16 CPU code
     config = Config(**{**TINY, "compile": "on", "max_steps": 5, "precision": "fp32" if device == "cpu" else "auto"})

@@ -1,4 +1,5 @@
 """The command line, through click's runner (fast) and one real subprocess (exit code, stderr)."""
+
 import json
 import subprocess
 import sys
@@ -11,13 +12,27 @@ from click.testing import CliRunner
 from conftest import malicious_checkpoint, tiny_args
 
 import cli
-from mnist_diff.cli.checks import RUN_LOCK
 from mnist_diff.choices import SAMPLERS, SCHEDULES
+from mnist_diff.cli.checks import RUN_LOCK
 from mnist_diff.runtime.device import effective_precision
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_ARGS = [*tiny_args("timesteps", "beta_end", "channels", "batch_size", "warmup_steps", "sampler", "ddim_steps",
-                        train_samples=64, fid_every=0, fid_samples=0), "--quiet", "--no-tracking"]
+TINY_ARGS = [
+    *tiny_args(
+        "timesteps",
+        "beta_end",
+        "channels",
+        "batch_size",
+        "warmup_steps",
+        "sampler",
+        "ddim_steps",
+        train_samples=64,
+        fid_every=0,
+        fid_samples=0,
+    ),
+    "--quiet",
+    "--no-tracking",
+]
 
 
 def run(*args):
@@ -51,15 +66,19 @@ BAD_TRAIN = [
     (["--channels", "12"], "multiple of 8"),
     (["--ema-warmup-steps", "-1"], "--ema-warmup-steps"),
     # a cut epoch is no epoch: 64 images in batches of 32 are 2 steps an epoch, so 1 step scores nothing
-    (["--train-samples", "64", "--batch-size", "32", "--max-steps", "1"],
-     "--max-steps 1 stops before the first epoch ends (2 steps: 64 images, --batch-size 32), so nothing is scored"),
+    (
+        ["--train-samples", "64", "--batch-size", "32", "--max-steps", "1"],
+        "--max-steps 1 stops before the first epoch ends (2 steps: 64 images, --batch-size 32), so nothing is scored",
+    ),
     # config values the option types let through: Config's checks (shared with grid values) refuse them
     (["--lr", "inf", "--dry-run"], "--lr must be a finite number, got inf"),
     (["--lr", "nan", "--dry-run"], "--lr must be a finite number, got nan"),
     (["--beta-start", "nan", "--dry-run"], "--beta-start must be a finite number"),
     (["--train-samples", "60001", "--dry-run"], "--train-samples must be <= 60000 (the MNIST train split)"),
-    (["--fid-ref", "test", "--fid-ref-samples", "10001", "--dry-run"],
-     "--fid-ref-samples must be in [2, 10000] (the MNIST test split), got 10001"),
+    (
+        ["--fid-ref", "test", "--fid-ref-samples", "10001", "--dry-run"],
+        "--fid-ref-samples must be in [2, 10000] (the MNIST test split), got 10001",
+    ),
 ]
 
 
@@ -108,9 +127,12 @@ def test_a_checkpoint_that_runs_code_is_unreadable_and_never_run(tmp_path):
 def test_a_second_train_on_the_same_out_is_refused_while_the_first_runs(tmp_path, data_dir):
     out = tmp_path / "run"
     data = ["--data-dir", data_dir] if data_dir else []
-    first = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "train", *TINY_ARGS, "--epochs", "1000",
-                              "--out", str(out), *data], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        [sys.executable, str(ROOT / "cli.py"), "train", *TINY_ARGS, "--epochs", "1000", "--out", str(out), *data],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         lock = out / RUN_LOCK
         deadline = time.monotonic() + 120
@@ -131,9 +153,33 @@ def test_bench_full_refuses_an_out_that_holds_a_training_run(tmp_path):
     (out / "checkpoints").mkdir(parents=True)
     ckpt = out / "checkpoints" / "ckpt-00000004.pt"
     ckpt.write_bytes(b"a training run's checkpoint")
-    result = run("bench", "--device", "cpu", "--channels", "8", "--batch-size", "8", "--train-steps", "1",
-                 "--sample-steps", "2", "--repeats", "1", "--no-inception", "--full", "--epochs", "1",
-                 "--train-samples", "8", "--fid-select-samples", "2", "--fid-samples", "2", "--out", out)
+    result = run(
+        "bench",
+        "--device",
+        "cpu",
+        "--channels",
+        "8",
+        "--batch-size",
+        "8",
+        "--train-steps",
+        "1",
+        "--sample-steps",
+        "2",
+        "--repeats",
+        "1",
+        "--no-inception",
+        "--full",
+        "--epochs",
+        "1",
+        "--train-samples",
+        "8",
+        "--fid-select-samples",
+        "2",
+        "--fid-samples",
+        "2",
+        "--out",
+        out,
+    )
     assert result.exit_code == 2, result.output
     assert result.output.strip() == f"Error: --out {out} already holds a training run: choose another --out"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [ckpt.name]
@@ -146,8 +192,12 @@ def test_cosine_help_says_beta_range_is_ignored():
 
 
 def test_real_process_exit_code_and_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), "train", "--beta-end", "2",
-                           "--out", str(tmp_path / "o")], capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), "train", "--beta-end", "2", "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "Error: --beta-end must be < 1, got 2.0"
     assert "Traceback" not in proc.stderr and files_under(tmp_path) == []
@@ -163,8 +213,17 @@ def test_help_is_fast_and_imports_no_torch():
 
 def test_train_then_sample_end_to_end(tmp_path, data_dir):
     out = tmp_path / "run"
-    result = run("train", *TINY_ARGS, "--epochs", "2", "--max-steps", "3", "--out", out,
-                 *(["--data-dir", data_dir] if data_dir else []))
+    result = run(
+        "train",
+        *TINY_ARGS,
+        "--epochs",
+        "2",
+        "--max-steps",
+        "3",
+        "--out",
+        out,
+        *(["--data-dir", data_dir] if data_dir else []),
+    )
     assert result.exit_code == 0, result.output
     assert "trained 3 steps" in result.output
     assert (out / "samples" / "epoch-001.png").exists() and (out / "config.json").exists()
@@ -174,7 +233,8 @@ def test_train_then_sample_end_to_end(tmp_path, data_dir):
     other = run("train", *TINY_ARGS, "--resume", "--lr", "1e-3", "--seed", "1", "--epochs", "3", "--out", out)
     assert other.exit_code == 2 and other.output.strip() == (
         f"Error: --resume: --out {out} was trained with other settings: lr 0.0002 (now 0.001), "
-        "seed 0 (now 1); give those, or another --out")  # --epochs may grow
+        "seed 0 (now 1); give those, or another --out"
+    )  # --epochs may grow
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
     ckpt = sorted((out / "checkpoints").glob("ckpt-*.pt"))[-1]
 
@@ -184,8 +244,21 @@ def test_train_then_sample_end_to_end(tmp_path, data_dir):
 
     for sampler, clip in (("ddpm", []), ("ddim", ["--no-clip-x0"])):
         s_out = tmp_path / f"s-{sampler}"
-        result = run("sample", "--checkpoint", ckpt, "--num-samples", 10, "--sampler", sampler,
-                     "--batch-size", 4, "--out", s_out, "--quiet", *clip)
+        result = run(
+            "sample",
+            "--checkpoint",
+            ckpt,
+            "--num-samples",
+            10,
+            "--sampler",
+            sampler,
+            "--batch-size",
+            4,
+            "--out",
+            s_out,
+            "--quiet",
+            *clip,
+        )
         assert result.exit_code == 0, result.output
         npz = np.load(s_out / "samples.npz")
         images = npz["images"]
@@ -196,10 +269,29 @@ def test_train_then_sample_end_to_end(tmp_path, data_dir):
 
 def test_bench_runs_on_cpu(tmp_path):
     out = tmp_path / "bench.json"
-    result = run("bench", "--device", "cpu", "--channels", "8", "--batch-size", "8", "--sample-batch", "4",
-                 "--train-steps", "1", "--sample-steps", "2", "--repeats", "1", "--no-inception", "--json", out)
+    result = run(
+        "bench",
+        "--device",
+        "cpu",
+        "--channels",
+        "8",
+        "--batch-size",
+        "8",
+        "--sample-batch",
+        "4",
+        "--train-steps",
+        "1",
+        "--sample-steps",
+        "2",
+        "--repeats",
+        "1",
+        "--no-inception",
+        "--json",
+        out,
+    )
     assert result.exit_code == 0, result.output
     import json
+
     r = json.loads(out.read_text())
     assert r["train_images_per_s"] > 0 and r["ddpm_image_steps_per_s"] > 0
     assert r["precision"] == effective_precision("cpu", "auto")
@@ -208,6 +300,7 @@ def test_bench_runs_on_cpu(tmp_path):
 
 def unavailable_device():
     import torch
+
     return "cuda" if not torch.cuda.is_available() else "mps"
 
 
@@ -227,8 +320,10 @@ MORE_BAD = [
     (["evaluate", "--images", "NHWC", "--no-tracking"], "expected at least 2 uint8 images [N, 1, 28, 28]"),
     (["evaluate", "--images", "FLOAT", "--no-tracking"], "got float32 [4, 1, 28, 28]"),
     (["evaluate", "--images", "NONE", "--no-tracking"], "got uint8 [0, 1, 28, 28]"),
-    (["evaluate", "--images", "NPZ", "--no-tracking", "--fid-ref", "test", "--fid-ref-samples", "10001"],
-     "--fid-ref-samples must be in [2, 10000]"),
+    (
+        ["evaluate", "--images", "NPZ", "--no-tracking", "--fid-ref", "test", "--fid-ref-samples", "10001"],
+        "--fid-ref-samples must be in [2, 10000]",
+    ),
     (["train", "--dry-run", "--fid-weights", "GARBAGE"], "not a torch weights file"),
     (["train", "--dry-run", "--fid-weights", "STATE"], "not torch-fidelity's Inception weights"),
     (["evaluate", "--images", "NPZ", "--fid-weights", "MISSING"], "does not exist"),
@@ -244,9 +339,29 @@ MORE_BAD = [
     (["bench", "--full", "--fid-ref-samples", "60001"], "--fid-ref-samples must be in [2, 60000]"),
     (["sweep", "--grid-file", "LATIN1"], "not UTF-8 text"),
     (["sweep", "--grid-file", "GARBAGE"], "not a TOML grid file"),
-    (["bench", "--device", "cpu", "--channels", "8", "--batch-size", "8", "--sample-batch", "4", "--train-steps",
-      "1", "--sample-steps", "2", "--repeats", "1", "--no-inception", "--json", "TMP/nope/b.json"],
-     "--json TMP/nope/b.json: folder TMP/nope does not exist"),
+    (
+        [
+            "bench",
+            "--device",
+            "cpu",
+            "--channels",
+            "8",
+            "--batch-size",
+            "8",
+            "--sample-batch",
+            "4",
+            "--train-steps",
+            "1",
+            "--sample-steps",
+            "2",
+            "--repeats",
+            "1",
+            "--no-inception",
+            "--json",
+            "TMP/nope/b.json",
+        ],
+        "--json TMP/nope/b.json: folder TMP/nope does not exist",
+    ),
 ]
 
 
@@ -267,8 +382,7 @@ def test_every_command_rejects_bad_input_with_one_line(tmp_path, monkeypatch, ar
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # nothing created: no out, store or study
 
 
-@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:",
-                                 "sqlite+pysqlite:///file::memory:?cache=shared"])
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:", "sqlite+pysqlite:///file::memory:?cache=shared"])
 def test_every_command_refuses_an_in_memory_store(tmp_path, monkeypatch, url):
     """What a command writes there vanishes with it: runs, trials, the study (and it used to exit 0)."""
     monkeypatch.chdir(tmp_path)
@@ -277,11 +391,14 @@ def test_every_command_refuses_an_in_memory_store(tmp_path, monkeypatch, url):
     np.savez(npz, images=np.zeros((2, 1, 28, 28), np.uint8))
     out = ["--out", tmp_path / "out"]
     tiny = [*TINY_ARGS[:-1], "--max-steps", "2"]  # without the fix, train would train: briefly
-    for args in (["train", "--tracking-uri", url, *out, *tiny],
-                 ["evaluate", "--images", npz, "--tracking-uri", url],
-                 ["sweep", "--storage", url, *out], ["sweep", "--tracking-uri", url, *out],
-                 ["report", "--study", "s", "--tracking-uri", url, *out],
-                 ["report", "--study", "s", "--storage", url, *out]):
+    for args in (
+        ["train", "--tracking-uri", url, *out, *tiny],
+        ["evaluate", "--images", npz, "--tracking-uri", url],
+        ["sweep", "--storage", url, *out],
+        ["sweep", "--tracking-uri", url, *out],
+        ["report", "--study", "s", "--tracking-uri", url, *out],
+        ["report", "--study", "s", "--storage", url, *out],
+    ):
         result = run(*args)
         assert result.exit_code == 2, (args, result.output)
         lines = result.output.strip().splitlines()
@@ -292,8 +409,13 @@ def test_every_command_refuses_an_in_memory_store(tmp_path, monkeypatch, url):
 def input_files(folder: Path) -> dict:
     """Files that are readable but the wrong thing: each a placeholder of MORE_BAD."""
     import torch
-    arrays = {"NPZ": np.zeros((4, 1, 28, 28), np.uint8), "NHWC": np.zeros((4, 28, 28, 1), np.uint8),
-              "FLOAT": np.zeros((4, 1, 28, 28), np.float32), "NONE": np.zeros((0, 1, 28, 28), np.uint8)}
+
+    arrays = {
+        "NPZ": np.zeros((4, 1, 28, 28), np.uint8),
+        "NHWC": np.zeros((4, 28, 28, 1), np.uint8),
+        "FLOAT": np.zeros((4, 1, 28, 28), np.float32),
+        "NONE": np.zeros((0, 1, 28, 28), np.uint8),
+    }
     out = {}
     for name, images in arrays.items():
         np.savez(folder / f"{name}.npz", images=images)
@@ -307,25 +429,35 @@ def input_files(folder: Path) -> dict:
     return {**out, "STATE": str(folder / "state.pt"), "LATIN1": str(folder / "latin1.toml")}
 
 
-@pytest.mark.parametrize("uri,message", [
-    ("file:TMP/mlruns", "MLflow 3 no longer opens folder (file:) stores"),
-    ("TMP/mlruns", "MLflow 3 no longer opens folder (file:) stores"),
-    ("ftp://user:secret@host/x", "tracking URI ftp://user:***@host/x: MLflow does not support the scheme"),
-])
-@pytest.mark.parametrize("command", [
-    ["train", *TINY_ARGS[:-1], "--max-steps", "2"],
-    ["sweep", "--preset", "smoke", "--schedule", "linear", "--timesteps", "200", "--sampler", "ddim"],
-    ["evaluate", "--images", "NPZ"],
-    ["report", "--study", "s"],
-])
+@pytest.mark.parametrize(
+    "uri,message",
+    [
+        ("file:TMP/mlruns", "MLflow 3 no longer opens folder (file:) stores"),
+        ("TMP/mlruns", "MLflow 3 no longer opens folder (file:) stores"),
+        ("ftp://user:secret@host/x", "tracking URI ftp://user:***@host/x: MLflow does not support the scheme"),
+    ],
+)
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["train", *TINY_ARGS[:-1], "--max-steps", "2"],
+        ["sweep", "--preset", "smoke", "--schedule", "linear", "--timesteps", "200", "--sampler", "ddim"],
+        ["evaluate", "--images", "NPZ"],
+        ["report", "--study", "s"],
+    ],
+)
 def test_tracking_uris_mlflow_refuses_exit_2_for_every_command(tmp_path, monkeypatch, command, uri, message):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     (tmp_path / "in").mkdir()
     subst = input_files(tmp_path / "in")
     args = [subst.get(a, a) for a in command]
-    result = run(*args, "--tracking-uri", uri.replace("TMP", str(tmp_path)),
-                 *(["--out", tmp_path / "out"] if args[0] != "evaluate" else []))
+    result = run(
+        *args,
+        "--tracking-uri",
+        uri.replace("TMP", str(tmp_path)),
+        *(["--out", tmp_path / "out"] if args[0] != "evaluate" else []),
+    )
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error:") and message in lines[0], result.output
@@ -335,6 +467,7 @@ def test_tracking_uris_mlflow_refuses_exit_2_for_every_command(tmp_path, monkeyp
 
 def test_sweep_refuses_an_existing_study_with_another_grid(tmp_path, monkeypatch):
     import optuna
+
     monkeypatch.chdir(tmp_path)
     storage = f"sqlite:///{tmp_path}/optuna.db"
     optuna.create_study(study_name="s", storage=storage).set_user_attr("grid", {"schedule": ["linear"]})
@@ -351,17 +484,33 @@ def test_sweep_refuses_to_resume_a_study_with_other_settings(tmp_path, monkeypat
 
     from mnist_diff.config import Config
     from mnist_diff.study.spec import Sweep
+
     monkeypatch.chdir(tmp_path)
     storage = f"sqlite:///{tmp_path}/optuna.db"
     study = optuna.create_study(study_name="s", storage=storage)
     study.set_user_attr("grid", Sweep(study_name="s", out_dir=tmp_path, base=Config()).grid_description())
     study.set_user_attr("fixed", {"epochs": 20, "fid_select_samples": 2000, "compile": "off", "fid_batch_size": 50})
     before = sorted(p.name for p in tmp_path.iterdir())
-    result = run("sweep", "--study-name", "s", "--storage", storage, "--out", tmp_path / "out", "--epochs", "5",
-                 "--fid-select-samples", "500", "--compile", "on")
+    result = run(
+        "sweep",
+        "--study-name",
+        "s",
+        "--storage",
+        storage,
+        "--out",
+        tmp_path / "out",
+        "--epochs",
+        "5",
+        "--fid-select-samples",
+        "500",
+        "--compile",
+        "on",
+    )
     assert result.exit_code == 2, result.output
-    assert result.output.strip() == ("Error: study 's' exists with other settings: epochs 20 (now 5), "
-                                     "fid_select_samples 2000 (now 500); give those, or another --study-name")
+    assert result.output.strip() == (
+        "Error: study 's' exists with other settings: epochs 20 (now 5), "
+        "fid_select_samples 2000 (now 500); give those, or another --study-name"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     assert len(optuna.load_study(study_name="s", storage=storage).get_trials()) == 0
 

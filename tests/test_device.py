@@ -1,4 +1,5 @@
 """Device numerics: bf16 autocast only where the device has it natively, and the backend flags every command sets."""
+
 from pathlib import Path
 
 import pytest
@@ -13,17 +14,20 @@ from mnist_diff.runtime.device import (
 )
 
 
-@pytest.mark.parametrize("device_type,capability,native", [
-    ("cuda", (8, 0), True),    # A100
-    ("cuda", (8, 6), True),    # RTX 30xx
-    ("cuda", (9, 0), True),    # H100
-    ("cuda", (12, 0), True),
-    ("cuda", (7, 5), False),   # T4, RTX 20xx: bf16 is emulated, slower than fp32
-    ("cuda", (7, 0), False),   # V100
-    ("cuda", (6, 1), False),
-    ("cuda", None, False),
-    ("mps", None, False),
-])
+@pytest.mark.parametrize(
+    "device_type,capability,native",
+    [
+        ("cuda", (8, 0), True),  # A100
+        ("cuda", (8, 6), True),  # RTX 30xx
+        ("cuda", (9, 0), True),  # H100
+        ("cuda", (12, 0), True),
+        ("cuda", (7, 5), False),  # T4, RTX 20xx: bf16 is emulated, slower than fp32
+        ("cuda", (7, 0), False),  # V100
+        ("cuda", (6, 1), False),
+        ("cuda", None, False),
+        ("mps", None, False),
+    ],
+)
 def test_bf16_only_where_native(device_type, capability, native):
     assert native_bf16(device_type, capability) is native
 
@@ -51,11 +55,11 @@ def test_configure_backend_sets_the_cuda_flags_and_leaves_cpu_alone():
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         torch.backends.cudnn.benchmark = False
         configure_backend(torch.device("cpu"))
-        assert not (torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32
-                    or torch.backends.cudnn.benchmark)
+        assert not (
+            torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32 or torch.backends.cudnn.benchmark
+        )
         configure_backend("cuda")  # only sets process flags: runs without a GPU too
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
         assert torch.backends.cudnn.benchmark
     finally:
-        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-         torch.backends.cudnn.benchmark) = flags
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark) = flags

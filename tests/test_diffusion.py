@@ -13,7 +13,7 @@ def test_q_sample_moments():
         t = torch.full((x0.shape[0],), t_int)
         xt = q_sample(s, x0, t, torch.randn(x0.shape, generator=gen, dtype=torch.float64))
         ab = float(s.alphas_cumprod[t_int])
-        assert float(xt.mean()) == pytest.approx(0.7 * ab ** 0.5, abs=4e-3)
+        assert float(xt.mean()) == pytest.approx(0.7 * ab**0.5, abs=4e-3)
         assert float(xt.var()) == pytest.approx(1 - ab, rel=1e-2, abs=1e-4)
 
 
@@ -30,7 +30,7 @@ def test_posterior_matches_gaussian_conditioning():
         beta, ab_prev = float(s.betas[t_int]), float(s.alphas_cumprod[t_int - 1])
         precision = 1 / (1 - ab_prev) + (1 - beta) / beta
         ref_var = 1 / precision
-        ref_mean = ref_var * (ab_prev ** 0.5 * x0 / (1 - ab_prev) + (1 - beta) ** 0.5 * xt / beta)
+        ref_mean = ref_var * (ab_prev**0.5 * x0 / (1 - ab_prev) + (1 - beta) ** 0.5 * xt / beta)
         assert float(var.flatten()[0]) == pytest.approx(ref_var, rel=1e-10)
         assert torch.allclose(mean, ref_mean, rtol=1e-10, atol=1e-12)
 

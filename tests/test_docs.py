@@ -2,6 +2,7 @@
 (code blocks and inline code; in prose also the short form `sweep --dry-run`) is parsed by the click commands,
 options, values and choices, and nothing runs.
 Also: README.md stays a short page, keeps its two set-up commands first, and its relative links resolve."""
+
 from __future__ import annotations
 
 import json
@@ -35,15 +36,16 @@ SETUP_COMMANDS = (
 
 @dataclass(frozen=True)
 class DocCommand:
-    where: str          # "docs/grids.md:12"
-    text: str           # the shell text it came from
-    args: tuple         # what follows `python cli.py` / `mnist-diff`: the subcommand and its options
+    where: str  # "docs/grids.md:12"
+    text: str  # the shell text it came from
+    args: tuple  # what follows `python cli.py` / `mnist-diff`: the subcommand and its options
 
     def __str__(self):
         return f"{self.where}: {' '.join(map(shlex.quote, ('cli.py',) + self.args))}"
 
 
 # -- extraction ----------------------------------------------------------------------------------------------
+
 
 def _is_operator(token: str) -> bool:
     return bool(token) and all(c in "();<>|&" for c in token)
@@ -72,10 +74,10 @@ def commands_in_shell(text: str) -> list[tuple]:
         i = 0
         while i < len(part) and (part[i] in LAUNCHERS or re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", part[i])):
             i += 1
-        if part[i:i + 2] in (["python", "cli.py"], ["python3", "cli.py"]):
-            args = part[i + 2:]
-        elif part[i:i + 1] == ["mnist-diff"]:
-            args = part[i + 1:]
+        if part[i : i + 2] in (["python", "cli.py"], ["python3", "cli.py"]):
+            args = part[i + 2 :]
+        elif part[i : i + 1] == ["mnist-diff"]:
+            args = part[i + 1 :]
         else:
             continue
         if args:  # a bare `python cli.py` / `mnist-diff` in prose names the program: no command line
@@ -149,6 +151,7 @@ def all_doc_commands() -> list[DocCommand]:
 
 # -- checking one command ------------------------------------------------------------------------------------
 
+
 def _existing_path_params(cmd: click.Command):
     """The command's options that must name an existing path (`click.Path(exists=True)` and its subclasses)."""
     return [p for p in cmd.params if isinstance(p, click.Option) and isinstance(p.type, click.Path) and p.type.exists]
@@ -209,16 +212,20 @@ def test_docs_have_commands_of_every_kind():
 
 # -- the checker can fail -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("line, error, names", [
-    ("python cli.py sweep --no-such-option", click.NoSuchOption, "no-such-option"),
-    ("mnist-diff sweep --no-such-option", click.NoSuchOption, "no-such-option"),
-    ("python cli.py train --schedule exp", click.BadParameter, "exp"),
-    ("python cli.py sweep --sampler ddpm,plms", click.BadParameter, "plms"),
-    ("python cli.py sweep --time-budget soon", click.BadParameter, "soon"),
-    ("python cli.py no-such-command", click.UsageError, "no-such-command"),
-    ("python cli.py sample --num-samples 1000", click.MissingParameter, "checkpoint"),
-    ("python cli.py sweep --seeds", click.BadOptionUsage, "--seeds"),
-])
+
+@pytest.mark.parametrize(
+    "line, error, names",
+    [
+        ("python cli.py sweep --no-such-option", click.NoSuchOption, "no-such-option"),
+        ("mnist-diff sweep --no-such-option", click.NoSuchOption, "no-such-option"),
+        ("python cli.py train --schedule exp", click.BadParameter, "exp"),
+        ("python cli.py sweep --sampler ddpm,plms", click.BadParameter, "plms"),
+        ("python cli.py sweep --time-budget soon", click.BadParameter, "soon"),
+        ("python cli.py no-such-command", click.UsageError, "no-such-command"),
+        ("python cli.py sample --num-samples 1000", click.MissingParameter, "checkpoint"),
+        ("python cli.py sweep --seeds", click.BadOptionUsage, "--seeds"),
+    ],
+)
 def test_invalid_commands_are_reported(line, error, names, tmp_path, monkeypatch):
     [args] = commands_in_shell(line)
     with pytest.raises(error, match=re.escape(names)):
@@ -234,20 +241,23 @@ def test_existing_path_options_are_still_named(tmp_path, monkeypatch):
 
 
 def test_markdown_extraction():
-    page = "\n".join([
-        "Run `python cli.py sweep --preset smoke",
-        "--quiet` first; `sweep`, `mnist-diff` and `--out runs/mnist-diff` are no command lines; `bench --full` is.",
-        "```bash",
-        "python cli.py train --schedule cosine \\",
-        "    --timesteps 200   # a comment",
-        "srun python cli.py sweep --out \"$TMPDIR/x\" --quiet | tee log && mnist-diff report --study s > r.txt",
-        "optuna-dashboard postgresql://u@h/optuna",
-        "```",
-        "```yaml",
-        'command: ["python", "cli.py", "sweep",',
-        '          "--quiet"]',
-        "```",
-    ])
+    page = "\n".join(
+        [
+            "Run `python cli.py sweep --preset smoke",
+            "--quiet` first; `sweep`, `mnist-diff` and `--out runs/mnist-diff` are no command lines; "
+            "`bench --full` is.",
+            "```bash",
+            "python cli.py train --schedule cosine \\",
+            "    --timesteps 200   # a comment",
+            'srun python cli.py sweep --out "$TMPDIR/x" --quiet | tee log && mnist-diff report --study s > r.txt',
+            "optuna-dashboard postgresql://u@h/optuna",
+            "```",
+            "```yaml",
+            'command: ["python", "cli.py", "sweep",',
+            '          "--quiet"]',
+            "```",
+        ]
+    )
     found = [(c.where, c.args) for c in commands_in_markdown(page, "p.md")]
     assert found == [
         ("p.md:4", ("train", "--schedule", "cosine", "--timesteps", "200")),
@@ -260,6 +270,7 @@ def test_markdown_extraction():
 
 
 # -- MLflow Projects commands in the docs ---------------------------------------------------------------------
+
 
 def mlflow_run_lines() -> list[tuple[str, list]]:
     """`mlflow run . [-e ENTRY] -P name=value ...` lines of the docs, as (where, argv)."""
@@ -290,6 +301,7 @@ def test_docs_mlflow_run_parameters_exist(where, argv):
 
 
 # -- the README's shape -----------------------------------------------------------------------------------------
+
 
 def test_readme_is_short():
     lines = (ROOT / "README.md").read_text().splitlines()

@@ -1,5 +1,6 @@
 """FID with the real torch-fidelity and the real Inception weights: MNIST_DIFF_FID_WEIGHTS, or, where it is unset
 (a user's machine), the weights torch-fidelity downloads itself."""
+
 import builtins
 import os
 import shutil
@@ -41,6 +42,7 @@ def noise_images(n=N, seed=0):
 
 # -- the Fréchet distance's math -------------------------------------------------------------------------
 
+
 def test_trace_term_matches_closed_form_of_commuting_covariances():
     # features ±c_i e_i (i < k) have mean 0 and covariance diag(2 r c_i² / (n-1)) on k of d axes (r
     # repeats): with a diagonal S1, tr sqrt(S1 S2) = Σ sqrt(s1_i · 2 r c_i² / (n-1)), exactly
@@ -52,13 +54,14 @@ def test_trace_term_matches_closed_form_of_commuting_covariances():
     s1 = torch.linspace(0.1, 2.0, d, dtype=torch.float64)
     for reps in (1, 3):  # n = 6 < d (the n×n path) and n = 18 >= d (the d×d path)
         features, n = rows.repeat(reps, 1), 2 * k * reps
-        expected = (s1[:k] * 2 * reps * c ** 2 / (n - 1)).sqrt().sum()
+        expected = (s1[:k] * 2 * reps * c**2 / (n - 1)).sqrt().sum()
         assert float(trace_sqrt_product(torch.diag(s1), features)) == pytest.approx(float(expected), rel=1e-12)
 
 
 @pytest.mark.parametrize("m, n", [(40, 5), (40, 15), (4, 5), (4, 15)])  # reference full rank or not; n < d, n >= d
 def test_frechet_distance_equals_sqrtm_and_torch_fidelity(m, n):
     from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+
     rng = np.random.default_rng(m * 100 + n)
     d = 8
     f1 = rng.normal(size=(m, d)) * rng.uniform(0.5, 2, size=d)
@@ -77,6 +80,7 @@ def test_frechet_distance_equals_sqrtm_and_torch_fidelity(m, n):
 
 # -- FID of real images ----------------------------------------------------------------------------------
 
+
 class _Images(torch.utils.data.Dataset):
     """uint8 3xHxW items: how torch-fidelity's calculate_metrics takes images."""
 
@@ -93,13 +97,22 @@ class _Images(torch.utils.data.Dataset):
 def test_equals_torch_fidelity_calculate_metrics(ref, data_dir, fid_weights, cache):
     import torch_fidelity
     from torch_fidelity.metric_fid import fid_features_to_statistics
+
     noise, digits = noise_images(8), load_mnist(data_dir, train=False, limit=8)  # n = 8 < 2048 features
     ours_noise = compute_fid(noise, ref, kid=True, cache_dir=cache)
     ours_digits = compute_fid(digits, ref, cache_dir=cache)
     # torch-fidelity reads the reference entries written above (same names and format) and extracts the
     # generated sets' features through its DataLoader
-    common = dict(input2=_Images(ref.images()), input2_cache_name=ref.cache_name(), cache_root=str(cache), fid=True,
-                  cuda=False, batch_size=8, feature_extractor_weights_path=fid_weights, verbose=False)
+    common = dict(
+        input2=_Images(ref.images()),
+        input2_cache_name=ref.cache_name(),
+        cache_root=str(cache),
+        fid=True,
+        cuda=False,
+        batch_size=8,
+        feature_extractor_weights_path=fid_weights,
+        verbose=False,
+    )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="This DataLoader will create")
         theirs_noise = torch_fidelity.calculate_metrics(input1=_Images(noise), kid=True, kid_subset_size=8, **common)
@@ -138,6 +151,7 @@ def test_after_the_first_score_nothing_is_loaded_from_disk(data_dir, fid_weights
         def wrapper(*args, **kwargs):
             loads.append((fn.__name__, args[:1]))
             return fn(*args, **kwargs)
+
         return wrapper
 
     monkeypatch.setattr(torch, "load", counting(torch.load))
@@ -160,14 +174,18 @@ def weights_file(fid_weights) -> str:
     if fid_weights:
         return fid_weights
     from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
     torch.hub.load_state_dict_from_url(URL_INCEPTION_V3, map_location="cpu")
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(URL_INCEPTION_V3).path))
 
 
 def test_cache_key_holds_split_count_and_weights_content(ref, data_dir, fid_weights, weights_file, tmp_path):
-    names = {ref.cache_name(), Reference("test", N, data_dir, fid_weights).cache_name(),
-             Reference("train", N + 1, data_dir, fid_weights).cache_name(),
-             Reference("train", None, data_dir, fid_weights).cache_name()}
+    names = {
+        ref.cache_name(),
+        Reference("test", N, data_dir, fid_weights).cache_name(),
+        Reference("train", N + 1, data_dir, fid_weights).cache_name(),
+        Reference("train", None, data_dir, fid_weights).cache_name(),
+    }
     assert len(names) == 4
     # the same bytes under another path share the entry; a different file never does
     copy = tmp_path / "copy.pth"

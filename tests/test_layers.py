@@ -1,5 +1,6 @@
 """The package's shape: every import (inside functions too) points to the module's own layer or one below
 (`mnist_diff.LAYERS`), no imports go round in a cycle, and the heavy libraries stay in their one place."""
+
 import ast
 from pathlib import Path
 
@@ -44,8 +45,12 @@ def test_every_module_is_in_a_layer():
 
 
 def test_imports_point_down_only():
-    upward = [f"{m} (layer {layer(m)}) imports {d} (layer {layer(d)})" for m, deps in graph().items()
-              for d in deps if m != "mnist_diff" and layer(d) > layer(m)]
+    upward = [
+        f"{m} (layer {layer(m)}) imports {d} (layer {layer(d)})"
+        for m, deps in graph().items()
+        for d in deps
+        if m != "mnist_diff" and layer(d) > layer(m)
+    ]
     assert upward == []
 
 
@@ -57,7 +62,7 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(edges.get(node, ())):
             if state.get(nxt) == "open":
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         state[node] = "done"
@@ -77,8 +82,11 @@ def test_the_cycle_finder_finds_one():  # so that the test above can fail
 
 
 def importers_of(library: str) -> set[str]:
-    return {module_name(p) for p in PACKAGE.rglob("*.py")
-            if any(m == library or m.startswith(library + ".") for m in imports_of(p))}
+    return {
+        module_name(p)
+        for p in PACKAGE.rglob("*.py")
+        if any(m == library or m.startswith(library + ".") for m in imports_of(p))
+    }
 
 
 def test_each_heavy_library_is_imported_in_one_place():

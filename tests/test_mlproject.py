@@ -1,5 +1,6 @@
 """MLproject: every entry point renders, through MLflow's own code, to a command cli.py accepts with the CLI's
 defaults; and `mlflow run` itself runs the study and a training with only the parameters a user cares about."""
+
 import json
 import os
 import shlex
@@ -62,12 +63,15 @@ def test_empty_parameters_mean_not_given(tmp_path):
     assert selected(ctx.params["timesteps_list"], ("200", "1000")) == ("200", "1000")
 
 
-@pytest.mark.parametrize("args,expected", [
-    ([], ("linear", "cosine", "quadratic", "sigmoid")),
-    (["--schedule", "all"], ("linear", "cosine", "quadratic", "sigmoid")),
-    (["--schedule", "sigmoid,linear"], ("linear", "sigmoid")),
-    (["--schedule", "cosine", "--schedule", "linear,cosine"], ("linear", "cosine")),
-])
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        ([], ("linear", "cosine", "quadratic", "sigmoid")),
+        (["--schedule", "all"], ("linear", "cosine", "quadratic", "sigmoid")),
+        (["--schedule", "sigmoid,linear"], ("linear", "sigmoid")),
+        (["--schedule", "cosine", "--schedule", "linear,cosine"], ("linear", "cosine")),
+    ],
+)
 def test_grid_filters_take_comma_lists_and_repeats(args, expected):
     ctx = cli.cli.commands["sweep"].make_context("sweep", args)
     assert selected(ctx.params["schedules"], SCHEDULES) == expected
@@ -75,25 +79,50 @@ def test_grid_filters_take_comma_lists_and_repeats(args, expected):
 
 # -- `mlflow run` for real ---------------------------------------------------------------------------------
 
+
 def project_files() -> dict:
-    return {p.relative_to(ROOT): (p.stat().st_size, p.stat().st_mtime_ns) for p in ROOT.rglob("*")
-            if p.is_file() and ".git" not in p.parts and "__pycache__" not in p.parts}
+    return {
+        p.relative_to(ROOT): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in ROOT.rglob("*")
+        if p.is_file() and ".git" not in p.parts and "__pycache__" not in p.parts
+    }
 
 
 def mlflow_run(tmp_path, *args) -> None:
     """`mlflow run ROOT ARGS` from tmp_path, every store in tmp_path; fails the test if the project folder
     changes (`mlflow run` runs the command in the project folder)."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
-           "MNIST_DIFF_FID_CACHE": str(tmp_path / "fid-cache"), "PYTHONDONTWRITEBYTECODE": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           # one thread: on a shared CPU, OpenMP threads spinning against other processes make it 10x slower
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+        "MNIST_DIFF_FID_CACHE": str(tmp_path / "fid-cache"),
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        # one thread: on a shared CPU, OpenMP threads spinning against other processes make it 10x slower
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+    }
     before = project_files()
     t0 = time.perf_counter()
     # its own session, so a test that times out takes `mlflow run` and the command it started down with it
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local",
-                             "--experiment-name", "mnist-diff", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "run",
+            str(ROOT),
+            "--env-manager",
+            "local",
+            "--experiment-name",
+            "mnist-diff",
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        start_new_session=True,
+    )
     try:
         output, _ = proc.communicate()
     finally:
@@ -108,10 +137,27 @@ def mlflow_run(tmp_path, *args) -> None:
 def test_mlflow_run_main_smoke_runs_every_grid_point(tmp_path):
     # -P preset=smoke and nothing that changes the grid: all 16 points. Sizes only to keep it short; the
     # training size is left out on purpose (the empty value becomes the smoke preset's).
-    mlflow_run(tmp_path, "-P", "preset=smoke", "-P", f"storage=sqlite:///{tmp_path}/optuna.db",
-               "-P", f"out={tmp_path}/out", "-P", "epochs=1", "-P", "fid-select-samples=2",
-               "-P", "fid-samples=2", "-P", "fid-ref-samples=2", "-P", "sheet-images=4",
-               "-P", "workers=2")  # a worker per core
+    mlflow_run(
+        tmp_path,
+        "-P",
+        "preset=smoke",
+        "-P",
+        f"storage=sqlite:///{tmp_path}/optuna.db",
+        "-P",
+        f"out={tmp_path}/out",
+        "-P",
+        "epochs=1",
+        "-P",
+        "fid-select-samples=2",
+        "-P",
+        "fid-samples=2",
+        "-P",
+        "fid-ref-samples=2",
+        "-P",
+        "sheet-images=4",
+        "-P",
+        "workers=2",
+    )  # a worker per core
     study = optuna.load_study(study_name="mnist-diff-study", storage=f"sqlite:///{tmp_path}/optuna.db")
     trials = study.get_trials()
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 16
@@ -134,9 +180,31 @@ def test_mlflow_run_main_smoke_runs_every_grid_point(tmp_path):
 
 
 def test_mlflow_run_main_with_a_grid(tmp_path):
-    mlflow_run(tmp_path, "-P", "preset=smoke", "-P", "schedule=cosine", "-P", "timesteps=200", "-P", "sampler=ddim",
-               "-P", "grid=ddim_steps=2,5", "-P", f"storage=sqlite:///{tmp_path}/optuna.db", "-P", f"out={tmp_path}/out",
-               "-P", "epochs=1", "-P", "fid-select-samples=2", "-P", "fid-samples=2", "-P", "fid-ref-samples=2")
+    mlflow_run(
+        tmp_path,
+        "-P",
+        "preset=smoke",
+        "-P",
+        "schedule=cosine",
+        "-P",
+        "timesteps=200",
+        "-P",
+        "sampler=ddim",
+        "-P",
+        "grid=ddim_steps=2,5",
+        "-P",
+        f"storage=sqlite:///{tmp_path}/optuna.db",
+        "-P",
+        f"out={tmp_path}/out",
+        "-P",
+        "epochs=1",
+        "-P",
+        "fid-select-samples=2",
+        "-P",
+        "fid-samples=2",
+        "-P",
+        "fid-ref-samples=2",
+    )
     study = optuna.load_study(study_name="mnist-diff-study", storage=f"sqlite:///{tmp_path}/optuna.db")
     trials = study.get_trials()
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
@@ -146,14 +214,33 @@ def test_mlflow_run_main_with_a_grid(tmp_path):
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     (parent,) = [r for r in runs if r.data.tags.get("mnist_diff.role") == "study"]
     assert parent.data.params["grid"] == "ddim_steps=2,5"  # as typed; the whole grid as resolved:
-    assert parent.data.params["grid.resolved"] == ("schedule=cosine; timesteps:beta_end=200:0.08; sampler=ddim; "
-                                                   "ddim_steps=2,5; seed=0")
+    assert parent.data.params["grid.resolved"] == (
+        "schedule=cosine; timesteps:beta_end=200:0.08; sampler=ddim; ddim_steps=2,5; seed=0"
+    )
 
 
 def test_mlflow_run_train_with_a_few_parameters(tmp_path):
-    mlflow_run(tmp_path, "-e", "train", "-P", f"out={tmp_path}/run", "-P", "timesteps=20", "-P", "ddim-steps=20",
-               "-P", "channels=8", "-P", "train-samples=128", "-P", "epochs=1", "-P", "fid-every=0",
-               "-P", "fid-samples=0")
+    mlflow_run(
+        tmp_path,
+        "-e",
+        "train",
+        "-P",
+        f"out={tmp_path}/run",
+        "-P",
+        "timesteps=20",
+        "-P",
+        "ddim-steps=20",
+        "-P",
+        "channels=8",
+        "-P",
+        "train-samples=128",
+        "-P",
+        "epochs=1",
+        "-P",
+        "fid-every=0",
+        "-P",
+        "fid-samples=0",
+    )
     ckpts = tmp_path / "run" / "checkpoints"
     assert (ckpts / "ckpt-00000001.pt").is_file() and (ckpts / "ema-epoch-001.pt").is_file()  # 1 step of 128
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")

@@ -1,4 +1,5 @@
 """The UNet's attention: on CPU the plain softmax(q k^T / sqrt(d)) v, which must equal PyTorch's fused kernel."""
+
 import pytest
 import torch
 import torch.nn.functional as F

@@ -1,5 +1,6 @@
 """Pins each use of Optuna internals (`study.optuna_compat`) against the Optuna installed: a release that
 changes one fails here, by name."""
+
 import optuna
 
 from mnist_diff.study.optuna_compat import grid_point_id, retried_trial_number, stored_trial
@@ -8,8 +9,9 @@ SPACE = {"schedule": ["linear", "cosine", "sigmoid"], "timesteps_beta_end": ["20
 
 
 def grid_study(tmp_path):
-    return optuna.create_study(storage=f"sqlite:///{tmp_path / 'optuna.db'}",
-                               sampler=optuna.samplers.GridSampler(SPACE, seed=0))
+    return optuna.create_study(
+        storage=f"sqlite:///{tmp_path / 'optuna.db'}", sampler=optuna.samplers.GridSampler(SPACE, seed=0)
+    )
 
 
 def test_grid_point_id_is_the_id_grid_sampler_gives_the_point(tmp_path):
@@ -46,8 +48,11 @@ def test_a_stale_trial_is_failed_and_its_retry_names_it(tmp_path):
 
     with knowingly_experimental():
         storage = optuna.storages.RDBStorage(
-            f"sqlite:///{tmp_path / 'hb.db'}", heartbeat_interval=1, grace_period=1,
-            failed_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
+            f"sqlite:///{tmp_path / 'hb.db'}",
+            heartbeat_interval=1,
+            grace_period=1,
+            failed_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+        )
     study = optuna.create_study(storage=storage)
     trial = study.ask()
     storage.record_heartbeat(trial._trial_id)

@@ -1,6 +1,7 @@
 """A study shared through a real PostgreSQL server (`.ci/postgres.sh` starts one and exports
 MNIST_DIFF_TEST_PG): the study claim, the training lock across processes, two `sweep` commands at once, and
 no password in any record. Skipped, saying why, where no server can be reached; under CI they must run."""
+
 import multiprocessing as mp
 import os
 import signal
@@ -36,6 +37,7 @@ def _database():
     reason = "no PostgreSQL server for the tests: set MNIST_DIFF_TEST_PG (.ci/postgres.sh starts one)"
     try:
         import psycopg  # psycopg 3: SQLAlchemy 2's default driver for postgresql:// URLs
+
         conn = psycopg.connect(f"{SERVER}/postgres", connect_timeout=5, autocommit=True) if SERVER else None
     except Exception as err:  # noqa: BLE001 - any failure to reach it is the reason
         conn, reason = None, f"PostgreSQL at {SERVER} unreachable: {err}"
@@ -69,11 +71,28 @@ def mlflow_server(tmp_path_factory):
         port = sock.getsockname()[1]
         sock.close()
         log = open(folder / "server.log", "w")
-        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", db,
-                                 "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1",
-                                 "--port", str(port), "--workers", "1"],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # GenAI jobs
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                db,
+                "--artifacts-destination",
+                str(folder / "artifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        )  # GenAI jobs
         url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 180
@@ -131,13 +150,52 @@ def test_two_sweeps_at_once_on_postgresql(pg_url, tmp_path):
     """Two commands started together on one PostgreSQL study (shared --out): each grid point once, each
     training once, one parent run, and the storage URL in MLflow without its password."""
     env = {**os.environ, "MNIST_DIFF_FID_CACHE": str(tmp_path / "fid-cache")}
-    cmd = [sys.executable, str(ROOT / "cli.py"), "sweep", "--study-name", "pg", "--storage", pg_url,
-           "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--experiment", "e", "--out", str(tmp_path / "out"),
-           "--schedule", "linear,cosine", "--timesteps", "200", "--sampler", "ddim", "--ddim-steps", "5",
-           "--epochs", "1", "--batch-size", "32", "--train-samples", "64", "--channels", "8", "--warmup-steps", "2",
-           "--fid-every", "0", "--fid-samples", "8", "--fid-ref-samples", "16", "--fid-batch-size", "16", "--quiet"]
-    procs = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for _ in range(2)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "cli.py"),
+        "sweep",
+        "--study-name",
+        "pg",
+        "--storage",
+        pg_url,
+        "--tracking-uri",
+        f"sqlite:///{tmp_path}/mlflow.db",
+        "--experiment",
+        "e",
+        "--out",
+        str(tmp_path / "out"),
+        "--schedule",
+        "linear,cosine",
+        "--timesteps",
+        "200",
+        "--sampler",
+        "ddim",
+        "--ddim-steps",
+        "5",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--train-samples",
+        "64",
+        "--channels",
+        "8",
+        "--warmup-steps",
+        "2",
+        "--fid-every",
+        "0",
+        "--fid-samples",
+        "8",
+        "--fid-ref-samples",
+        "16",
+        "--fid-batch-size",
+        "16",
+        "--quiet",
+    ]
+    procs = [
+        subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
     password = pg_url.split("://", 1)[1].split("@", 1)[0].split(":", 1)[1]
@@ -155,18 +213,57 @@ def test_two_sweeps_at_once_on_postgresql(pg_url, tmp_path):
 
 def _machine_cmd(study, storage, server, machine: Path, *options) -> list:
     """One machine's `sweep`: its own working directory and --out (no shared disk), the shared servers."""
-    return [sys.executable, str(ROOT / "cli.py"), "sweep", "--study-name", study, "--storage", storage,
-            "--tracking-uri", server, "--experiment", study, "--out", str(machine / "out"),
-            "--schedule", "cosine", "--timesteps", "200", "--ddim-steps", "5", "--batch-size", "32",
-            "--train-samples", "64", "--channels", "8", "--warmup-steps", "2", "--fid-select-samples", "4", "--fid-samples", "8",
-            "--fid-ref-samples", "16", "--fid-batch-size", "16", "--sheet-images", "16", "--quiet", *options]
+    return [
+        sys.executable,
+        str(ROOT / "cli.py"),
+        "sweep",
+        "--study-name",
+        study,
+        "--storage",
+        storage,
+        "--tracking-uri",
+        server,
+        "--experiment",
+        study,
+        "--out",
+        str(machine / "out"),
+        "--schedule",
+        "cosine",
+        "--timesteps",
+        "200",
+        "--ddim-steps",
+        "5",
+        "--batch-size",
+        "32",
+        "--train-samples",
+        "64",
+        "--channels",
+        "8",
+        "--warmup-steps",
+        "2",
+        "--fid-select-samples",
+        "4",
+        "--fid-samples",
+        "8",
+        "--fid-ref-samples",
+        "16",
+        "--fid-batch-size",
+        "16",
+        "--sheet-images",
+        "16",
+        "--quiet",
+        *options,
+    ]
 
 
 def _start(cmd, machine: Path):
     machine.mkdir()
-    env = {**os.environ, "MNIST_DIFF_FID_CACHE": str(machine / "fid-cache"),
-           "MNIST_DIFF_BENCH_CACHE": str(machine / "bench-cache"),
-           "OMP_NUM_THREADS": "1"}  # two "machines" on one CPU: threads spinning against each other cost 10x
+    env = {
+        **os.environ,
+        "MNIST_DIFF_FID_CACHE": str(machine / "fid-cache"),
+        "MNIST_DIFF_BENCH_CACHE": str(machine / "bench-cache"),
+        "OMP_NUM_THREADS": "1",
+    }  # two "machines" on one CPU: threads spinning against each other cost 10x
     return subprocess.Popen(cmd, cwd=machine, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -198,7 +295,7 @@ def test_two_machines_without_a_shared_disk_share_one_study(pg_url, mlflow_serve
     assert parent.info.status == "FINISHED" and parent.data.tags["mnist_diff.points_done"] == "2/2"
     assert [r.info.status for r in runs] == ["FINISHED"] * 2
     (trainer,) = [r for r in runs if "steps_per_epoch" in r.data.params]  # trained exactly once
-    (scorer,) = [r for r in runs if "trained_in" in r.data.params]        # the other only sampled and scored
+    (scorer,) = [r for r in runs if "trained_in" in r.data.params]  # the other only sampled and scored
     assert {r.data.tags["mnist_diff.trained_by"] for r in runs} == {trainer.info.run_id}
     home, away = _machine_of(trainer, machines), _machine_of(scorer, machines)
     assert home != away, "both grid points ran on one machine: nothing crossed"
@@ -207,10 +304,25 @@ def test_two_machines_without_a_shared_disk_share_one_study(pg_url, mlflow_serve
     name = f"trainings/{key}/checkpoints/ema-epoch-001.pt"  # the scorer's copy is the trainer's, byte for byte
     assert (away / "out" / name).read_bytes() == (home / "out" / name).read_bytes()
     assert {a.path for a in client.list_artifacts(trainer.info.run_id, "training")} == {
-        "training/ema-epoch-001.pt", "training/checkpoint-a.pt"}
+        "training/ema-epoch-001.pt",
+        "training/checkpoint-a.pt",
+    }
 
-    report = subprocess.run([sys.executable, str(ROOT / "cli.py"), "report", "--study", "two", "--tracking-uri",
-                             mlflow_server, "--out", str(tmp_path / "report")], capture_output=True, text=True)
+    report = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "cli.py"),
+            "report",
+            "--study",
+            "two",
+            "--tracking-uri",
+            mlflow_server,
+            "--out",
+            str(tmp_path / "report"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert report.returncode == 0, report.stderr
     assert "cosine" in (tmp_path / "report" / "report.md").read_text()
 
@@ -220,8 +332,7 @@ def test_a_machine_dies_and_the_other_resumes_from_the_uploaded_checkpoint(pg_ur
     and resumes the training from the last checkpoint that reached the server, not from scratch."""
     machines = [tmp_path / "m1", tmp_path / "m2"]
     options = ("--sampler", "ddim", "--epochs", "12", "--fid-every", "0", "--heartbeat", "2")
-    procs = dict(zip(machines, (_start(_machine_cmd("dies", pg_url, mlflow_server, m, *options), m)
-                                for m in machines)))
+    procs = dict(zip(machines, (_start(_machine_cmd("dies", pg_url, mlflow_server, m, *options), m) for m in machines)))
     deadline, uploaded = time.monotonic() + 300, None
     while uploaded is None:  # the index of the training's files on the server, in the shared storage
         assert time.monotonic() < deadline and all(p.poll() is None for p in procs.values())
@@ -258,8 +369,9 @@ def test_a_machine_dies_and_the_other_resumes_from_the_uploaded_checkpoint(pg_ur
 
 def test_report_names_a_postgresql_tracking_store_without_its_password(pg_url, tmp_path):
     password = pg_url.split("://", 1)[1].split("@", 1)[0].split(":", 1)[1]
-    result = CliRunner().invoke(cli.cli, ["report", "--study", "s", "--tracking-uri", pg_url,
-                                          "--out", str(tmp_path / "out")])
+    result = CliRunner().invoke(
+        cli.cli, ["report", "--study", "s", "--tracking-uri", pg_url, "--out", str(tmp_path / "out")]
+    )
     assert result.exit_code == 2 and "no MLflow run tagged as study 's'" in result.output, result.output
     assert f":{password}@" not in result.output and ":***@" in result.output  # the user may be the password
 

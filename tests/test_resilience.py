@@ -1,4 +1,5 @@
 """Sweeps survive kill -9, SIGTERM and bad values: real processes, real signals, real SQLite stores."""
+
 import json
 import os
 import signal
@@ -20,20 +21,51 @@ STATE = optuna.trial.TrialState
 
 
 def sweep_cmd(tmp_path, *extra):
-    return [sys.executable, str(ROOT / "cli.py"), "sweep", "--study-name", "r",
-            "--storage", f"sqlite:///{tmp_path}/optuna.db", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
-            "--experiment", "e", "--out", str(tmp_path / "out"), "--schedule", "linear", "--timesteps", "200",
-            "--sampler", "ddim",
-            *tiny_args("batch_size", "channels", "warmup_steps", "ddim_steps", epochs=3, train_samples=640,
-                       fid_every=0, fid_samples=8, fid_ref_samples=16, fid_batch_size=16),
-            "--heartbeat", "1", "--quiet", *extra]
+    return [
+        sys.executable,
+        str(ROOT / "cli.py"),
+        "sweep",
+        "--study-name",
+        "r",
+        "--storage",
+        f"sqlite:///{tmp_path}/optuna.db",
+        "--tracking-uri",
+        f"sqlite:///{tmp_path}/mlflow.db",
+        "--experiment",
+        "e",
+        "--out",
+        str(tmp_path / "out"),
+        "--schedule",
+        "linear",
+        "--timesteps",
+        "200",
+        "--sampler",
+        "ddim",
+        *tiny_args(
+            "batch_size",
+            "channels",
+            "warmup_steps",
+            "ddim_steps",
+            epochs=3,
+            train_samples=640,
+            fid_every=0,
+            fid_samples=8,
+            fid_ref_samples=16,
+            fid_batch_size=16,
+        ),
+        "--heartbeat",
+        "1",
+        "--quiet",
+        *extra,
+    ]
 
 
 def start_and_wait_for_epoch(tmp_path, cmd=None, trainings=1, timeout=240):
     """Start a sweep and return once `trainings` trainings have a full checkpoint (end of epoch 1) on disk."""
     env = {**os.environ, "MNIST_DIFF_FID_CACHE": str(tmp_path / "fid-cache")}
-    proc = subprocess.Popen(cmd or sweep_cmd(tmp_path), cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd or sweep_cmd(tmp_path), cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     deadline = time.time() + timeout
     while len({p.parts[-3] for p in (tmp_path / "out" / "trainings").glob("*/checkpoints/ckpt-*.pt")}) < trainings:
         assert proc.poll() is None, proc.stdout.read()
@@ -46,14 +78,18 @@ def start_and_wait_for_epoch(tmp_path, cmd=None, trainings=1, timeout=240):
 
 
 def study_parent(client):
-    (parent,) = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
-                 if r.data.tags.get("mnist_diff.role") == "study"]
+    (parent,) = [
+        r
+        for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+        if r.data.tags.get("mnist_diff.role") == "study"
+    ]
     return parent
 
 
 def finish(tmp_path, env, cmd=None):
-    proc = subprocess.run(cmd or sweep_cmd(tmp_path), cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        cmd or sweep_cmd(tmp_path), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     study = optuna.load_study(study_name="r", storage=f"sqlite:///{tmp_path}/optuna.db")
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
@@ -99,7 +135,9 @@ def test_kill_9_mid_trial_then_rerun_at_once_resumes(tmp_path):
 
 def test_sigterm_saves_marks_killed_and_rerun_resumes(tmp_path):
     proc, env = start_and_wait_for_epoch(tmp_path)
-    step_at_signal = max(int(p.stem.split("-")[1]) for p in (tmp_path / "out").glob("trainings/*/checkpoints/ckpt-*.pt"))
+    step_at_signal = max(
+        int(p.stem.split("-")[1]) for p in (tmp_path / "out").glob("trainings/*/checkpoints/ckpt-*.pt")
+    )
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0
@@ -134,11 +172,37 @@ def test_non_finite_loss_fails_one_trial_and_the_others_go_on(tmp_path):
 
 
 def tiny_sweep_args(tmp_path, *extra):
-    return ["sweep", "--study-name", "t", "--storage", f"sqlite:///{tmp_path}/optuna.db",
-            "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--experiment", "e", "--out", str(tmp_path / "out"),
-            "--schedule", "linear", "--timesteps", "200",
-            *tiny_args("batch_size", "channels", "warmup_steps", "ddim_steps", epochs=1, train_samples=64,
-                       fid_every=0, fid_samples=8, fid_ref_samples=16, fid_batch_size=16), "--quiet", *extra]
+    return [
+        "sweep",
+        "--study-name",
+        "t",
+        "--storage",
+        f"sqlite:///{tmp_path}/optuna.db",
+        "--tracking-uri",
+        f"sqlite:///{tmp_path}/mlflow.db",
+        "--experiment",
+        "e",
+        "--out",
+        str(tmp_path / "out"),
+        "--schedule",
+        "linear",
+        "--timesteps",
+        "200",
+        *tiny_args(
+            "batch_size",
+            "channels",
+            "warmup_steps",
+            "ddim_steps",
+            epochs=1,
+            train_samples=64,
+            fid_every=0,
+            fid_samples=8,
+            fid_ref_samples=16,
+            fid_batch_size=16,
+        ),
+        "--quiet",
+        *extra,
+    ]
 
 
 def test_transient_failure_is_retried_up_to_max_retries_and_retry_failed_requeues(tmp_path, monkeypatch):
@@ -220,8 +284,9 @@ def test_a_worker_that_exits_with_an_error_fails_the_command(tmp_path):
     """Workers log to OUT/training.log; a folder in its place makes each worker exit with code 1 at once."""
     env = {**os.environ, "MNIST_DIFF_FID_CACHE": str(tmp_path / "fid-cache")}
     (tmp_path / "out" / "training.log").mkdir(parents=True)
-    proc = subprocess.run(sweep_cmd(tmp_path, "--workers", "2"), cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        sweep_cmd(tmp_path, "--workers", "2"), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "Error: worker 0 exited with code 1; worker 1 exited with code 1" in proc.stderr
     assert "0/1 grid points complete" in proc.stdout  # the results were written first
@@ -235,15 +300,17 @@ def test_parallel_workers_and_separate_commands_share_the_grid(tmp_path):
     2 trainings, one parent run."""
     env = {**os.environ, "MNIST_DIFF_FID_CACHE": str(tmp_path / "fid-cache")}
     cmd = sweep_cmd(tmp_path, "--workers", "2")
-    for flag, value in (("--schedule", "linear"), ("--sampler", "ddim")):
-        del cmd[cmd.index(flag):cmd.index(flag) + 2]
+    for flag, _value in (("--schedule", "linear"), ("--sampler", "ddim")):
+        del cmd[cmd.index(flag) : cmd.index(flag) + 2]
     cmd += ["--schedule", "linear", "--schedule", "cosine"]
     cmd[cmd.index("--epochs") + 1] = "1"
     cmd[cmd.index("--train-samples") + 1] = "64"
     # started in the same instant: one of them sets the study up (its queue, its one parent run)
     loud = [c for c in cmd if c != "--quiet"]  # the first shows its bars: the study's only, not its workers'
-    first, second = (subprocess.Popen(c, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True) for c in (loud, cmd))
+    first, second = (
+        subprocess.Popen(c, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for c in (loud, cmd)
+    )
     outputs = [p.communicate(timeout=600)[0] for p in (first, second)]
     assert first.returncode == 0 and second.returncode == 0, outputs
     assert "study r: 100%" in outputs[0] and "4/4" in outputs[0] and "point" in outputs[0], outputs[0]

@@ -124,7 +124,7 @@ def independent_ddpm(model, s, x, clip):
             continue
         x0 = ((x - (1 - ab[t]).sqrt() * eps) / ab[t].sqrt()).clamp(-1, 1)
         ab_prev = ab[t - 1] if t > 0 else torch.tensor(1.0, dtype=torch.float64)
-        x = (ab_prev.sqrt() * betas[t] / (1 - ab[t]) * x0 + alphas[t].sqrt() * (1 - ab_prev) / (1 - ab[t]) * x)
+        x = ab_prev.sqrt() * betas[t] / (1 - ab[t]) * x0 + alphas[t].sqrt() * (1 - ab_prev) / (1 - ab[t]) * x
     return x
 
 
@@ -240,9 +240,10 @@ def test_ddim_eta0_deterministic_given_xT_and_eta1_not():
 
 def test_batch_sizes_fold_a_small_tail_into_the_last_batch():
     from mnist_diff.runtime.generate import batch_sizes
-    assert batch_sizes(2064, 2000) == [2064]            # a 64-image grid rides along with a 2,000-image FID set
+
+    assert batch_sizes(2064, 2000) == [2064]  # a 64-image grid rides along with a 2,000-image FID set
     assert batch_sizes(72, 64) == [72]
-    assert batch_sizes(73, 64) == [64, 9]                # more than an eighth: a batch of its own
+    assert batch_sizes(73, 64) == [64, 9]  # more than an eighth: a batch of its own
     assert batch_sizes(10_000, 2000) == [2000] * 5
     assert batch_sizes(16, 64) == [16] and batch_sizes(0, 64) == []
 
@@ -250,6 +251,7 @@ def test_batch_sizes_fold_a_small_tail_into_the_last_batch():
 def test_an_epochs_grid_and_fid_set_drawn_in_one_pass_are_the_images_drawn_apart(tmp_path):
     from mnist_diff.config import Config
     from mnist_diff.training.trainer import sample_epoch
+
     torch.manual_seed(0)
     model = UNet(channels=8).eval()
     config = Config(schedule="linear", timesteps=20, beta_end=0.2, channels=8, sampler="ddpm", ddim_steps=10)

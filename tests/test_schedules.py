@@ -67,21 +67,25 @@ def test_cosine_ignores_beta_range():
 
 def test_coefficients_consistent():
     s = make_schedule("linear", 100, 1e-4, 0.05)
-    assert torch.allclose(s.sqrt_alphas_cumprod ** 2 + s.sqrt_one_minus_alphas_cumprod ** 2,
-                          torch.ones(100, dtype=torch.float64))
+    assert torch.allclose(
+        s.sqrt_alphas_cumprod**2 + s.sqrt_one_minus_alphas_cumprod**2, torch.ones(100, dtype=torch.float64)
+    )
     assert float(s.posterior_variance[0]) == 0.0
     assert torch.allclose(s.log_snr, torch.log(s.alphas_cumprod / (1 - s.alphas_cumprod)))
     moved = s.to("cpu")
     assert moved.betas.dtype == torch.float32 and moved.alpha_bar_T == pytest.approx(s.alpha_bar_T, rel=1e-6)
 
 
-@pytest.mark.parametrize("args,match", [
-    (("linear", 1, 1e-4, 0.02), "timesteps"),
-    (("linear", 100, 0.0, 0.02), "beta_start"),
-    (("linear", 100, 0.02, 0.02), "beta_start < beta_end"),
-    (("quadratic", 100, 1e-4, 1.0), "< 1"),
-    (("exponential", 100, 1e-4, 0.02), "unknown schedule"),
-])
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (("linear", 1, 1e-4, 0.02), "timesteps"),
+        (("linear", 100, 0.0, 0.02), "beta_start"),
+        (("linear", 100, 0.02, 0.02), "beta_start < beta_end"),
+        (("quadratic", 100, 1e-4, 1.0), "< 1"),
+        (("exponential", 100, 1e-4, 0.02), "unknown schedule"),
+    ],
+)
 def test_bad_input_raises_value_error(args, match):
     with pytest.raises(ValueError, match=match):
         make_schedule(*args)

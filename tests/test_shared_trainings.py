@@ -1,5 +1,6 @@
 """The rules of trainings shared through the tracking server (`shared_trainings`), on a real MLflow store and a
 real Optuna study in a temporary folder. The two-machine runs themselves are in test_postgres.py."""
+
 import json
 
 import optuna
@@ -48,8 +49,11 @@ def test_checkpoint_slots_alternate_within_a_run_and_the_index_keeps_hashes(setu
     entry = index.read()
     assert entry["checkpoint"]["step"] == 6 and entry["checkpoint"]["epoch"] == 3
     ema3 = tmp_path / "home" / "checkpoints" / "ema-epoch-003.pt"
-    assert entry["ema"]["3"] == {"run_id": tracker.run_id, "path": "training/ema-epoch-003.pt",
-                                 "sha": weights_fingerprint(ema3)}
+    assert entry["ema"]["3"] == {
+        "run_id": tracker.run_id,
+        "path": "training/ema-epoch-003.pt",
+        "sha": weights_fingerprint(ema3),
+    }
 
 
 def test_restore_brings_an_empty_folder_up_to_the_index(setup, tmp_path):
@@ -63,7 +67,10 @@ def test_restore_brings_an_empty_folder_up_to_the_index(setup, tmp_path):
     assert got == {"checkpoint_step": 4, "ema_epochs": [1, 2], "done": False}
     assert (away / "checkpoints" / "ckpt-00000004.pt").read_text() == "ckpt 4 A"
     assert sorted(p.name for p in (away / "checkpoints").iterdir()) == [
-        "ckpt-00000004.pt", "ema-epoch-001.pt", "ema-epoch-002.pt"]
+        "ckpt-00000004.pt",
+        "ema-epoch-001.pt",
+        "ema-epoch-002.pt",
+    ]
     assert not (away / DONE_MARKER).exists()
     mark_done(index, tracker.run_id)
     assert restore(away, index, tracker) == {"checkpoint_step": None, "ema_epochs": [], "done": True}

@@ -2,6 +2,7 @@
 so `RerunCapture` stands in for it: a "replay" runs the step again, while everything around the graph runs for
 real (the snapshot and its restores, the check against eager steps, the static batch, the learning rate and EMA
 weight written before each replay). On a machine with a GPU the same tests also capture real CUDA graphs."""
+
 import warnings
 
 import pytest
@@ -37,15 +38,18 @@ class FrozenNoise(RerunCapture):
         def replay():
             self.generator.set_state(state)
             return body()
+
         return replay
 
 
 def state(trainer) -> dict:
     opt = trainer.optimizer.state_dict()["state"]
-    return {**{f"model.{k}": v for k, v in trainer.model.state_dict().items()},
-            **{f"ema.{k}": v for k, v in trainer.ema.state_dict().items()},
-            **{f"adam.{i}.{k}": v for i, s in opt.items() for k, v in s.items()},
-            "noise": trainer.noise_gen.get_state()}
+    return {
+        **{f"model.{k}": v for k, v in trainer.model.state_dict().items()},
+        **{f"ema.{k}": v for k, v in trainer.ema.state_dict().items()},
+        **{f"adam.{i}.{k}": v for i, s in opt.items() for k, v in s.items()},
+        "noise": trainer.noise_gen.get_state(),
+    }
 
 
 def trainer(images, out, config=CONFIG, capture="rerun"):
@@ -94,11 +98,17 @@ def test_a_graph_built_after_a_resume_continues_exactly(tmp_path, mnist_small):
     assert_same(state(straight), state(resumed))
 
 
-@pytest.mark.parametrize("capture,why", [
-    ("frozen", "replay 2 strays from the eager step"),  # a graph that replays the same noise is refused
-    pytest.param("cuda", "CUDA-graph capture failed",  # where CUDA graphs cannot work at all
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA graphs work here")),
-])
+@pytest.mark.parametrize(
+    "capture,why",
+    [
+        ("frozen", "replay 2 strays from the eager step"),  # a graph that replays the same noise is refused
+        pytest.param(
+            "cuda",
+            "CUDA-graph capture failed",  # where CUDA graphs cannot work at all
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA graphs work here"),
+        ),
+    ],
+)
 def test_a_graph_that_fails_or_strays_gives_one_warning_and_the_eager_result(tmp_path, mnist_small, capture, why):
     eager = trainer(mnist_small, tmp_path / "eager", capture=None)
     fallen = trainer(mnist_small, tmp_path / capture, capture=capture)
@@ -128,6 +138,6 @@ def test_on_cuda_the_captured_step_follows_the_eager_step(tmp_path, mnist_small)
 def test_update_error_measures_the_stray_relative_to_the_update():
     start = [torch.zeros(3), torch.zeros(2)]
     reference = [torch.tensor([3.0, 0, 0]), torch.tensor([0.0, 4])]  # moved by 5
-    got = [torch.tensor([3.0, 0, 0]), torch.tensor([0.0, 4.5])]      # 0.5 away
+    got = [torch.tensor([3.0, 0, 0]), torch.tensor([0.0, 4.5])]  # 0.5 away
     assert update_error(start, reference, got) == pytest.approx(0.1)
     assert update_error(start, reference, reference) == 0.0

@@ -1,4 +1,5 @@
 """`cli.py sweep` end to end on CPU: real SQLite Optuna and MLflow stores in a temporary folder."""
+
 import json
 import os
 import signal
@@ -33,14 +34,39 @@ from mnist_diff.training.trainer import (
 )
 
 # TINY's training for a sweep (whose grid sets schedule, T, beta_end and sampler), 2 epochs of 64 images
-TINY = [*tiny_args("batch_size", "channels", "warmup_steps", "ddim_steps", epochs=2, train_samples=64,
-                   fid_select_samples=8, fid_samples=10, fid_ref_samples=16, fid_batch_size=16), "--quiet"]
+TINY = [
+    *tiny_args(
+        "batch_size",
+        "channels",
+        "warmup_steps",
+        "ddim_steps",
+        epochs=2,
+        train_samples=64,
+        fid_select_samples=8,
+        fid_samples=10,
+        fid_ref_samples=16,
+        fid_batch_size=16,
+    ),
+    "--quiet",
+]
 
 
 def sweep_args(tmp_path, *extra):
-    return ["sweep", "--study-name", "s", "--storage", f"sqlite:///{tmp_path}/optuna.db",
-            "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--experiment", "e", "--out", str(tmp_path / "out"),
-            *TINY, *extra]
+    return [
+        "sweep",
+        "--study-name",
+        "s",
+        "--storage",
+        f"sqlite:///{tmp_path}/optuna.db",
+        "--tracking-uri",
+        f"sqlite:///{tmp_path}/mlflow.db",
+        "--experiment",
+        "e",
+        "--out",
+        str(tmp_path / "out"),
+        *TINY,
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +86,9 @@ def test_every_grid_point_completes_once(finished_sweep):
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/optuna.db")
     trials = study.get_trials()
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 4
-    points = {(t.params["schedule"], t.params["timesteps_beta_end"], t.params["sampler"], t.params["seed"])
-              for t in trials}
+    points = {
+        (t.params["schedule"], t.params["timesteps_beta_end"], t.params["sampler"], t.params["seed"]) for t in trials
+    }
     assert points == {("cosine", "200:0.08", m, seed) for m in ("ddpm", "ddim") for seed in (0, 1)}
     assert all(t.value == t.user_attrs["best_fid"] for t in trials)
 
@@ -77,8 +104,11 @@ def test_mlflow_parent_and_children(finished_sweep):
     parent = parents[0]
     assert parent.info.status == "FINISHED" and parent.data.params["epochs"] == "2"
     assert parent.data.tags["mnist_diff.points_done"] == "4/4"
-    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"grid_search_results.json",
-                                                                           "training.log", "study.json"}
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
+        "grid_search_results.json",
+        "training.log",
+        "study.json",
+    }
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/optuna.db")
     by_run = {t.user_attrs["mlflow_run_id"]: t for t in study.get_trials()}
     for child in children:
@@ -118,8 +148,16 @@ def test_time_by_phase_per_trial_and_summed_on_the_parent(finished_sweep):
     runs = client.search_runs([client.get_experiment_by_name("e").experiment_id])
     parent = next(r for r in runs if r.data.tags.get("mnist_diff.role") == "study")
     children = [r for r in runs if r.data.tags.get("mnist_diff.role") == "trial"]
-    phases = ("training", "selection_sampling", "selection_fid", "final_sampling", "final_fid", "grids",
-              "checkpoints", "other")
+    phases = (
+        "training",
+        "selection_sampling",
+        "selection_fid",
+        "final_sampling",
+        "final_fid",
+        "grids",
+        "checkpoints",
+        "other",
+    )
     for child in children:
         m = {k: child.data.metrics[f"seconds_{k}"] for k in phases}
         trained = child.data.tags["mnist_diff.trained_by"] == child.info.run_id
@@ -128,7 +166,8 @@ def test_time_by_phase_per_trial_and_summed_on_the_parent(finished_sweep):
         assert m["other"] >= 0
     for k in phases:  # the parent holds the sums over the trials
         assert parent.data.metrics[f"seconds_{k}"] == pytest.approx(
-            sum(c.data.metrics[f"seconds_{k}"] for c in children))
+            sum(c.data.metrics[f"seconds_{k}"] for c in children)
+        )
 
 
 def test_results_json(finished_sweep):
@@ -160,8 +199,9 @@ def test_rerun_starts_no_new_trial(finished_sweep):
 def test_report_from_the_finished_study(finished_sweep):
     tmp_path, _, _ = finished_sweep
     out = tmp_path / "report"
-    result = CliRunner().invoke(cli.cli, ["report", "--study", "s", "--tracking-uri",
-                                          f"sqlite:///{tmp_path}/mlflow.db", "--out", str(out)])
+    result = CliRunner().invoke(
+        cli.cli, ["report", "--study", "s", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     text = (out / "report.md").read_text()
     assert "PARTIAL" not in text
@@ -174,13 +214,16 @@ def test_report_from_the_finished_study(finished_sweep):
     assert set(doc["projection"]["seconds"]) == set(workload.PHASES)
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--storage", "sqlite:////nonexistent/dir/o.db"], "--storage"),
-    (["--tracking-uri", "http://127.0.0.1:9"], "unreachable"),
-    (["--ddim-steps", "500"], "cannot exceed --timesteps (200)"),
-    (["--schedule", "exp"], "'exp' is not one of"),
-    (["--workers", "0"], "'0' is neither auto nor a count >= 1"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--storage", "sqlite:////nonexistent/dir/o.db"], "--storage"),
+        (["--tracking-uri", "http://127.0.0.1:9"], "unreachable"),
+        (["--ddim-steps", "500"], "cannot exceed --timesteps (200)"),
+        (["--schedule", "exp"], "'exp' is not one of"),
+        (["--workers", "0"], "'0' is neither auto nor a count >= 1"),
+    ],
+)
 def test_sweep_bad_input_creates_nothing(tmp_path, extra, message):
     result = CliRunner().invoke(cli.cli, sweep_args(tmp_path, *extra))
     assert result.exit_code == 2 and message in result.output, result.output
@@ -191,14 +234,15 @@ def test_a_study_name_with_quotes_a_backslash_and_spaces(tmp_path, monkeypatch):
     """The name goes into MLflow filter strings, which have no escapes: the sweep and the report still find
     its runs (it used to fail after creating both stores)."""
     monkeypatch.setenv("MNIST_DIFF_FID_CACHE", str(tmp_path / "fid-cache"))
-    name = "it's a \"q\" \\"
+    name = 'it\'s a "q" \\'
     args = sweep_args(tmp_path, "--schedule", "linear", "--timesteps", "200", "--sampler", "ddim", "--epochs", "1")
     args[args.index("--study-name") + 1] = name
     result = CliRunner().invoke(cli.cli, args)
     assert result.exit_code == 0 and "1/1 grid points complete" in result.output, result.output
     out = tmp_path / "report"
-    result = CliRunner().invoke(cli.cli, ["report", "--study", name, "--tracking-uri",
-                                          f"sqlite:///{tmp_path}/mlflow.db", "--out", str(out)])
+    result = CliRunner().invoke(
+        cli.cli, ["report", "--study", name, "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--out", str(out)]
+    )
     assert result.exit_code == 0 and "logged to the study's parent run" in result.output, result.output
     assert "| linear |" in (out / "report.md").read_text()
 
@@ -206,8 +250,9 @@ def test_a_study_name_with_quotes_a_backslash_and_spaces(tmp_path, monkeypatch):
 def test_report_gives_the_seed_spread(finished_sweep):
     tmp_path, _, _ = finished_sweep
     out = tmp_path / "report-json"
-    result = CliRunner().invoke(cli.cli, ["report", "--results", str(tmp_path / "out" / "grid_search_results.json"),
-                                          "--out", str(out)])
+    result = CliRunner().invoke(
+        cli.cli, ["report", "--results", str(tmp_path / "out" / "grid_search_results.json"), "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["multi_seed"] is True
@@ -229,12 +274,31 @@ def test_a_takeover_scores_every_epoch_with_its_own_sampler(tmp_path, monkeypatc
     and finishes it; the DDPM retry inherits it. Each trial's per-epoch FIDs and grids must be its own
     sampler's, and the run that finished the training is named. (Few FIDs: each costs seconds on CPU.)"""
     monkeypatch.setenv("MNIST_DIFF_FID_CACHE", str(tmp_path / "fid-cache"))
-    base = Config(**{**TINY_CONFIG, "epochs": 2, "fid_select_samples": 8, "fid_samples": 0, "fid_ref_samples": 16,
-                     "fid_batch_size": 16})
-    sweep = Sweep(study_name="takeover", out_dir=tmp_path / "out", base=base, schedules=("linear",), pairs=((20, 0.2),),
-                  samplers=("ddpm", "ddim"), storage=f"sqlite:///{tmp_path}/optuna.db",
-                  tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="e", data_dir=data_dir,
-                  fid_weights=fid_weights, progress=False, heartbeat=0)
+    base = Config(
+        **{
+            **TINY_CONFIG,
+            "epochs": 2,
+            "fid_select_samples": 8,
+            "fid_samples": 0,
+            "fid_ref_samples": 16,
+            "fid_batch_size": 16,
+        }
+    )
+    sweep = Sweep(
+        study_name="takeover",
+        out_dir=tmp_path / "out",
+        base=base,
+        schedules=("linear",),
+        pairs=((20, 0.2),),
+        samplers=("ddpm", "ddim"),
+        storage=f"sqlite:///{tmp_path}/optuna.db",
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+        experiment="e",
+        data_dir=data_dir,
+        fid_weights=fid_weights,
+        progress=False,
+        heartbeat=0,
+    )
     sweep.out_dir.mkdir()
     study = open_study(sweep)
     objective = Objective(sweep, parent_run(sweep, study).run_id, lambda: mnist_small[:128])
@@ -279,8 +343,10 @@ def test_a_takeover_scores_every_epoch_with_its_own_sampler(tmp_path, monkeypatc
         assert t.user_attrs["trained_by_run_id"] == finisher
         assert client.get_run(t.user_attrs["mlflow_run_id"]).data.tags["mnist_diff.trained_by"] == finisher
 
-    fids = {sampler: {int(e): v for e, v in t.user_attrs["epoch_fids"].items()} for sampler, t in
-            (("ddim", ddim), ("ddpm", ddpm))}
+    fids = {
+        sampler: {int(e): v for e, v in t.user_attrs["epoch_fids"].items()}
+        for sampler, t in (("ddim", ddim), ("ddpm", ddpm))
+    }
     assert set(fids["ddim"]) == set(fids["ddpm"]) == {1, 2}
     # computed while training, by the trial of that sampler: DDPM's epoch 1, DDIM's epoch 2
     scored_by_killed = {m.step: m.value for m in client.get_metric_history(killed.user_attrs["mlflow_run_id"], "fid")}
@@ -302,7 +368,9 @@ def test_a_takeover_scores_every_epoch_with_its_own_sampler(tmp_path, monkeypatc
         assert samples.parent.name == f"{t.number:04d}"  # the trial's own folder
         for epoch in (1, 2):
             model, _, _ = load_sampling_model(checkpoint.ema_path(ckpt_dir, epoch), "cpu")
-            fresh, _, _ = sample_epoch(model, schedule, base.replace(sampler=sampler), tmp_path / f"{sampler}-{epoch}.png")
+            fresh, _, _ = sample_epoch(
+                model, schedule, base.replace(sampler=sampler), tmp_path / f"{sampler}-{epoch}.png"
+            )
             assert (np.asarray(Image.open(samples / f"epoch-{epoch:03d}.png")) == np.asarray(Image.open(fresh))).all()
 
     # a run that trains nothing is never named: as if the finisher had died before writing training_done.json
@@ -321,8 +389,15 @@ def test_which_failed_points_a_new_sweep_queues_again(tmp_path):
     from mnist_diff.study.storage import open_study, requeue_failed
     from mnist_diff.study.sweep import parent_status
 
-    sweep = Sweep(study_name="q", out_dir=tmp_path, base=Config(), pairs=((200, 0.08),), samplers=("ddpm",),
-                  storage=f"sqlite:///{tmp_path}/optuna.db", max_retries=2)
+    sweep = Sweep(
+        study_name="q",
+        out_dir=tmp_path,
+        base=Config(),
+        pairs=((200, 0.08),),
+        samplers=("ddpm",),
+        storage=f"sqlite:///{tmp_path}/optuna.db",
+        max_retries=2,
+    )
     study = open_study(sweep)
     dists = {k: optuna.distributions.CategoricalDistribution(v) for k, v in sweep.search_space().items()}
     S = optuna.trial.TrialState
@@ -342,8 +417,10 @@ def test_which_failed_points_a_new_sweep_queues_again(tmp_path):
         return {t.system_attrs["fixed_params"]["schedule"]: t.user_attrs for t in study.get_trials(states=(S.WAITING,))}
 
     assert requeue_failed(study, sweep) == 2
-    assert queued() == {"cosine": {"retry_of_trial": 1, "retries": 1, "errors": ["OSError: disk"]},
-                        "sigmoid": {"retry_of_trial": 3, "retries": 1, "errors": [WORKER_LOST]}}
+    assert queued() == {
+        "cosine": {"retry_of_trial": 1, "retries": 1, "errors": ["OSError: disk"]},
+        "sigmoid": {"retry_of_trial": 3, "retries": 1, "errors": [WORKER_LOST]},
+    }
     assert requeue_failed(study, sweep) == 0  # queued points are not queued twice
     assert parent_status(study, sweep, interrupted=False)[1] == "2 grid point(s) failed, 2 not run; 0/4 complete"
     assert requeue_failed(study, sweep, retry_failed=True) == 2  # the rest, deterministic too, with fresh budget
@@ -354,6 +431,7 @@ def test_one_command_claims_a_study(tmp_path):
     """However many `sweep` commands start at once, exactly one sets the study up (see the two-command test in
     test_resilience for the end-to-end version)."""
     from mnist_diff.study.sweep import claim_study
+
     sweep = Sweep(study_name="c", out_dir=tmp_path, base=Config(), storage=f"sqlite:///{tmp_path}/optuna.db")
     assert [claim_study(sweep) for _ in range(3)] == [True, False, False]
     assert claim_study(Sweep(study_name="other", out_dir=tmp_path, base=Config(), storage=sweep.storage))
@@ -370,8 +448,10 @@ def test_a_study_resumed_with_a_time_budget_keeps_its_protocol(tmp_path, monkeyp
     assert study.user_attrs["fixed"]["time_budget"] == 36000
     again = CliRunner().invoke(cli.cli, sweep_args(tmp_path, *point, "--time-budget", "1s"))
     assert again.exit_code == 0, again.output
-    assert ("--time-budget: study 's' goes on with the protocol it was created with: selection FID on 8 images "
-            "every 1 epoch(s), final FID on 10") in again.output
+    assert (
+        "--time-budget: study 's' goes on with the protocol it was created with: selection FID on 8 images "
+        "every 1 epoch(s), final FID on 10"
+    ) in again.output
     assert "1/1 grid points complete" in again.output
     # a dry run opens no store: it fits afresh, and says that nothing fits
     dry = CliRunner().invoke(cli.cli, sweep_args(tmp_path, *point, "--time-budget", "1s", "--dry-run"))
@@ -384,11 +464,24 @@ def test_a_worker_never_runs_points_again_and_again(tmp_path, data_dir):
     (NonFiniteLoss at step 2, before any FID)."""
     from mnist_diff.study.grid import Dim
     from mnist_diff.study.worker import work
+
     base = Config(**{**TINY_CONFIG, "epochs": 2, "train_samples": 64, "lr": 1e30})
-    sweep = Sweep(study_name="spin", out_dir=tmp_path, base=base, schedules=("linear",), pairs=((20, 0.2),),
-                  samplers=("ddim",), extra=(Dim(("eta",), ((0.0,), (0.0,))),), storage=f"sqlite:///{tmp_path}/o.db",
-                  tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="e", data_dir=data_dir, progress=False,
-                  heartbeat=0, max_retries=0)
+    sweep = Sweep(
+        study_name="spin",
+        out_dir=tmp_path,
+        base=base,
+        schedules=("linear",),
+        pairs=((20, 0.2),),
+        samplers=("ddim",),
+        extra=(Dim(("eta",), ((0.0,), (0.0,))),),
+        storage=f"sqlite:///{tmp_path}/o.db",
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+        experiment="e",
+        data_dir=data_dir,
+        progress=False,
+        heartbeat=0,
+        max_retries=0,
+    )
     worker = threading.Thread(target=work, args=(sweep, None), daemon=True)
     worker.start()
     worker.join(180)
@@ -405,5 +498,7 @@ def test_a_sweep_with_a_failed_point_exits_1_and_says_which_and_why(tmp_path, mo
     assert result.exit_code == 1, result.output
     assert "0/1 grid points complete" in result.output
     assert "Error: 1 grid point(s) failed; 0/1 complete (see " in result.output
-    assert ("\n  grid point (schedule=linear, timesteps=200, beta_end=0.08, sampler=ddim, seed=0) failed: "
-            "NonFiniteLoss: non-finite training loss nan at step 2") in result.output
+    assert (
+        "\n  grid point (schedule=linear, timesteps=200, beta_end=0.08, sampler=ddim, seed=0) failed: "
+        "NonFiniteLoss: non-finite training loss nan at step 2"
+    ) in result.output

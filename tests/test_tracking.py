@@ -1,4 +1,5 @@
 """A tiny real training tracked in a real SQLite MLflow store, checked through MlflowClient."""
+
 import re
 
 import pytest
@@ -19,10 +20,38 @@ FID_ARGS = ["--fid-select-samples", "8", "--fid-samples", "10", "--fid-ref-sampl
 def test_train_is_tracked_end_to_end(tmp_path, data_dir, fid_weights, monkeypatch):
     monkeypatch.setenv("MNIST_DIFF_FID_CACHE", str(tmp_path / "fid-cache"))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = ["train", "--timesteps", "20", "--beta-end", "0.2", "--channels", "8", "--batch-size", "32",
-            "--train-samples", "64", "--warmup-steps", "2", "--sampler", "ddim", "--ddim-steps", "5",
-            "--epochs", "2", "--quiet", "--tracking-uri", uri, "--experiment", "t", "--out", str(tmp_path / "run"),
-            "--no-clip-x0", "--ema-warmup-steps", "3", *FID_ARGS]
+    args = [
+        "train",
+        "--timesteps",
+        "20",
+        "--beta-end",
+        "0.2",
+        "--channels",
+        "8",
+        "--batch-size",
+        "32",
+        "--train-samples",
+        "64",
+        "--warmup-steps",
+        "2",
+        "--sampler",
+        "ddim",
+        "--ddim-steps",
+        "5",
+        "--epochs",
+        "2",
+        "--quiet",
+        "--tracking-uri",
+        uri,
+        "--experiment",
+        "t",
+        "--out",
+        str(tmp_path / "run"),
+        "--no-clip-x0",
+        "--ema-warmup-steps",
+        "3",
+        *FID_ARGS,
+    ]
     if data_dir:
         args += ["--data-dir", data_dir]
     result = CliRunner().invoke(cli.cli, args)
@@ -55,8 +84,9 @@ def test_train_is_tracked_end_to_end(tmp_path, data_dir, fid_weights, monkeypatc
     # MLflow names the files `samples+step+N+...` (older versions: `samples%step%N%...`)
     steps = sorted({int(re.search(r"step[+%](\d+)[+%]", path)[1]) for path in images if "samples" in path})
     assert steps == [1, 2]
-    ckpts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints/best")} | \
-            {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints/last")}
+    ckpts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints/best")} | {
+        a.path for a in client.list_artifacts(run.info.run_id, "checkpoints/last")
+    }
     assert any(c.endswith(".pt") and "ema-epoch" in c for c in ckpts) and any("ckpt-" in c for c in ckpts)
 
 
@@ -71,8 +101,15 @@ def test_failure_marks_run_failed_with_reason(tmp_path, mnist_small, data_dir, f
     config = Config(**{**TINY, "epochs": 1, "fid_every": 0, "fid_samples": 0})
     with pytest.raises(RuntimeError, match="forced failure"):
         with tracker.run():
-            run_experiment(config, mnist_small[:128], tmp_path / "run", tracker=tracker, progress=False,
-                           reference=Reference("train", 16, data_dir, fid_weights), callbacks=[Boom()])
+            run_experiment(
+                config,
+                mnist_small[:128],
+                tmp_path / "run",
+                tracker=tracker,
+                progress=False,
+                reference=Reference("train", 16, data_dir, fid_weights),
+                callbacks=[Boom()],
+            )
     run = MlflowClient(uri).get_run(tracker.run_id)
     assert run.info.status == "FAILED"
     assert run.data.tags["error_type"] == "RuntimeError"
@@ -93,8 +130,9 @@ def test_unreachable_tracking_store_is_rejected_before_training(tmp_path):
     result = CliRunner().invoke(cli.cli, ["train", "--tracking-uri", "http://127.0.0.1:9/", "--out", str(out)])
     assert result.exit_code == 2 and "unreachable" in result.output
     assert not out.exists()
-    result = CliRunner().invoke(cli.cli, ["train", "--tracking-uri", f"sqlite:///{tmp_path}/no/such/dir/m.db",
-                                          "--out", str(out)])
+    result = CliRunner().invoke(
+        cli.cli, ["train", "--tracking-uri", f"sqlite:///{tmp_path}/no/such/dir/m.db", "--out", str(out)]
+    )
     assert result.exit_code == 2 and "not writable" in result.output
     assert not out.exists()
 
@@ -103,12 +141,15 @@ def test_evaluate_command_scores_a_samples_file(tmp_path, data_dir, fid_weights,
     import numpy as np
 
     from mnist_diff.runtime.data import load_mnist
+
     monkeypatch.setenv("MNIST_DIFF_FID_CACHE", str(tmp_path / "fid-cache"))
     npz = tmp_path / "samples.npz"
     np.savez(npz, images=load_mnist(data_dir, train=False, limit=12).numpy())
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = CliRunner().invoke(cli.cli, ["evaluate", "--images", str(npz), "--fid-ref-samples", "16",
-                                          "--tracking-uri", uri, "--experiment", "e"])
+    result = CliRunner().invoke(
+        cli.cli,
+        ["evaluate", "--images", str(npz), "--fid-ref-samples", "16", "--tracking-uri", uri, "--experiment", "e"],
+    )
     assert result.exit_code == 0, result.output
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("e").experiment_id])
@@ -126,13 +167,21 @@ def test_failed_artifact_uploads_are_recorded_and_training_goes_on(tmp_path, mni
     tracker = Tracker(uri, "broken")
     config = Config(**{**TINY, "epochs": 2, "fid_every": 0, "fid_samples": 0})
     with tracker.run():
-        result = run_experiment(config, mnist_small[:128], tmp_path / "run", tracker=tracker, progress=False,
-                                reference=Reference("train", 16, data_dir, fid_weights))
+        result = run_experiment(
+            config,
+            mnist_small[:128],
+            tmp_path / "run",
+            tracker=tracker,
+            progress=False,
+            reference=Reference("train", 16, data_dir, fid_weights),
+        )
     run = MlflowClient(uri).get_run(tracker.run_id)
     assert run.info.status == "FINISHED" and result.epochs_done == 2
     assert int(run.data.tags["artifact_upload_errors"]) >= 3
-    assert "samples step" in run.data.tags["artifact_upload_last_error"] or "pt" in run.data.tags[
-        "artifact_upload_last_error"]
+    assert (
+        "samples step" in run.data.tags["artifact_upload_last_error"]
+        or "pt" in run.data.tags["artifact_upload_last_error"]
+    )
     assert [m.step for m in MlflowClient(uri).get_metric_history(tracker.run_id, "epoch_loss")] == [1, 2]
     assert (tmp_path / "run" / "checkpoints" / "ema-epoch-002.pt").exists()  # the local copies are kept
 
@@ -144,14 +193,19 @@ def test_a_run_made_by_mlflow_run_keeps_its_params_and_gets_the_resolved_ones(tm
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("e")).info.run_id
-    client.log_batch(run_id, params=[Param("epochs", "''"), Param("lr", "2e-4"), Param("seed", "0")],
-                     synchronous=True)
+    client.log_batch(run_id, params=[Param("epochs", "''"), Param("lr", "2e-4"), Param("seed", "0")], synchronous=True)
     monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
     tracker = Tracker(uri, "e")
     assert tracker.start() == run_id
     tracker.log_params({"epochs": 2, "lr": 2e-4, "seed": 0, "channels": 8})
-    assert client.get_run(run_id).data.params == {"epochs": "''", "epochs.resolved": "2", "lr": "2e-4",
-                                                  "lr.resolved": "0.0002", "seed": "0", "channels": "8"}
+    assert client.get_run(run_id).data.params == {
+        "epochs": "''",
+        "epochs.resolved": "2",
+        "lr": "2e-4",
+        "lr.resolved": "0.0002",
+        "seed": "0",
+        "channels": "8",
+    }
 
 
 def test_a_study_is_found_whatever_its_name_holds(tmp_path):

@@ -23,8 +23,13 @@ def tiny(**kw):
 
 
 def weights(trainer):
-    return {k: v.clone() for k, v in {**trainer.model.state_dict(),
-                                      **{"ema." + k: v for k, v in trainer.ema.state_dict().items()}}.items()}
+    return {
+        k: v.clone()
+        for k, v in {
+            **trainer.model.state_dict(),
+            **{"ema." + k: v for k, v in trainer.ema.state_dict().items()},
+        }.items()
+    }
 
 
 def assert_same(a, b):
@@ -60,6 +65,7 @@ def test_resume_gives_identical_weights(tmp_path, mnist_small, stop_at):
 
 class SigtermAfterStep(Trainer):
     """Sends itself a real SIGTERM right after optimizer step `at`: in the loop, where it only sets the stop flag."""
+
     at = -1
 
     def _train_step(self, x0):
@@ -108,8 +114,7 @@ def test_resume_refuses_a_different_training_config(tmp_path, mnist_small):
 
 
 def test_non_finite_loss_stops_with_step_and_value(tmp_path, mnist_small):
-    t = Trainer(tiny(epochs=2, lr=1e30, grad_clip=0.0, warmup_steps=0), mnist_small[:128], tmp_path,
-                progress=False)
+    t = Trainer(tiny(epochs=2, lr=1e30, grad_clip=0.0, warmup_steps=0), mnist_small[:128], tmp_path, progress=False)
     with torch.no_grad():
         for p in t.model.parameters():
             p.mul_(1e20)
@@ -136,8 +141,9 @@ def test_atomic_save_keeps_previous_checkpoint(tmp_path):
 
 def test_truncated_newest_checkpoint_falls_back_to_previous(tmp_path, caplog):
     for step in (1, 2):
-        checkpoint.atomic_save({"format_version": 1, "step": step, "w": torch.ones(1000)},
-                               checkpoint.step_path(tmp_path, step))
+        checkpoint.atomic_save(
+            {"format_version": 1, "step": step, "w": torch.ones(1000)}, checkpoint.step_path(tmp_path, step)
+        )
     newest = checkpoint.step_path(tmp_path, 2)
     newest.write_bytes(newest.read_bytes()[:100])
     assert checkpoint.load_latest(tmp_path)["step"] == 1
@@ -160,12 +166,16 @@ def test_a_new_start_removes_temporary_files_of_killed_writers_only(tmp_path, mn
     import sys
 
     from mnist_diff.util.atomic import temporary_name
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                          check=True)
+
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     ckpts = tmp_path / "checkpoints"
     ckpts.mkdir()
-    stale = [temporary_name(ckpts / "ckpt-00000004.pt", int(gone.stdout)),
-             temporary_name(tmp_path / "result.json", int(gone.stdout))]
+    stale = [
+        temporary_name(ckpts / "ckpt-00000004.pt", int(gone.stdout)),
+        temporary_name(tmp_path / "result.json", int(gone.stdout)),
+    ]
     live = temporary_name(ckpts / "ckpt-00000008.pt", os.getppid())  # a live process may be writing it now
     for p in (*stale, live):
         p.write_bytes(b"part of a checkpoint")
@@ -193,30 +203,53 @@ def test_training_key_ignores_sampler_and_fid_settings():
 # never share a training), in the sampling key (how trained weights are sampled), or in neither (what is scored,
 # or speed). A field added to Config without a place here fails the test below; each entry: (place, other value).
 FIELD_PLACES = {
-    "schedule": ("training", "cosine"), "timesteps": ("training", 500), "beta_start": ("training", 2e-4),
-    "beta_end": ("training", 0.03), "epochs": ("training", 3), "batch_size": ("training", 64),
-    "lr": ("training", 1e-3), "warmup_steps": ("training", 10), "weight_decay": ("training", 0.01),
-    "grad_clip": ("training", 0.5), "ema_decay": ("training", 0.99), "ema_warmup_steps": ("training", 7),
-    "channels": ("training", 32), "seed": ("training", 1), "precision": ("training", "fp32"),
-    "train_samples": ("training", 1000), "max_steps": ("training", 100),
-    "sampler": ("sampling", "ddim"), "ddim_steps": ("sampling", 10), "eta": ("sampling", 0.5),
+    "schedule": ("training", "cosine"),
+    "timesteps": ("training", 500),
+    "beta_start": ("training", 2e-4),
+    "beta_end": ("training", 0.03),
+    "epochs": ("training", 3),
+    "batch_size": ("training", 64),
+    "lr": ("training", 1e-3),
+    "warmup_steps": ("training", 10),
+    "weight_decay": ("training", 0.01),
+    "grad_clip": ("training", 0.5),
+    "ema_decay": ("training", 0.99),
+    "ema_warmup_steps": ("training", 7),
+    "channels": ("training", 32),
+    "seed": ("training", 1),
+    "precision": ("training", "fp32"),
+    "train_samples": ("training", 1000),
+    "max_steps": ("training", 100),
+    "sampler": ("sampling", "ddim"),
+    "ddim_steps": ("sampling", 10),
+    "eta": ("sampling", 0.5),
     "clip_x0": ("sampling", False),
-    "fid_every": ("neither", 2), "fid_select_samples": ("neither", 100), "fid_samples": ("neither", 0),
-    "fid_ref": ("neither", "test"), "fid_ref_samples": ("neither", 100), "fid_batch_size": ("neither", 50),
-    "kid": ("neither", True), "sheet_images": ("neither", 16), "sheet_every": ("neither", 0),
-    "compile": ("neither", "off"), "sample_batch_size": ("neither", 100),
+    "fid_every": ("neither", 2),
+    "fid_select_samples": ("neither", 100),
+    "fid_samples": ("neither", 0),
+    "fid_ref": ("neither", "test"),
+    "fid_ref_samples": ("neither", 100),
+    "fid_batch_size": ("neither", 50),
+    "kid": ("neither", True),
+    "sheet_images": ("neither", 16),
+    "sheet_every": ("neither", 0),
+    "compile": ("neither", "off"),
+    "sample_batch_size": ("neither", 100),
 }
 
 
 def test_every_config_field_has_its_place_in_the_keys():
     import dataclasses
+
     assert set(FIELD_PLACES) == {f.name for f in dataclasses.fields(Config)}
     base = Config()
     for name, (place, other) in FIELD_PLACES.items():
         changed = base.replace(**{name: other})
         assert getattr(changed, name) != getattr(base, name), name
-        moved = {"training": changed.training_key() != base.training_key(),
-                 "sampling": changed.sampling_key() != base.sampling_key()}
+        moved = {
+            "training": changed.training_key() != base.training_key(),
+            "sampling": changed.sampling_key() != base.sampling_key(),
+        }
         assert moved == {"training": place == "training", "sampling": place == "sampling"}, name
     # max_steps sets where a training stops: 4 and 8 steps are two trainings (a resume may still change it)
     assert base.replace(max_steps=4).training_key() != base.replace(max_steps=8).training_key()
@@ -237,6 +270,7 @@ def test_resume_skips_a_truncated_newest_checkpoint(tmp_path, mnist_small):
 
 def test_same_seed_same_loss_curve_and_samples(tmp_path, mnist_small):
     from mnist_diff.runtime.generate import generate
+
     runs = []
     for name in ("a", "b"):
         t = Trainer(tiny(epochs=2), mnist_small[:128], tmp_path / name, progress=False)

@@ -1,4 +1,5 @@
 """The study's work per phase (counted by hand here), its projection, the bench cache and `sweep --dry-run`."""
+
 import json
 import os
 from itertools import product
@@ -10,19 +11,22 @@ from click.testing import CliRunner
 
 import cli
 from mnist_diff.cli.params import Duration
-from mnist_diff.study.plan import auto_workers
 from mnist_diff.config import Config
 from mnist_diff.perf import bench_cache, workload
 from mnist_diff.perf.workload import FINAL, GRIDS, INCEPTION, SELECTION, TRAINING, Rates
 from mnist_diff.presets import SMOKE
 from mnist_diff.runtime.device import effective_precision
+from mnist_diff.study.plan import auto_workers
 
 
 def reference_study() -> list:
     """The 16 grid points of `sweep` with no options."""
-    return [Config(schedule=s, timesteps=t, beta_end=b, sampler=m)
-            for s, (t, b), m in product(("linear", "cosine", "quadratic", "sigmoid"), ((200, 0.08), (1000, 0.02)),
-                                        ("ddpm", "ddim"))]
+    return [
+        Config(schedule=s, timesteps=t, beta_end=b, sampler=m)
+        for s, (t, b), m in product(
+            ("linear", "cosine", "quadratic", "sigmoid"), ((200, 0.08), (1000, 0.02)), ("ddpm", "ddim")
+        )
+    ]
 
 
 def test_reference_study_counts():
@@ -46,8 +50,18 @@ def test_reference_study_counts():
 
 
 def test_small_grid_counts():
-    base = Config(timesteps=20, beta_end=0.2, ddim_steps=5, epochs=5, batch_size=32, train_samples=100, fid_every=2,
-                  fid_select_samples=10, fid_samples=30, fid_ref="test")
+    base = Config(
+        timesteps=20,
+        beta_end=0.2,
+        ddim_steps=5,
+        epochs=5,
+        batch_size=32,
+        train_samples=100,
+        fid_every=2,
+        fid_select_samples=10,
+        fid_samples=30,
+        fid_ref="test",
+    )
     # DDPM and DDIM share seed 0's training; seed 1 trains again. 100 // 32 = 3 steps per epoch, 15 steps.
     w = workload.count([base, base.replace(sampler="ddim"), base.replace(seed=1)])
     assert (w.trials, w.trainings) == (3, 2)
@@ -70,8 +84,18 @@ def test_small_grid_counts():
 
 
 def test_projection_and_warning():
-    base = Config(timesteps=20, beta_end=0.2, ddim_steps=5, epochs=5, batch_size=32, train_samples=100, fid_every=2,
-                  fid_select_samples=10, fid_samples=30, fid_ref="test")
+    base = Config(
+        timesteps=20,
+        beta_end=0.2,
+        ddim_steps=5,
+        epochs=5,
+        batch_size=32,
+        train_samples=100,
+        fid_every=2,
+        fid_select_samples=10,
+        fid_samples=30,
+        fid_ref="test",
+    )
     configs = [base, base.replace(sampler="ddim")]
     w = workload.count(configs)
     r = Rates(train_images_per_s=96, sample_evaluations_per_s=50, inception_images_per_s=4, fid_fixed_seconds=3)
@@ -92,14 +116,35 @@ def test_projection_and_warning():
 def test_a_grid_over_widths_is_projected_at_each_widths_rates():
     """Two widths, each at its own bench: the projection is the sum of the two groups' projections, a DDPM and
     a DDIM trial of one width still share a training, and the table names each width's rate."""
-    base = Config(timesteps=20, beta_end=0.2, ddim_steps=5, epochs=5, batch_size=32, train_samples=100, fid_every=2,
-                  fid_select_samples=10, fid_samples=30, fid_ref="test", channels=8)
+    base = Config(
+        timesteps=20,
+        beta_end=0.2,
+        ddim_steps=5,
+        epochs=5,
+        batch_size=32,
+        train_samples=100,
+        fid_every=2,
+        fid_select_samples=10,
+        fid_samples=30,
+        fid_ref="test",
+        channels=8,
+    )
     narrow = [base, base.replace(sampler="ddim")]
     wide = [c.replace(channels=16) for c in narrow]
-    fast = Rates(train_images_per_s=96, sample_evaluations_per_s=50, inception_images_per_s=4, fid_fixed_seconds=3,
-                 source="bench A")
-    slow = Rates(train_images_per_s=24, sample_evaluations_per_s=10, inception_images_per_s=4, fid_fixed_seconds=3,
-                 source="bench A")
+    fast = Rates(
+        train_images_per_s=96,
+        sample_evaluations_per_s=50,
+        inception_images_per_s=4,
+        fid_fixed_seconds=3,
+        source="bench A",
+    )
+    slow = Rates(
+        train_images_per_s=24,
+        sample_evaluations_per_s=10,
+        inception_images_per_s=4,
+        fid_fixed_seconds=3,
+        source="bench A",
+    )
     rates = {workload.rate_key(narrow[0]): fast, workload.rate_key(wide[0]): slow}
     s = workload.project_configs(narrow + wide, rates)
     # per width: 480 training images (one training for both samplers); 3 x 10 selection, 30 final and 5 x 64 grid
@@ -126,9 +171,17 @@ def test_small_batches_pay_the_step_latency():
     assert workload.sample_step_latency(2000, big, 64, big) == 0.0  # no faster per image at 2000: no latency
     assert workload.sample_step_latency(2000, big, 64, small / 100) == pytest.approx(64 / (small / 100))  # capped
     assert workload.sample_step_latency(64, big, 64, small) == 0.0  # one batch size: nothing to tell apart
-    r = workload.rates_from_bench({"train_images_per_s": 1.0, "ddpm_image_steps_per_s": big,
-                                   "ddim_image_steps_per_s": big, "sample_batch": 2000, "small_sample_batch": 64,
-                                   "ddpm_small_image_steps_per_s": small}, "cuda")
+    r = workload.rates_from_bench(
+        {
+            "train_images_per_s": 1.0,
+            "ddpm_image_steps_per_s": big,
+            "ddim_image_steps_per_s": big,
+            "sample_batch": 2000,
+            "small_sample_batch": 64,
+            "ddpm_small_image_steps_per_s": small,
+        },
+        "cuda",
+    )
     assert (r.sample_batch, r.sample_step_seconds) == (2000, pytest.approx(1e-3))
     assert r.sampling_seconds(64, 1000) == pytest.approx(1000 * (1e-3 + 64 * 5e-6))  # a grid at T=1000: 1.32 s
     assert r.sampling_seconds(10_000, 1) == pytest.approx(5 * (1e-3 + 2000 * 5e-6))  # 5 batches of 2,000
@@ -141,8 +194,18 @@ def test_small_batches_pay_the_step_latency():
 
 
 def test_passes_and_their_projection_with_latency():
-    base = Config(timesteps=20, beta_end=0.2, ddim_steps=5, epochs=5, batch_size=32, train_samples=100, fid_every=2,
-                  fid_select_samples=10, fid_samples=30, fid_ref="test")
+    base = Config(
+        timesteps=20,
+        beta_end=0.2,
+        ddim_steps=5,
+        epochs=5,
+        batch_size=32,
+        train_samples=100,
+        fid_every=2,
+        fid_select_samples=10,
+        fid_samples=30,
+        fid_ref="test",
+    )
     w = workload.count([base])
     # epochs 2, 4 and 5 draw the grid (64) and the selection (10) in one pass of 74; epochs 1 and 3 the grid alone
     assert w.phase(SELECTION).passes == ((74, 20, 0, pytest.approx(3 * 10 / 74)),)
@@ -201,10 +264,20 @@ def test_bench_cache_round_trip(tmp_path, monkeypatch):
 # --channels 8 --batch-size 32 --sample-batch 64 --train-steps 10 --sample-steps 10 --repeats 3`, run with
 # one thread while the machine was shared (so slower than it can be).
 BENCH_CPU = [
-    {"channels": 64, "train_batch": 128, "train_images_per_s": 123.0, "ddpm_image_steps_per_s": 441.0,
-     "ddim_image_steps_per_s": 457.0},
-    {"channels": 8, "train_batch": 32, "train_images_per_s": 114.4, "ddpm_image_steps_per_s": 354.0,
-     "ddim_image_steps_per_s": 381.7},
+    {
+        "channels": 64,
+        "train_batch": 128,
+        "train_images_per_s": 123.0,
+        "ddpm_image_steps_per_s": 441.0,
+        "ddim_image_steps_per_s": 457.0,
+    },
+    {
+        "channels": 8,
+        "train_batch": 32,
+        "train_images_per_s": 114.4,
+        "ddpm_image_steps_per_s": 354.0,
+        "ddim_image_steps_per_s": 381.7,
+    },
 ]
 
 
@@ -245,8 +318,21 @@ def test_sweep_dry_run_prints_the_work_and_creates_nothing(cached_cpu_bench):
 
 def test_sweep_dry_run_projects_each_width_of_a_grid_at_its_own_rates(cached_cpu_bench):
     save_cpu_bench({**BENCH_CPU[1], "channels": 16, "train_images_per_s": 57.2})
-    result = CliRunner().invoke(cli.cli, ["sweep", "--dry-run", "--device", "cpu", "--preset", "smoke",
-                                          "--schedule", "cosine", "--grid", "channels=8,16"])
+    result = CliRunner().invoke(
+        cli.cli,
+        [
+            "sweep",
+            "--dry-run",
+            "--device",
+            "cpu",
+            "--preset",
+            "smoke",
+            "--schedule",
+            "cosine",
+            "--grid",
+            "channels=8,16",
+        ],
+    )
     assert result.exit_code == 0, result.output
     out = result.output
     assert "8 trials, 4 trainings" in out and "measuring" not in out
@@ -258,6 +344,7 @@ def test_sweep_dry_run_projects_each_width_of_a_grid_at_its_own_rates(cached_cpu
 
 def test_time_budget_fits_the_fid_protocol_or_refuses(cached_cpu_bench):
     from mnist_diff.study.grid import reference_configs
+
     smoke = [c.replace(**SMOKE) for c in reference_configs()]
     rates = workload.rates_from_bench(BENCH_CPU[1], "cpu")
     asked = sum(workload.project_configs(smoke, rates).values())
@@ -273,10 +360,14 @@ def test_time_budget_fits_the_fid_protocol_or_refuses(cached_cpu_bench):
     assert "16 trials, 8 trainings, 32 FID scores" in tight.output
     fitted = sum(workload.project_configs([c.replace(fid_every=2, sheet_every=2) for c in smoke], rates).values())
     assert f"(projected {workload.format_duration(fitted)})" in tight.output
-    for bad, message in ((["1s"], "--time-budget 1 s: even the smallest FID protocol is projected at "),
-                         (["1h", "--grid", "fid_samples=16,32"],
-                          "--time-budget chooses the FID protocol, which the grid varies (fid_samples)"),
-                         (["soon"], "'soon' is not a time span such as 600, 90s, 25m or 1h30m")):
+    for bad, message in (
+        (["1s"], "--time-budget 1 s: even the smallest FID protocol is projected at "),
+        (
+            ["1h", "--grid", "fid_samples=16,32"],
+            "--time-budget chooses the FID protocol, which the grid varies (fid_samples)",
+        ),
+        (["soon"], "'soon' is not a time span such as 600, 90s, 25m or 1h30m"),
+    ):
         result = CliRunner().invoke(cli.cli, [*args, *bad])
         assert result.exit_code == 2, result.output
         lines = result.output.strip().splitlines()
@@ -291,7 +382,15 @@ def test_time_budget_fits_the_fid_protocol_or_refuses(cached_cpu_bench):
 def test_durations():
     d = Duration()
     assert [d.convert(t, None, None) for t in ("600", "90s", "25m", "25min", "1h30m", "1.5h", "2h 5s", "")] == [
-        600, 90, 1500, 1500, 5400, 5400, 7205, None]
+        600,
+        90,
+        1500,
+        1500,
+        5400,
+        5400,
+        7205,
+        None,
+    ]
     for bad in ("0", "m", "5d", "-5m", "1h-2m", "h1"):
         with pytest.raises(click.BadParameter):
             d.convert(bad, None, None)
@@ -305,18 +404,47 @@ def test_smoke_preset_is_not_warned_about(cached_cpu_bench):
     assert list(cached_cpu_bench.iterdir()) == []
 
 
-def test_bench_full_measures_everything_sweep_projects_and_runs_the_study_path(tmp_path, monkeypatch, data_dir,
-                                                                              fid_weights):
+def test_bench_full_measures_everything_sweep_projects_and_runs_the_study_path(
+    tmp_path, monkeypatch, data_dir, fid_weights
+):
     monkeypatch.setenv(bench_cache.ENV, str(tmp_path / "bench"))
     monkeypatch.setenv("MNIST_DIFF_FID_CACHE", str(tmp_path / "fid-cache"))
     monkeypatch.chdir(tmp_path)
     smoke_model = ["--channels", "8", "--batch-size", "32"]  # the smoke preset's
-    full = ["--full", "--epochs", "1", "--train-samples", "64", "--fid-select-samples", "8", "--fid-samples", "10",
-            "--fid-ref-samples", "16"]
+    full = [
+        "--full",
+        "--epochs",
+        "1",
+        "--train-samples",
+        "64",
+        "--fid-select-samples",
+        "8",
+        "--fid-samples",
+        "10",
+        "--fid-ref-samples",
+        "16",
+    ]
     full += [*(["--data-dir", data_dir] if data_dir else []), *(["--fid-weights", fid_weights] if fid_weights else [])]
-    result = CliRunner().invoke(cli.cli, ["bench", "--device", "cpu", *smoke_model, "--sample-batch", "4",
-                                          "--train-steps", "1", "--sample-steps", "2", "--repeats", "1", *full,
-                                          "--json", str(tmp_path / "b.json")])
+    result = CliRunner().invoke(
+        cli.cli,
+        [
+            "bench",
+            "--device",
+            "cpu",
+            *smoke_model,
+            "--sample-batch",
+            "4",
+            "--train-steps",
+            "1",
+            "--sample-steps",
+            "2",
+            "--repeats",
+            "1",
+            *full,
+            "--json",
+            str(tmp_path / "b.json"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     cached = bench_cache.load(torch.device("cpu"), 8, 32, "auto")
     assert cached["train_images_per_s"] > 0 and cached["inception_images_per_s"] > 0
@@ -326,13 +454,26 @@ def test_bench_full_measures_everything_sweep_projects_and_runs_the_study_path(t
     r = json.loads((tmp_path / "b.json").read_text())["full"]
     assert r["config"]["schedule"] == "cosine" and r["config"]["epochs"] == 1
     assert set(r["epoch_fids"]) == {"1"} and r["best_epoch"] == 1 and r["best_fid"] > 0
-    assert all(r["seconds"][k] > 0 for k in ("training", "selection_sampling", "selection_fid", "final_sampling",
-                                              "final_fid", "grids", "checkpoints"))
-    assert "full check: cosine, T=200, ddpm, 1 epoch(s)" in result.output and "final FID (best epoch 1)" in result.output
+    assert all(
+        r["seconds"][k] > 0
+        for k in (
+            "training",
+            "selection_sampling",
+            "selection_fid",
+            "final_sampling",
+            "final_fid",
+            "grids",
+            "checkpoints",
+        )
+    )
+    assert (
+        "full check: cosine, T=200, ddpm, 1 epoch(s)" in result.output and "final FID (best epoch 1)" in result.output
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json", "bench", "fid-cache"]  # the training: a temp dir
     # one worker: the bench's threads (workers of fewer threads are measured for their own rates)
-    result = CliRunner().invoke(cli.cli, ["sweep", "--dry-run", "--device", "cpu", "--preset", "smoke",
-                                          "--workers", "1"])
+    result = CliRunner().invoke(
+        cli.cli, ["sweep", "--dry-run", "--device", "cpu", "--preset", "smoke", "--workers", "1"]
+    )
     assert result.exit_code == 0 and "measuring" not in result.output and "rates: bench of " in result.output
     inception = next(line for line in result.output.splitlines() if line.startswith("Inception "))
     assert "(estimate)" not in inception  # Inception and the FID fixed cost are measured now
@@ -340,8 +481,18 @@ def test_bench_full_measures_everything_sweep_projects_and_runs_the_study_path(t
 
 def test_bench_measures_a_grid_sized_batch_for_the_step_latency():
     from mnist_diff.perf.bench import format_table, run_bench
-    r = run_bench(torch.device("cpu"), channels=8, batch_size=8, train_steps=1, sample_batch=80, sample_steps=2,
-                  repeats=1, compile="off", inception=False)
+
+    r = run_bench(
+        torch.device("cpu"),
+        channels=8,
+        batch_size=8,
+        train_steps=1,
+        sample_batch=80,
+        sample_steps=2,
+        repeats=1,
+        compile="off",
+        inception=False,
+    )
     assert r["small_sample_batch"] == 64 and r["ddpm_small_image_steps_per_s"] > 0
     rates = workload.rates_from_bench(r, "cpu")
     assert rates.sample_batch == 80 and 0 <= rates.sample_step_seconds <= 64 / r["ddpm_small_image_steps_per_s"]
@@ -353,6 +504,7 @@ def test_flops_per_image_of_the_default_unet():
     """Issue 10's figure, 0.70 GFLOP per evaluation at width 64; a training step is about three forwards (the
     backward computes gradients of both inputs and weights); width 32 is a quarter (channels squared)."""
     from mnist_diff.perf.bench import gflop_per_image
+
     forward, train = gflop_per_image(64)
     assert forward == pytest.approx(0.7017, abs=1e-4) and train == pytest.approx(2.1042, abs=1e-4)
     assert train / forward == pytest.approx(3.0, abs=0.01)
@@ -377,8 +529,12 @@ def test_sweep_measures_once_without_a_cache(tmp_path, monkeypatch):
 def test_fit_protocol_takes_the_most_faithful_reduction_that_fits():
     configs = reference_study()
     # Rates where the training alone takes 100 s and one UNet evaluation 1 µs
-    rates = Rates(train_images_per_s=9_584_640 / 100, sample_evaluations_per_s=1e6,
-                  inception_images_per_s=1e15, fid_fixed_seconds=0.0)
+    rates = Rates(
+        train_images_per_s=9_584_640 / 100,
+        sample_evaluations_per_s=1e6,
+        inception_images_per_s=1e15,
+        fid_fixed_seconds=0.0,
+    )
     full = sum(workload.project(workload.count(configs), rates).values())
     assert full == pytest.approx(100 + 266.656)
     assert workload.fit_protocol(configs, rates, full) == ((2000, 1, 10000), pytest.approx(full))
@@ -395,11 +551,17 @@ def test_fit_protocol_takes_the_most_faithful_reduction_that_fits():
     assert workload.reduce_protocol(small, 1000, 2, 5000) == small.replace(sheet_every=2)
     assert workload.reduce_protocol(small.replace(sheet_every=0), 1000, 2, 5000).sheet_every == 0
     assert workload.reduce_protocol(Config(), 500, 4, 2000).to_dict() == {
-        **Config().to_dict(), "fid_select_samples": 500, "fid_every": 4, "fid_samples": 2000, "sheet_every": 4}
+        **Config().to_dict(),
+        "fid_select_samples": 500,
+        "fid_every": 4,
+        "fid_samples": 2000,
+        "sheet_every": 4,
+    }
 
 
 def test_workers_auto_is_one_per_core_for_the_smoke_preset_on_a_cpu_and_one_otherwise():
     from mnist_diff.study.grid import reference_configs
+
     configs = reference_configs(Config())  # 16 points, 8 trainings (the samplers share one)
     cpu, cores = torch.device("cpu"), os.cpu_count() or 1
     assert auto_workers(cpu, "smoke", configs) == min(cores, 8)
@@ -413,13 +575,32 @@ def test_the_smoke_projection_is_within_2x_of_the_wall_time(tmp_path, monkeypatc
     reuses it) projected from a fresh quick bench, then run: the recorded wall-time projection (phases at a
     timed rate, not a call's start-up, plus the start and per-trial overhead) is within 2x of the wall time."""
     import time
+
     monkeypatch.setenv(bench_cache.ENV, str(tmp_path / "bench"))
     monkeypatch.setenv("MNIST_DIFF_FID_CACHE", str(tmp_path / "fid-cache"))
     monkeypatch.chdir(tmp_path)
-    args = ["sweep", "--preset", "smoke", "--schedule", "cosine", "--timesteps", "200", "--device", "cpu",
-            "--study-name", "s", "--storage", f"sqlite:///{tmp_path}/optuna.db", "--quiet",
-            "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--out", str(tmp_path / "out"),
-            *(["--data-dir", data_dir] if data_dir else []), *(["--fid-weights", fid_weights] if fid_weights else [])]
+    args = [
+        "sweep",
+        "--preset",
+        "smoke",
+        "--schedule",
+        "cosine",
+        "--timesteps",
+        "200",
+        "--device",
+        "cpu",
+        "--study-name",
+        "s",
+        "--storage",
+        f"sqlite:///{tmp_path}/optuna.db",
+        "--quiet",
+        "--tracking-uri",
+        f"sqlite:///{tmp_path}/mlflow.db",
+        "--out",
+        str(tmp_path / "out"),
+        *(["--data-dir", data_dir] if data_dir else []),
+        *(["--fid-weights", fid_weights] if fid_weights else []),
+    ]
     t0 = time.perf_counter()
     result = CliRunner().invoke(cli.cli, args)
     wall = time.perf_counter() - t0
@@ -437,6 +618,7 @@ def test_a_cached_bench_says_when_it_is_outdated_or_was_measured_under_load():
     import time
 
     from mnist_diff.perf.bench_cache import BENCH_VERSION
+
     now = time.time()
     fresh = {"bench_version": BENCH_VERSION, "measured_at": now - 3600, "load_average": 0.4, "cores": 2}
     assert bench_cache.outdated(fresh, now) is None and bench_cache.busy(fresh) is None

@@ -1,6 +1,7 @@
 """The command line: the click group and one module per command. A command parses its options, builds its
 config, calls the package, and prints. Heavy libraries (torch, mlflow, optuna) are imported inside the
 commands, so `--help` answers at once; bad input exits with code 2 and a one-line reason before any work."""
+
 from __future__ import annotations
 
 import click

@@ -1,5 +1,6 @@
 """`bench`: this device's training and sampling rates (eager and compiled) and the FID engine's, cached for
 `sweep`'s projections; `--full` then runs the study's path once."""
+
 from __future__ import annotations
 
 import json
@@ -16,43 +17,117 @@ from mnist_diff.cli.options import data_dir_option, device_option, fid_weights_o
 @click.command()
 @device_option
 @click.option("--channels", type=click.IntRange(min=8), default=64, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True,
-              help="Training batch.")
-@click.option("--sample-batch", type=click.IntRange(min=1), default=None,
-              help="Sampling batch. Default: what the device holds (as for sampling: up to 2000 on a GPU, 64 on CPU).")
-@click.option("--train-steps", type=click.IntRange(min=1), default=None,
-              help="Optimizer steps per timed repeat. Default: 50 on a GPU, 5 on CPU.")
-@click.option("--sample-steps", type=click.IntRange(min=2), default=None,
-              help="Sampler steps per timed repeat. Default: 50 on a GPU, 5 on CPU.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True, help="Training batch.")
+@click.option(
+    "--sample-batch",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Sampling batch. Default: what the device holds (as for sampling: up to 2000 on a GPU, 64 on CPU).",
+)
+@click.option(
+    "--train-steps",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Optimizer steps per timed repeat. Default: 50 on a GPU, 5 on CPU.",
+)
+@click.option(
+    "--sample-steps",
+    type=click.IntRange(min=2),
+    default=None,
+    help="Sampler steps per timed repeat. Default: 50 on a GPU, 5 on CPU.",
+)
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True)
-@click.option("--compile", type=click.Choice(COMPILE_CHOICES), default="auto", show_default=True,
-              help="Also measure compiled (auto: on CUDA; on a CPU compiling takes minutes). Eager is always measured.")
-@click.option("--inception/--no-inception", default=True, show_default=True,
-              help="Also measure the FID engine: Inception images/s and the fixed cost of a score.")
-@click.option("--fid-batch-size", type=click.IntRange(min=1), default=None,
-              help="Inception batch. Default: 500 on a GPU, 32 on CPU.")
+@click.option(
+    "--compile",
+    type=click.Choice(COMPILE_CHOICES),
+    default="auto",
+    show_default=True,
+    help="Also measure compiled (auto: on CUDA; on a CPU compiling takes minutes). Eager is always measured.",
+)
+@click.option(
+    "--inception/--no-inception",
+    default=True,
+    show_default=True,
+    help="Also measure the FID engine: Inception images/s and the fixed cost of a score.",
+)
+@click.option(
+    "--fid-batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Inception batch. Default: 500 on a GPU, 32 on CPU.",
+)
 @fid_weights_option
-@click.option("--full", is_flag=True,
-              help="Then check the whole GPU path: one real training of a study config (cosine, T=200, DDPM) "
-                   "with a selection FID after every epoch and a final FID; one summary table (~3 min on an H100).")
+@click.option(
+    "--full",
+    is_flag=True,
+    help="Then check the whole GPU path: one real training of a study config (cosine, T=200, DDPM) "
+    "with a selection FID after every epoch and a final FID; one summary table (~3 min on an H100).",
+)
 @click.option("--epochs", type=click.IntRange(min=1), default=2, show_default=True, help="--full: epochs.")
-@click.option("--fid-select-samples", type=click.IntRange(min=2), default=2000, show_default=True,
-              help="--full: images per selection FID.")
-@click.option("--fid-samples", type=click.IntRange(min=2), default=10000, show_default=True,
-              help="--full: images of the final FID.")
-@click.option("--train-samples", type=click.IntRange(min=1), default=None,
-              help="--full: train on the first N MNIST images (default: all 60,000).")
-@click.option("--fid-ref-samples", type=click.IntRange(min=2), default=None,
-              help="--full: reference images (default: the whole training split).")
+@click.option(
+    "--fid-select-samples",
+    type=click.IntRange(min=2),
+    default=2000,
+    show_default=True,
+    help="--full: images per selection FID.",
+)
+@click.option(
+    "--fid-samples",
+    type=click.IntRange(min=2),
+    default=10000,
+    show_default=True,
+    help="--full: images of the final FID.",
+)
+@click.option(
+    "--train-samples",
+    type=click.IntRange(min=1),
+    default=None,
+    help="--full: train on the first N MNIST images (default: all 60,000).",
+)
+@click.option(
+    "--fid-ref-samples",
+    type=click.IntRange(min=2),
+    default=None,
+    help="--full: reference images (default: the whole training split).",
+)
 @data_dir_option
-@click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="--full: where the training goes (default: a temporary folder, removed after).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
-              help="Also write the JSON result to this file.")
-def bench(device, channels, batch_size, sample_batch, train_steps, sample_steps, repeats, precision, compile,
-          inception, fid_batch_size, fid_weights, full, epochs, fid_select_samples, fid_samples, train_samples,
-          fid_ref_samples, data_dir, out, json_path):
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="--full: where the training goes (default: a temporary folder, removed after).",
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write the JSON result to this file.",
+)
+def bench(
+    device,
+    channels,
+    batch_size,
+    sample_batch,
+    train_steps,
+    sample_steps,
+    repeats,
+    precision,
+    compile,
+    inception,
+    fid_batch_size,
+    fid_weights,
+    full,
+    epochs,
+    fid_select_samples,
+    fid_samples,
+    train_samples,
+    fid_ref_samples,
+    data_dir,
+    out,
+    json_path,
+):
     """Training images/s, sampling image-evaluations/s (eager and compiled side by side) and Inception
     images/s on this device; cached for `sweep`'s projections. `--full` then runs the study's path once."""
     if channels % 8:
@@ -67,10 +142,19 @@ def bench(device, channels, batch_size, sample_batch, train_steps, sample_steps,
         raise BadInput(f"--batch-size {batch_size} is larger than --train-samples {train_samples}")
     if full:  # checked now, not after the bench: e.g. --fid-ref-samples beyond the split
         from mnist_diff.perf.bench import full_config
+
         try:
-            full_config(epochs=epochs, batch_size=batch_size, channels=channels, precision=precision,
-                        compile=compile, fid_select_samples=fid_select_samples, fid_samples=fid_samples,
-                        train_samples=train_samples, fid_ref_samples=fid_ref_samples)
+            full_config(
+                epochs=epochs,
+                batch_size=batch_size,
+                channels=channels,
+                precision=precision,
+                compile=compile,
+                fid_select_samples=fid_select_samples,
+                fid_samples=fid_samples,
+                train_samples=train_samples,
+                fid_ref_samples=fid_ref_samples,
+            )
         except ValueError as err:
             raise BadInput(str(err)) from None
     dev = pick_device(device)
@@ -79,26 +163,48 @@ def bench(device, channels, batch_size, sample_batch, train_steps, sample_steps,
     from mnist_diff.perf.bench import format_table, run_bench
 
     gpu = dev.type != "cpu"
-    result = run_bench(dev, channels=channels, batch_size=batch_size,
-                       train_steps=train_steps or (50 if gpu else 5),
-                       sample_batch=sample_batch, sample_steps=sample_steps or (50 if gpu else 5),
-                       repeats=repeats, precision=precision, compile=compile, inception=inception,
-                       fid_weights=fid_weights, fid_batch_size=fid_batch_size)
+    result = run_bench(
+        dev,
+        channels=channels,
+        batch_size=batch_size,
+        train_steps=train_steps or (50 if gpu else 5),
+        sample_batch=sample_batch,
+        sample_steps=sample_steps or (50 if gpu else 5),
+        repeats=repeats,
+        precision=precision,
+        compile=compile,
+        inception=inception,
+        fid_weights=fid_weights,
+        fid_batch_size=fid_batch_size,
+    )
     from mnist_diff.perf.bench_cache import save
+
     click.echo(format_table(result))
     click.echo(f"cached for `sweep` projections: {save(result, dev, precision)}")
     from mnist_diff.study.projection import reference_projection
+
     click.echo(reference_projection(result, dev, channels, batch_size, precision))
     if full:
         import tempfile
 
         from mnist_diff.perf.bench import format_full, run_full
+
         with tempfile.TemporaryDirectory() as tmp:
-            result["full"] = run_full(dev, Path(out or tmp), data_dir=data_dir, fid_weights=fid_weights,
-                                      epochs=epochs, fid_select_samples=fid_select_samples, fid_samples=fid_samples,
-                                      train_samples=train_samples, fid_ref_samples=fid_ref_samples,
-                                      channels=channels, batch_size=batch_size, precision=precision,
-                                      compile=compile)
+            result["full"] = run_full(
+                dev,
+                Path(out or tmp),
+                data_dir=data_dir,
+                fid_weights=fid_weights,
+                epochs=epochs,
+                fid_select_samples=fid_select_samples,
+                fid_samples=fid_samples,
+                train_samples=train_samples,
+                fid_ref_samples=fid_ref_samples,
+                channels=channels,
+                batch_size=batch_size,
+                precision=precision,
+                compile=compile,
+            )
         click.echo(format_table(result))
         click.echo(format_full(result["full"]))
     text = json.dumps(result)

@@ -1,5 +1,6 @@
 """Checks a command makes before any work starts, each ending in a one-line `BadInput` (exit 2): folders,
 stores, the device, the config, a checkpoint."""
+
 from __future__ import annotations
 
 import contextlib
@@ -34,11 +35,12 @@ def own_run_folder(out_path: Path, out: str, resume: bool | None = False):
     can't), or, resuming, when none of its checkpoints is readable. The last check: it creates the folder."""
     from mnist_diff.runtime import checkpoint
     from mnist_diff.util.locks import Busy, try_file_lock
+
     with contextlib.ExitStack() as stack:
         try:
             stack.enter_context(try_file_lock(out_path / RUN_LOCK))
         except Busy as err:
-            raise BadInput(f"--out {out} is in use by another run" + (f" (pid {err.pid})" if err.pid else ""))
+            raise BadInput(f"--out {out} is in use by another run" + (f" (pid {err.pid})" if err.pid else "")) from None
         ckpt_dir = out_path / "checkpoints"
         trained = checkpoint.list_steps(ckpt_dir)
         if trained and not resume:
@@ -59,12 +61,13 @@ def checked_tracking_uri(tracking_uri) -> str:
     """The resolved MLflow URI, once its store is known to be reachable (exit 2 otherwise). Creates nothing."""
     from mnist_diff.tracking import mlflow_store as tracking
     from mnist_diff.util.redact import redact_text
+
     refuse_in_memory(tracking_uri, "--tracking-uri")
     uri = tracking.resolve_uri(tracking_uri)
     try:
         tracking.check_reachable(uri)
     except tracking.TrackingUnavailable as err:
-        raise BadInput(redact_text(str(err), uri))
+        raise BadInput(redact_text(str(err), uri)) from None
     return uri
 
 
@@ -73,12 +76,14 @@ def open_tracker(tracking_uri, experiment, no_tracking, **kwargs):
     if no_tracking:
         return None
     from mnist_diff.tracking.mlflow_store import Tracker
+
     return Tracker(checked_tracking_uri(tracking_uri), experiment, **kwargs)
 
 
 def make_config(**fields):
     """A validated Config (exit 2 otherwise). A None field is one the user did not give: Config's default."""
     from mnist_diff.config import Config
+
     try:
         return Config(**{k: v for k, v in fields.items() if v is not None})
     except ValueError as err:
@@ -89,6 +94,7 @@ def pick_device(name: str):
     import torch
 
     from mnist_diff.runtime.device import configure_backend, resolve_device
+
     if name == "cuda" and not torch.cuda.is_available():
         raise BadInput("--device cuda: CUDA is not available on this machine")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
@@ -101,10 +107,11 @@ def pick_device(name: str):
 def load_checkpoint(path, device):
     """(model, config, checkpoint) of a checkpoint for sampling; exit 2 for a file that is not one."""
     from mnist_diff.training.trainer import load_sampling_model
+
     try:
         return load_sampling_model(path, device)
     except Exception as err:  # a truncated, corrupt or foreign file is bad input, not a crash
-        raise BadInput(f"--checkpoint {path}: unreadable ({type(err).__name__}: {str(err).splitlines()[0]})")
+        raise BadInput(f"--checkpoint {path}: unreadable ({type(err).__name__}: {str(err).splitlines()[0]})") from None
 
 
 def with_sampling(trained, sampler, ddim_steps, eta, clip_x0=None, **more):

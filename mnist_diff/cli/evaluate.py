@@ -1,4 +1,5 @@
 """`evaluate`: the FID of a checkpoint or of a samples.npz, printed and tracked."""
+
 from __future__ import annotations
 
 import json
@@ -7,16 +8,34 @@ import click
 
 from mnist_diff.cli.checks import load_checkpoint, open_tracker, pick_device, with_sampling
 from mnist_diff.cli.group import BadInput
-from mnist_diff.cli.options import (compile_option, config_option, data_dir_option, device_option,
-                                    fid_weights_option, quiet_option, sample_batch_option, tracking_options)
+from mnist_diff.cli.options import (
+    compile_option,
+    config_option,
+    data_dir_option,
+    device_option,
+    fid_weights_option,
+    quiet_option,
+    sample_batch_option,
+    tracking_options,
+)
 from mnist_diff.cli.sample import sampling_options
 
 
 @click.command()
-@click.option("--checkpoint", "checkpoint_path", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Score a checkpoint: sample --num-samples images from it first.")
-@click.option("--images", "images_path", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Score the images in a samples.npz written by `sample`.")
+@click.option(
+    "--checkpoint",
+    "checkpoint_path",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Score a checkpoint: sample --num-samples images from it first.",
+)
+@click.option(
+    "--images",
+    "images_path",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Score the images in a samples.npz written by `sample`.",
+)
 @click.option("--num-samples", type=click.IntRange(min=2), default=10000, show_default=True)
 @sampling_options
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -31,20 +50,42 @@ from mnist_diff.cli.sample import sampling_options
 @compile_option
 @data_dir_option
 @quiet_option
-def evaluate(checkpoint_path, images_path, num_samples, sampler, ddim_steps, eta, clip_x0, seed, fid_ref,
-             fid_ref_samples, fid_batch_size, sample_batch_size, kid, fid_weights, tracking_uri, experiment,
-             no_tracking, device, compile, data_dir, quiet):
+def evaluate(
+    checkpoint_path,
+    images_path,
+    num_samples,
+    sampler,
+    ddim_steps,
+    eta,
+    clip_x0,
+    seed,
+    fid_ref,
+    fid_ref_samples,
+    fid_batch_size,
+    sample_batch_size,
+    kid,
+    fid_weights,
+    tracking_uri,
+    experiment,
+    no_tracking,
+    device,
+    compile,
+    data_dir,
+    quiet,
+):
     """FID of a checkpoint (sampled with the chosen sampler) or of a samples.npz, printed and tracked."""
     if (checkpoint_path is None) == (images_path is None):
         raise BadInput("give exactly one of --checkpoint and --images")
     dev = pick_device(device)
     from mnist_diff.fid.engine import Reference
+
     try:
         reference = Reference(fid_ref, fid_ref_samples, data_dir, fid_weights)
     except ValueError as err:
         raise BadInput(str(err)) from None
     if images_path is not None:
         from mnist_diff.runtime.data import load_samples
+
         try:
             images = load_samples(images_path)
         except ValueError as err:
@@ -52,11 +93,21 @@ def evaluate(checkpoint_path, images_path, num_samples, sampler, ddim_steps, eta
         params = {"images": images_path, "num_samples": images.shape[0]}
     else:
         model, trained, _ = load_checkpoint(checkpoint_path, dev)
-        config = with_sampling(trained, sampler, ddim_steps, eta, clip_x0, fid_batch_size=fid_batch_size, seed=seed,
-                               compile=compile, sample_batch_size=sample_batch_size)
+        config = with_sampling(
+            trained,
+            sampler,
+            ddim_steps,
+            eta,
+            clip_x0,
+            fid_batch_size=fid_batch_size,
+            seed=seed,
+            compile=compile,
+            sample_batch_size=sample_batch_size,
+        )
         params = {**config.to_dict(), "checkpoint": checkpoint_path, "num_samples": num_samples}
-    tracker = open_tracker(tracking_uri, experiment, no_tracking, run_name="evaluate",
-                           tags={"mnist_diff.command": "evaluate"})
+    tracker = open_tracker(
+        tracking_uri, experiment, no_tracking, run_name="evaluate", tags={"mnist_diff.command": "evaluate"}
+    )
 
     from mnist_diff.fid.engine import compute_fid
     from mnist_diff.training.experiment import score_model

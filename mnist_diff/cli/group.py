@@ -1,5 +1,6 @@
 """The click group: every usage error as one `Error: ...` line with exit code 2, a crash as its traceback with
 any password masked."""
+
 from __future__ import annotations
 
 import sys
@@ -9,6 +10,7 @@ import click
 
 class BadInput(click.ClickException):
     """A one-line usage error, exit code 2."""
+
     exit_code = 2
 
 
@@ -23,6 +25,7 @@ class OneLineErrors(click.Group):
             sys.exit(e.exit_code)
         except click.ClickException as e:
             from mnist_diff.util.redact import redact_text
+
             click.echo(f"Error: {redact_text(e.format_message())}", err=True)
             sys.exit(e.exit_code)
         except (click.Abort, KeyboardInterrupt):
@@ -32,6 +35,7 @@ class OneLineErrors(click.Group):
             import traceback
 
             from mnist_diff.util.redact import redact_text
+
             click.echo(redact_text(traceback.format_exc()), err=True, nl=False)
             sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)

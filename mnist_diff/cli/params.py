@@ -1,5 +1,6 @@
 """The CLI's parameter types: click's own, taking '' for "not given" (as MLproject passes it), and the
 types that check a value against the package before any work starts (an MNIST root, Inception weights)."""
+
 from __future__ import annotations
 
 import re
@@ -40,6 +41,7 @@ class MnistRoot(click.Path):
     def convert(self, value, param, ctx):
         path = super().convert(value, param, ctx)
         from mnist_diff.runtime.data import check_mnist_root
+
         try:
             check_mnist_root(path)
         except ValueError as err:
@@ -53,6 +55,7 @@ class InceptionWeights(click.Path):
     def convert(self, value, param, ctx):
         path = super().convert(value, param, ctx)
         from mnist_diff.fid.engine import check_weights
+
         try:
             check_weights(path)
         except ValueError as err:
@@ -62,6 +65,7 @@ class InceptionWeights(click.Path):
 
 class Workers(click.ParamType):
     """`auto` (one worker per visible GPU; 1 without a GPU) or a count >= 1; empty means auto."""
+
     name = "auto|N"
 
     def convert(self, value, param, ctx):
@@ -78,6 +82,7 @@ class Workers(click.ParamType):
 class Duration(click.ParamType):
     """A time span: seconds (`600`), or numbers with units h, m/min, s (`25m`, `1h30m`, `1.5h`); empty: not
     given. Returns seconds."""
+
     name = "DURATION"
     UNITS = {"h": 3600, "m": 60, "min": 60, "s": 1, "": 1}
 
@@ -96,6 +101,7 @@ class Duration(click.ParamType):
 class ChoiceList(click.ParamType):
     """Some of `choices` as a comma list in one value (`linear,cosine`), or `all`: as a tuple, in the order of
     `choices`, so the same selection always makes the same grid."""
+
     name = "list"
 
     def __init__(self, choices):

@@ -1,4 +1,5 @@
 """`report`: a study's findings (tables, the reference claims checked, figures), from MLflow or a results file."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,10 +13,19 @@ from mnist_diff.cli.options import out_option, tracking_uri_option
 
 @click.command()
 @click.option("--study", "study_name", default=None, help="The study to report on (read from MLflow).")
-@click.option("--results", "results_path", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Or a grid_search_results.json written by `sweep`.")
-@click.option("--storage", default=None, hidden=True,
-              help="Ignored: the report reads the study's runs from MLflow (kept so old commands still parse).")
+@click.option(
+    "--results",
+    "results_path",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Or a grid_search_results.json written by `sweep`.",
+)
+@click.option(
+    "--storage",
+    default=None,
+    hidden=True,
+    help="Ignored: the report reads the study's runs from MLflow (kept so old commands still parse).",
+)
 @tracking_uri_option
 @click.option("--no-tracking", is_flag=True, help="Don't log the report to the study's parent run.")
 @out_option("runs/report")
@@ -35,15 +45,15 @@ def report(study_name, results_path, storage, tracking_uri, no_tracking, out):
         try:
             records, study = load_records_from_json(results_path)
         except (ValueError, KeyError) as err:
-            raise BadInput(f"--results {results_path}: not a grid_search_results.json ({err})")
+            raise BadInput(f"--results {results_path}: not a grid_search_results.json ({err})") from None
     else:
         uri = checked_tracking_uri(tracking_uri)
-        if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
             raise BadInput(f"no MLflow run tagged as study {study_name!r}: there is no store at {uri}")
         try:
             records, study, parent_id = load_study_from_mlflow(uri, study_name)
         except LookupError as err:
-            raise BadInput(str(err).strip("'\""))
+            raise BadInput(str(err).strip("'\"")) from None
         if not no_tracking:
             tracker = Tracker(uri)
             tracker.run_id = parent_id

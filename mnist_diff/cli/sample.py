@@ -1,4 +1,5 @@
 """`sample`: images from a checkpoint, as samples.npz and a PNG sheet."""
+
 from __future__ import annotations
 
 import click
@@ -10,29 +11,42 @@ from mnist_diff.cli.params import OptionalChoice, OptionalFloat, OptionalInt
 
 CHECKPOINTS = "Default: the checkpoint's."
 # The sampling options of `sample` and `evaluate`: None keeps what the checkpoint was trained with.
-sampling_options = apply([
-    config_option("sampler", type=OptionalChoice(SAMPLERS), default=None, show_default=False, help=CHECKPOINTS),
-    config_option("ddim_steps", type=OptionalInt(min=1), default=None, show_default=False, help=CHECKPOINTS),
-    config_option("eta", type=OptionalFloat(0, 1), default=None, show_default=False, help=CHECKPOINTS),
-    config_option("clip_x0", default=None, show_default=False,
-                  help="Clip the predicted x_0 to [-1, 1]. " + CHECKPOINTS),
-])
+sampling_options = apply(
+    [
+        config_option("sampler", type=OptionalChoice(SAMPLERS), default=None, show_default=False, help=CHECKPOINTS),
+        config_option("ddim_steps", type=OptionalInt(min=1), default=None, show_default=False, help=CHECKPOINTS),
+        config_option("eta", type=OptionalFloat(0, 1), default=None, show_default=False, help=CHECKPOINTS),
+        config_option(
+            "clip_x0", default=None, show_default=False, help="Clip the predicted x_0 to [-1, 1]. " + CHECKPOINTS
+        ),
+    ]
+)
 
 
 @click.command()
-@click.option("--checkpoint", "checkpoint_path", type=click.Path(exists=True, dir_okay=False), required=True,
-              help="A training checkpoint (ckpt-*.pt) or per-epoch EMA file (ema-epoch-*.pt).")
+@click.option(
+    "--checkpoint",
+    "checkpoint_path",
+    type=click.Path(exists=True, dir_okay=False),
+    required=True,
+    help="A training checkpoint (ckpt-*.pt) or per-epoch EMA file (ema-epoch-*.pt).",
+)
 @click.option("--num-samples", type=click.IntRange(min=1), default=64, show_default=True)
 @sampling_options
 @click.option("--seed", type=int, default=0, show_default=True, help="Image i depends on (seed, i) only.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None,
-              help="Images per sampling batch. Default: what the device holds (up to 2000 on a GPU, 64 on CPU).")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Images per sampling batch. Default: what the device holds (up to 2000 on a GPU, 64 on CPU).",
+)
 @device_option
 @compile_option
 @out_option("runs/samples")
 @quiet_option
-def sample(checkpoint_path, num_samples, sampler, ddim_steps, eta, clip_x0, seed, batch_size, device, compile, out,
-           quiet):
+def sample(
+    checkpoint_path, num_samples, sampler, ddim_steps, eta, clip_x0, seed, batch_size, device, compile, out, quiet
+):
     """Draw images from a checkpoint: a grid PNG and all images as uint8 (samples.npz) into --out."""
     out_path = check_writable_dir(out)
     dev = pick_device(device)
@@ -43,8 +57,19 @@ def sample(checkpoint_path, num_samples, sampler, ddim_steps, eta, clip_x0, seed
     model, trained, _ = load_checkpoint(checkpoint_path, dev)
     config = with_sampling(trained, sampler, ddim_steps, eta, clip_x0=clip_x0)
     schedule = make_schedule(config.schedule, config.timesteps, config.beta_start, config.beta_end)
-    images = generate(model, schedule, num=num_samples, seed=seed, sampler=config.sampler,
-                      ddim_steps=config.ddim_steps, eta=config.eta, clip_x0=config.clip_x0, batch_size=batch_size,
-                      precision=config.precision, progress=not quiet, compile=compile)
+    images = generate(
+        model,
+        schedule,
+        num=num_samples,
+        seed=seed,
+        sampler=config.sampler,
+        ddim_steps=config.ddim_steps,
+        eta=config.eta,
+        clip_x0=config.clip_x0,
+        batch_size=batch_size,
+        precision=config.precision,
+        progress=not quiet,
+        compile=compile,
+    )
     npz, sheet = save_samples(images, out_path, config, seed, checkpoint_path)
     click.echo(f"{num_samples} images ({config.sampler}) -> {npz}, {sheet}")

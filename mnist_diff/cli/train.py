@@ -1,4 +1,5 @@
 """`train`: one config, scored as it trains, tracked in MLflow."""
+
 from __future__ import annotations
 
 import json
@@ -8,9 +9,20 @@ import click
 
 from mnist_diff.cli.checks import check_writable_dir, make_config, open_tracker, own_run_folder, pick_device
 from mnist_diff.cli.group import BadInput
-from mnist_diff.cli.options import (compile_option, config_option, data_dir_option, device_option, fid_options,
-                                    fid_weights_option, out_option, quiet_option, sampler_options,
-                                    schedule_options, tracking_options, training_options)
+from mnist_diff.cli.options import (
+    compile_option,
+    config_option,
+    data_dir_option,
+    device_option,
+    fid_options,
+    fid_weights_option,
+    out_option,
+    quiet_option,
+    sampler_options,
+    schedule_options,
+    tracking_options,
+    training_options,
+)
 
 
 @click.command()
@@ -29,11 +41,24 @@ from mnist_diff.cli.options import (compile_option, config_option, data_dir_opti
 @data_dir_option
 @out_option("runs/train")
 @quiet_option
-def train(device, data_dir, out, resume, dry_run, quiet, fid_weights, tracking_uri, experiment, no_tracking,
-          run_name, **fields):
+def train(
+    device,
+    data_dir,
+    out,
+    resume,
+    dry_run,
+    quiet,
+    fid_weights,
+    tracking_uri,
+    experiment,
+    no_tracking,
+    run_name,
+    **fields,
+):
     """Train one config; score FID as it trains; write checkpoints and sample sheets into --out; track in MLflow."""
     config = make_config(**fields)
     from mnist_diff.perf.workload import unscored
+
     if reason := unscored(config):
         raise BadInput(reason)
     out_path = check_writable_dir(out)
@@ -69,12 +94,12 @@ def check_resumable(config, ckpt_dir: Path, out: str) -> None:
     """--resume must keep the training settings of the checkpoint it continues (exit 2 naming them)."""
     from mnist_diff.config import Config, training_changes
     from mnist_diff.runtime import checkpoint
+
     ckpt = checkpoint.load_latest(ckpt_dir)
     changes = ckpt and training_changes(Config.from_dict(ckpt["config"]), config)
     if changes:
         said = ", ".join(f"{k} {saved} (now {now})" for k, (saved, now) in changes.items())
-        raise BadInput(f"--resume: --out {out} was trained with other settings: {said}; give those, "
-                       "or another --out")
+        raise BadInput(f"--resume: --out {out} was trained with other settings: {said}; give those, or another --out")
 
 
 def summary_line(result) -> str:

@@ -7,9 +7,10 @@ any DDPM-vs-DDIM comparison.
 Random numbers come from a `StackedRandomGenerator`: one generator per image, so an image depends on
 its seed only, never on the batch it was drawn in (as in NVlabs/edm).
 """
+
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -34,8 +35,9 @@ class StackedRandomGenerator:
 
     def randn(self, size: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """[len(seeds), *size] standard normal numbers; row i comes from seed i alone."""
-        return torch.stack([torch.randn(tuple(size), generator=g, device=self.device, dtype=dtype)
-                            for g in self.generators])
+        return torch.stack(
+            [torch.randn(tuple(size), generator=g, device=self.device, dtype=dtype) for g in self.generators]
+        )
 
 
 def image_seeds(seed: int, count: int, start: int = 0) -> list[int]:
@@ -68,9 +70,14 @@ Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @torch.no_grad()
-def ddpm_sample(model: Model, schedule: Schedule, rng: StackedRandomGenerator,
-                shape=(1, 28, 28), progress: Callable[[int], None] | None = None,
-                clip_x0: bool = True) -> torch.Tensor:
+def ddpm_sample(
+    model: Model,
+    schedule: Schedule,
+    rng: StackedRandomGenerator,
+    shape=(1, 28, 28),
+    progress: Callable[[int], None] | None = None,
+    clip_x0: bool = True,
+) -> torch.Tensor:
     """Ancestral sampling over all T steps: x_{t-1} = mu_tilde(x_t, x0_hat) + sqrt(beta_tilde_t) z  (eqs. 6-7),
     with x0_hat = predict_x0(x_t, eps_theta(x_t, t)), clipped to [-1, 1] when `clip_x0`. Unclipped, mu_tilde
     is exactly Ho et al.'s eq. (11) mean. No noise is added at the last step."""
@@ -90,9 +97,16 @@ def ddpm_sample(model: Model, schedule: Schedule, rng: StackedRandomGenerator,
 
 
 @torch.no_grad()
-def ddim_sample(model: Model, schedule: Schedule, rng: StackedRandomGenerator, steps: int = 50,
-                eta: float = 0.0, shape=(1, 28, 28),
-                progress: Callable[[int], None] | None = None, clip_x0: bool = True) -> torch.Tensor:
+def ddim_sample(
+    model: Model,
+    schedule: Schedule,
+    rng: StackedRandomGenerator,
+    steps: int = 50,
+    eta: float = 0.0,
+    shape=(1, 28, 28),
+    progress: Callable[[int], None] | None = None,
+    clip_x0: bool = True,
+) -> torch.Tensor:
     """DDIM (Song et al. 2021), eq. (12): from timestep t to the next one s < t,
         x_s = sqrt(a_s) x0_hat + sqrt(1 - a_s - sigma^2) eps_hat + sigma z,
         sigma = eta sqrt((1 - a_s) / (1 - a_t)) sqrt(1 - a_t / a_s)            (eq. 16)
@@ -117,7 +131,7 @@ def ddim_sample(model: Model, schedule: Schedule, rng: StackedRandomGenerator, s
             if clip_x0:
                 eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
             sigma = eta * ((1 - a_s) / (1 - a_t) * (1 - a_t / a_s)).sqrt()
-            x = a_s.sqrt() * x0 + (1 - a_s - sigma ** 2).clamp(min=0).sqrt() * eps
+            x = a_s.sqrt() * x0 + (1 - a_s - sigma**2).clamp(min=0).sqrt() * eps
             if eta > 0:
                 x = x + sigma * _noise_at(rng, shape, i, len(seq), cache)
         if progress:
@@ -125,9 +139,17 @@ def ddim_sample(model: Model, schedule: Schedule, rng: StackedRandomGenerator, s
     return x
 
 
-def sample(model: Model, schedule: Schedule, rng: StackedRandomGenerator, sampler: str = "ddpm",
-           ddim_steps: int = 50, eta: float = 0.0, shape=(1, 28, 28),
-           progress: Callable[[int], None] | None = None, clip_x0: bool = True) -> torch.Tensor:
+def sample(
+    model: Model,
+    schedule: Schedule,
+    rng: StackedRandomGenerator,
+    sampler: str = "ddpm",
+    ddim_steps: int = 50,
+    eta: float = 0.0,
+    shape=(1, 28, 28),
+    progress: Callable[[int], None] | None = None,
+    clip_x0: bool = True,
+) -> torch.Tensor:
     """Images from the named sampler: in [-1, 1] with `clip_x0`, possibly a little outside without it."""
     if sampler == "ddpm":
         return ddpm_sample(model, schedule, rng, shape, progress, clip_x0)

@@ -9,6 +9,7 @@ Notation (Ho et al. 2020, "DDPM"):      code                      paper
                                           posterior_mean_coef1/2    the two factors of mu_tilde_t (eq. 7)
 Index t runs over 0..T-1; index t here is the paper's t+1.
 """
+
 from __future__ import annotations
 
 import math
@@ -72,7 +73,7 @@ class Schedule:
         """alpha_bar at the last step: how much signal is left in x_T (0 is pure noise)."""
         return float(self.alphas_cumprod[-1])
 
-    def to(self, device, dtype: torch.dtype = torch.float32) -> "Schedule":
+    def to(self, device, dtype: torch.dtype = torch.float32) -> Schedule:
         """A copy whose tensors live on `device` in `dtype` (precision is kept by computing in float64 first)."""
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         for key, value in moved.items():

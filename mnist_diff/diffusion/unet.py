@@ -3,6 +3,7 @@
 Default width 64 (2.9M parameters): small enough that a 20-epoch MNIST run is minutes on one GPU, wide
 enough for clean digits; its throughput is measured by `cli.py bench` (docs/BENCHMARKS.md).
 """
+
 from __future__ import annotations
 
 import math
@@ -71,17 +72,17 @@ class UNet(nn.Module):
         self.channels = c
         self.time_mlp = nn.Sequential(nn.Linear(c, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.conv_in = nn.Conv2d(in_channels, c, 3, padding=1)
-        self.down1 = ResBlock(c, c, emb)                                   # 28x28
-        self.pool1 = nn.Conv2d(c, c, 3, stride=2, padding=1)               # -> 14x14
+        self.down1 = ResBlock(c, c, emb)  # 28x28
+        self.pool1 = nn.Conv2d(c, c, 3, stride=2, padding=1)  # -> 14x14
         self.down2 = ResBlock(c, 2 * c, emb)
-        self.pool2 = nn.Conv2d(2 * c, 2 * c, 3, stride=2, padding=1)       # -> 7x7
+        self.pool2 = nn.Conv2d(2 * c, 2 * c, 3, stride=2, padding=1)  # -> 7x7
         self.down3 = ResBlock(2 * c, 2 * c, emb)
         self.mid1, self.mid_attn, self.mid2 = ResBlock(2 * c, 2 * c, emb), Attention(2 * c), ResBlock(2 * c, 2 * c, emb)
         self.up3 = ResBlock(4 * c, 2 * c, emb)
         self.up3_attn = Attention(2 * c)
         self.unpool2 = nn.ConvTranspose2d(2 * c, 2 * c, 4, stride=2, padding=1)  # 7 -> 14
         self.up2 = ResBlock(4 * c, c, emb)
-        self.unpool1 = nn.ConvTranspose2d(c, c, 4, stride=2, padding=1)     # 14 -> 28
+        self.unpool1 = nn.ConvTranspose2d(c, c, 4, stride=2, padding=1)  # 14 -> 28
         self.up1 = ResBlock(2 * c, c, emb)
         self.norm_out = _norm(c)
         self.conv_out = nn.Conv2d(c, in_channels, 3, padding=1)

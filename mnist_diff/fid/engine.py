@@ -8,6 +8,7 @@ memory. Generated images stay on their device as uint8 and go through Inception 
 Fréchet distance is torch-fidelity's formula with an exact, faster trace term (`trace_sqrt_product`),
 computed in float64 on the GPU when there is one.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -49,9 +50,12 @@ def weights_fingerprint(weights_path: str | os.PathLike | None) -> str:
 
 # A few tensors of torch-fidelity's FeatureExtractorInceptionV3 state dict, first to last block, that tell its
 # weights from any other file (its 472 tensors are then checked by load_state_dict itself).
-INCEPTION_SIGNATURE = {"Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3),
-                       "Mixed_6e.branch7x7_1.conv.weight": (192, 768, 1, 1),
-                       "Mixed_7c.branch_pool.conv.weight": (192, 2048, 1, 1), "fc.weight": (1008, 2048)}
+INCEPTION_SIGNATURE = {
+    "Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3),
+    "Mixed_6e.branch7x7_1.conv.weight": (192, 768, 1, 1),
+    "Mixed_7c.branch_pool.conv.weight": (192, 2048, 1, 1),
+    "fc.weight": (1008, 2048),
+}
 
 
 def check_weights(weights_path: str | os.PathLike) -> None:
@@ -59,13 +63,14 @@ def check_weights(weights_path: str | os.PathLike) -> None:
     Read as data only (weights_only): torch-fidelity itself unpickles the file, which could run code."""
     import pickle
     import zipfile
+
     try:  # mapped, not read, where torch.save's zip format allows: the file is ~100 MB
-        state = torch.load(weights_path, map_location="cpu", weights_only=True,
-                           mmap=zipfile.is_zipfile(weights_path))
+        state = torch.load(weights_path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(weights_path))
     except Exception as err:  # an UnpicklingError's text is a page of advice: its name says enough
         first = "" if isinstance(err, pickle.UnpicklingError) else (str(err).strip().splitlines() or [""])[0]
-        raise ValueError(f"not a torch weights file of tensors ({type(err).__name__}"
-                         f"{': ' + first[:200] if first else ''})") from None
+        raise ValueError(
+            f"not a torch weights file of tensors ({type(err).__name__}{': ' + first[:200] if first else ''})"
+        ) from None
     for key, shape in INCEPTION_SIGNATURE.items():
         tensor = state.get(key) if isinstance(state, dict) else None
         if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape:
@@ -75,8 +80,9 @@ def check_weights(weights_path: str | os.PathLike) -> None:
 @dataclass(frozen=True)
 class Reference:
     """Which real images generated ones are compared with."""
-    split: str = "train"                 # train | test
-    samples: int | None = None           # None: the whole split; else its first N images
+
+    split: str = "train"  # train | test
+    samples: int | None = None  # None: the whole split; else its first N images
     data_dir: str | None = None
     weights_path: str | None = None
 
@@ -118,10 +124,15 @@ def feature_extractor(weights_path: str | os.PathLike | None, device) -> torch.n
     extractor = _EXTRACTORS.get(key)
     if extractor is None:
         from torch_fidelity.utils import create_feature_extractor
+
         # downloads torch-fidelity's weights into the torch hub cache when no path is given
         extractor = create_feature_extractor(
-            FEATURE_EXTRACTOR, [FEATURE_LAYER], cuda=False, verbose=False,
-            feature_extractor_weights_path=None if weights_path is None else str(weights_path)).to(device)
+            FEATURE_EXTRACTOR,
+            [FEATURE_LAYER],
+            cuda=False,
+            verbose=False,
+            feature_extractor_weights_path=None if weights_path is None else str(weights_path),
+        ).to(device)
         _EXTRACTORS[key] = extractor
     return extractor
 
@@ -131,8 +142,9 @@ def _check_images(images_u8: torch.Tensor) -> None:
         raise ValueError(f"expected uint8 [N, 1 or 3, H, W] images, got {images_u8.dtype} {tuple(images_u8.shape)}")
 
 
-def inception_features(images_u8: torch.Tensor, *, weights_path=None, device="cpu",
-                       batch_size: int | None = None) -> torch.Tensor:
+def inception_features(
+    images_u8: torch.Tensor, *, weights_path=None, device="cpu", batch_size: int | None = None
+) -> torch.Tensor:
     """Pool features [N, 2048] (float32, on `device`) of uint8 [N, 1 or 3, H, W] images. Batches are sliced
     from the tensor where it lies (no DataLoader); gray is repeated to RGB on the device."""
     _check_images(images_u8)
@@ -144,12 +156,13 @@ def inception_features(images_u8: torch.Tensor, *, weights_path=None, device="cp
     # full float32 even when called inside a sampler's bf16 autocast region, as torch-fidelity computes it
     with torch.no_grad(), torch.autocast(device.type, enabled=False):
         for i in range(0, n, batch_size):
-            x = images_u8[i:i + batch_size].to(device, non_blocking=True)
-            out[i:i + batch_size] = extractor(to_fid_rgb(x) if x.shape[1] == 1 else x)[0]
+            x = images_u8[i : i + batch_size].to(device, non_blocking=True)
+            out[i : i + batch_size] = extractor(to_fid_rgb(x) if x.shape[1] == 1 else x)[0]
     return out
 
 
 # -- the Fréchet distance ------------------------------------------------------------------------------
+
 
 def _sqrt_psd(sigma: torch.Tensor) -> torch.Tensor:
     """The symmetric square root of a PSD matrix (rounding's tiny negative eigenvalues taken as 0)."""
@@ -157,8 +170,9 @@ def _sqrt_psd(sigma: torch.Tensor) -> torch.Tensor:
     return (v * w.clamp_min(0).sqrt()) @ v.T
 
 
-def trace_sqrt_product(sigma1: torch.Tensor, features2: torch.Tensor,
-                       sqrt_sigma1: torch.Tensor | None = None) -> torch.Tensor:
+def trace_sqrt_product(
+    sigma1: torch.Tensor, features2: torch.Tensor, sqrt_sigma1: torch.Tensor | None = None
+) -> torch.Tensor:
     """tr sqrt(S1 S2), S2 the covariance of `features2` [n, d], exactly, from symmetric PSD matrices.
 
     S1 S2 is similar to S1^½ S2 S1^½ (PSD), so its eigenvalues are real and >= 0 and tr sqrt(S1 S2) is the
@@ -182,26 +196,28 @@ def trace_sqrt_product(sigma1: torch.Tensor, features2: torch.Tensor,
     return torch.where(eig > tol, eig, 0).sqrt().sum()
 
 
-def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, features2: torch.Tensor, *,
-                     sqrt_sigma1: torch.Tensor | None = None) -> float:
+def frechet_distance(
+    mu1: torch.Tensor, sigma1: torch.Tensor, features2: torch.Tensor, *, sqrt_sigma1: torch.Tensor | None = None
+) -> float:
     """FID = |mu1 - mu2|² + tr S1 + tr S2 - 2 tr sqrt(S1 S2) (torch-fidelity's fid_statistics_to_metric) of
     statistics (mu1, sigma1) against features [n, d], in float64 on sigma1's device."""
     f = features2.to(sigma1.device, torch.float64)
     mu2 = f.mean(0)
     trace2 = (f - mu2).square().sum() / (f.shape[0] - 1)
-    return float((mu1 - mu2).square().sum() + sigma1.trace() + trace2
-                 - 2 * trace_sqrt_product(sigma1, f, sqrt_sigma1))
+    return float((mu1 - mu2).square().sum() + sigma1.trace() + trace2 - 2 * trace_sqrt_product(sigma1, f, sqrt_sigma1))
 
 
 # -- reference statistics ------------------------------------------------------------------------------
 
+
 @dataclass
 class _Stats:
     """Reference statistics, float64 on the math device."""
+
     mu: torch.Tensor
     sigma: torch.Tensor
-    sqrt_sigma: torch.Tensor | None = None   # computed on first need (generated sets of >= 2048 images)
-    features: torch.Tensor | None = None     # float32 on the CPU; only for KID
+    sqrt_sigma: torch.Tensor | None = None  # computed on first need (generated sets of >= 2048 images)
+    features: torch.Tensor | None = None  # float32 on the CPU; only for KID
 
 
 _REFERENCES: dict[tuple[str, str], _Stats] = {}
@@ -232,8 +248,9 @@ def _reference_stats(reference: Reference, device: torch.device, cache_dir, *, f
     def extract() -> torch.Tensor:
         if not held:
             log.info("computing FID reference statistics %s", reference.cache_name())
-            held.append(inception_features(reference.images(device), weights_path=reference.weights_path,
-                                           device=device))
+            held.append(
+                inception_features(reference.images(device), weights_path=reference.weights_path, device=device)
+            )
         return held[0]
 
     def moments() -> dict:
@@ -246,7 +263,8 @@ def _reference_stats(reference: Reference, device: torch.device, cache_dir, *, f
     ref_features = None
     if features:
         ref_features = cache_lookup_group_recompute_all_on_any_miss(
-            f"{name}-features-", [FEATURE_LAYER], lambda: {FEATURE_LAYER: extract().cpu()}, **lookup)[FEATURE_LAYER]
+            f"{name}-features-", [FEATURE_LAYER], lambda: {FEATURE_LAYER: extract().cpu()}, **lookup
+        )[FEATURE_LAYER]
         held[:] = [ref_features]
     if stats is None:
         stat = cache_lookup_one_recompute_on_miss(f"{name}-stat-fid-{FEATURE_LAYER}", moments, **lookup)
@@ -265,8 +283,15 @@ def ensure_reference_stats(reference: Reference, *, device, cache_dir: str | os.
     _reference_stats(reference, device, cache_dir)
 
 
-def compute_fid(images_u8: torch.Tensor, reference: Reference, *, device="cpu", batch_size: int | None = None,
-                kid: bool = False, cache_dir: str | os.PathLike | None = None) -> dict:
+def compute_fid(
+    images_u8: torch.Tensor,
+    reference: Reference,
+    *,
+    device="cpu",
+    batch_size: int | None = None,
+    kid: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+) -> dict:
     """{'fid': ..., ['kid': ..., 'kid_std': ...], 'fid_seconds': ...} of the images against the reference.
     `batch_size`: images per Inception batch (default: `default_batch_size(device)`)."""
     _check_images(images_u8)
@@ -275,8 +300,7 @@ def compute_fid(images_u8: torch.Tensor, reference: Reference, *, device="cpu", 
     device = _device(device)
     t0 = time.perf_counter()
     stats = _reference_stats(reference, device, cache_dir, features=kid)
-    features = inception_features(images_u8, weights_path=reference.weights_path, device=device,
-                                  batch_size=batch_size)
+    features = inception_features(images_u8, weights_path=reference.weights_path, device=device, batch_size=batch_size)
     if features.shape[0] >= features.shape[1] and stats.sqrt_sigma is None:
         stats.sqrt_sigma = _sqrt_psd(stats.sigma)  # once per reference: the n >= d path needs S1^½
     out = {"fid": frechet_distance(stats.mu, stats.sigma, features, sqrt_sigma1=stats.sqrt_sigma)}
@@ -286,6 +310,7 @@ def compute_fid(images_u8: torch.Tensor, reference: Reference, *, device="cpu", 
             KEY_METRIC_KID_STD,
             kid_features_to_metric,
         )
+
         # torch-fidelity's own KID on the same features, with calculate_metrics' defaults (100 subsets, seed)
         n = min(features.shape[0], stats.features.shape[0])
         metrics = kid_features_to_metric(features.cpu(), stats.features, kid_subset_size=min(1000, n), verbose=False)

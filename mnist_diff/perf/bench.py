@@ -2,6 +2,7 @@
 and compiled side by side, and the FID engine's Inception images/s and fixed cost per score. Runs the real
 training step, the real sampling path and the real FID code (`Trainer`, `generate`, `evaluate`); needs nothing
 from the tracking stack, so it runs on a bare GPU machine (Inception needs torch-fidelity and its weights)."""
+
 from __future__ import annotations
 
 import os
@@ -28,8 +29,9 @@ def _sync(device: torch.device) -> None:
 MIN_SECONDS = 0.5  # of measured work per timed repeat: a rate, not the fixed cost of a call
 
 
-def _median_rate(fn, work: float, repeats: int, device, min_seconds: float = MIN_SECONDS
-                 ) -> tuple[float, list[float], float]:
+def _median_rate(
+    fn, work: float, repeats: int, device, min_seconds: float = MIN_SECONDS
+) -> tuple[float, list[float], float]:
     """Run `fn` once to warm up (compilation, graph capture), then `repeats` times, each calling it again until
     `min_seconds` have passed: the median of work/second, every rate, and the seconds of the first call."""
     _sync(device)
@@ -51,13 +53,15 @@ def _median_rate(fn, work: float, repeats: int, device, min_seconds: float = MIN
     return statistics.median(rates), rates, first
 
 
-def _bench_mode(device, compile: str, *, channels, batch_size, train_steps, sample_batch, sample_steps, repeats,
-                precision) -> dict:
+def _bench_mode(
+    device, compile: str, *, channels, batch_size, train_steps, sample_batch, sample_steps, repeats, precision
+) -> dict:
     from mnist_diff.runtime.data import to_model_range
     from mnist_diff.training.trainer import Trainer
 
-    config = Config(channels=channels, batch_size=batch_size, precision=precision, compile=compile,
-                    warmup_steps=10 ** 9)  # a tiny, constant-ish lr: the weights stay sane over many steps
+    config = Config(
+        channels=channels, batch_size=batch_size, precision=precision, compile=compile, warmup_steps=10**9
+    )  # a tiny, constant-ish lr: the weights stay sane over many steps
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (batch_size, 1, 28, 28), dtype=torch.uint8, generator=gen).to(device)
     with tempfile.TemporaryDirectory() as tmp:  # the trainer writes nothing until fit(); a folder it may own
@@ -71,17 +75,34 @@ def _bench_mode(device, compile: str, *, channels, batch_size, train_steps, samp
 
         train_ips, train_runs, train_first = _median_rate(train_burst, train_steps * batch_size, repeats, device)
         model = trainer.sampling_model
-        out = {"train_images_per_s": train_ips, "train_images_per_s_runs": train_runs,
-               "train_first_call_s": train_first}
-        schedules = {"ddpm": make_schedule("linear", sample_steps, 1e-4, 0.2),  # only the step count matters
-                     "ddim": make_schedule("linear", 1000)}
+        out = {
+            "train_images_per_s": train_ips,
+            "train_images_per_s_runs": train_runs,
+            "train_first_call_s": train_first,
+        }
+        schedules = {
+            "ddpm": make_schedule("linear", sample_steps, 1e-4, 0.2),  # only the step count matters
+            "ddim": make_schedule("linear", 1000),
+        }
         runs = [(name, name, sample_batch) for name in schedules]
         if sample_batch > SMALL_SAMPLE_BATCH:  # a grid's batch: its steps are latency-bound (workload.Rates)
             runs.append(("ddpm_small", "ddpm", SMALL_SAMPLE_BATCH))
         for key, name, batch in runs:
+
             def burst():
-                generate(model, schedules[name], num=batch, seed=0, sampler=name, ddim_steps=sample_steps,
-                         batch_size=batch, precision=precision, progress=False, compile=compile)
+                generate(
+                    model,
+                    schedules[name],
+                    num=batch,
+                    seed=0,
+                    sampler=name,
+                    ddim_steps=sample_steps,
+                    batch_size=batch,
+                    precision=precision,
+                    progress=False,
+                    compile=compile,
+                )
+
             rate, _, first = _median_rate(burst, batch * sample_steps, repeats, device)
             out[f"{key}_image_steps_per_s"], out[f"{key}_first_call_s"] = rate, first
     return out
@@ -92,8 +113,9 @@ INCEPTION_IMAGES = {"cuda": 4000, "cpu": 16}  # per timed repeat: several Incept
 SCORE_IMAGES = 2000  # the selection FID's size: the fixed cost is timed on a set this big (the n x n path)
 
 
-def bench_inception(device: torch.device, *, weights_path=None, batch_size: int | None = None,
-                    repeats: int = 5) -> dict:
+def bench_inception(
+    device: torch.device, *, weights_path=None, batch_size: int | None = None, repeats: int = 5
+) -> dict:
     """Inception images/s (uint8 images already on the device, as the study feeds them) and the fixed cost of
     one FID score besides its images: the Fréchet distance of a 2,000-image set against cached statistics."""
     from mnist_diff.fid.engine import (
@@ -108,7 +130,10 @@ def bench_inception(device: torch.device, *, weights_path=None, batch_size: int 
     images = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=gen).to(device)
     rate, runs, first = _median_rate(
         lambda: inception_features(images, weights_path=weights_path, device=device, batch_size=batch_size),
-        n, repeats, device)
+        n,
+        repeats,
+        device,
+    )
     # Statistics as a cached reference holds them (float64 on the math device), features as a score makes them.
     math_device = device if device.type == "cuda" else torch.device("cpu")
     ref = torch.randn(4096, 2048, generator=gen, dtype=torch.float64).to(math_device)
@@ -120,8 +145,13 @@ def bench_inception(device: torch.device, *, weights_path=None, batch_size: int 
         t0 = time.perf_counter()
         frechet_distance(mu, sigma, features)  # returns a Python float: includes the sync
         seconds.append(time.perf_counter() - t0)
-    return {"inception_images_per_s": rate, "inception_images_per_s_runs": runs, "inception_first_call_s": first,
-            "inception_batch": batch_size, "fid_fixed_seconds": statistics.median(seconds[1:])}
+    return {
+        "inception_images_per_s": rate,
+        "inception_images_per_s_runs": runs,
+        "inception_first_call_s": first,
+        "inception_batch": batch_size,
+        "fid_fixed_seconds": statistics.median(seconds[1:]),
+    }
 
 
 def gflop_per_image(channels: int) -> tuple[float, float]:
@@ -140,10 +170,21 @@ def gflop_per_image(channels: int) -> tuple[float, float]:
     return forward.get_total_flops() / 1e9, step.get_total_flops() / 1e9
 
 
-def run_bench(device: torch.device, *, channels: int = 64, batch_size: int = 128, train_steps: int = 20,
-              sample_batch: int | None = None, sample_steps: int = 20, repeats: int = 5, precision: str = "auto",
-              compile: str = "auto", inception: bool = True, fid_weights=None,
-              fid_batch_size: int | None = None) -> dict:
+def run_bench(
+    device: torch.device,
+    *,
+    channels: int = 64,
+    batch_size: int = 128,
+    train_steps: int = 20,
+    sample_batch: int | None = None,
+    sample_steps: int = 20,
+    repeats: int = 5,
+    precision: str = "auto",
+    compile: str = "auto",
+    inception: bool = True,
+    fid_weights=None,
+    fid_batch_size: int | None = None,
+) -> dict:
     """Eager always; compiled too when `compile` is on (auto: on CUDA). The top-level rates are those a run
     with this `compile` setting gets (compiled if it was measured and did not fall back). `inception`: also the
     FID engine's rates; where torch-fidelity or its weights can't be had, `inception_error` says why."""
@@ -152,8 +193,15 @@ def run_bench(device: torch.device, *, channels: int = 64, batch_size: int = 128
     torch.manual_seed(0)
     configure_backend(device)  # the flags every command sets, so the numbers are the ones users get
     sample_batch = sample_batch or accel.default_sample_batch_size(device, channels)
-    kwargs = dict(channels=channels, batch_size=batch_size, train_steps=train_steps, sample_batch=sample_batch,
-                  sample_steps=sample_steps, repeats=repeats, precision=precision)
+    kwargs = dict(
+        channels=channels,
+        batch_size=batch_size,
+        train_steps=train_steps,
+        sample_batch=sample_batch,
+        sample_steps=sample_steps,
+        repeats=repeats,
+        precision=precision,
+    )
     modes = {"eager": _bench_mode(device, "off", **kwargs)}
     if accel.compile_enabled(compile, device):
         modes["compiled"] = _bench_mode(device, "on", **kwargs)
@@ -180,8 +228,14 @@ def run_bench(device: torch.device, *, channels: int = 64, batch_size: int = 128
         "sample_steps": sample_steps,
         "repeats": repeats,
         **{k: used[k] for k in ("train_images_per_s", "ddpm_image_steps_per_s", "ddim_image_steps_per_s")},
-        **({"small_sample_batch": SMALL_SAMPLE_BATCH, "ddpm_small_image_steps_per_s":
-            used["ddpm_small_image_steps_per_s"]} if "ddpm_small_image_steps_per_s" in used else {}),
+        **(
+            {
+                "small_sample_batch": SMALL_SAMPLE_BATCH,
+                "ddpm_small_image_steps_per_s": used["ddpm_small_image_steps_per_s"],
+            }
+            if "ddpm_small_image_steps_per_s" in used
+            else {}
+        ),
         "modes": modes,
         **fid,
         "bench_version": bench_cache.BENCH_VERSION,
@@ -193,37 +247,61 @@ def run_bench(device: torch.device, *, channels: int = 64, batch_size: int = 128
 
 def format_table(r: dict) -> str:
     modes = r["modes"]
-    head = [("device", f"{r['device']} ({r['device_type']}, {r['precision']}, torch {r['torch']})"),
-            ("model", f"UNet channels={r['channels']}, {r['parameters'] / 1e6:.2f}M parameters")]
+    head = [
+        ("device", f"{r['device']} ({r['device_type']}, {r['precision']}, torch {r['torch']})"),
+        ("model", f"UNet channels={r['channels']}, {r['parameters'] / 1e6:.2f}M parameters"),
+    ]
     width = max(len(k) for k, _ in head)
     lines = [f"{k:<{width}}  {v}" for k, v in head]
-    rows = [("train images/s", "train_images_per_s", f"batch {r['train_batch']}"),
-            ("DDPM image-evaluations/s", "ddpm_image_steps_per_s", f"batch {r['sample_batch']}"),
-            ("DDIM image-evaluations/s", "ddim_image_steps_per_s", f"batch {r['sample_batch']}")]
+    rows = [
+        ("train images/s", "train_images_per_s", f"batch {r['train_batch']}"),
+        ("DDPM image-evaluations/s", "ddpm_image_steps_per_s", f"batch {r['sample_batch']}"),
+        ("DDIM image-evaluations/s", "ddim_image_steps_per_s", f"batch {r['sample_batch']}"),
+    ]
     names = list(modes)
     if all("ddpm_small_image_steps_per_s" in modes[n] for n in names):
         rows.append(("DDPM image-evaluations/s", "ddpm_small_image_steps_per_s", f"batch {SMALL_SAMPLE_BATCH}"))
-    lines.append(f"{'measure':<26}" + "".join(f"{n:>14}" for n in names) + "   (first call s: "
-                 + ", ".join(names) + f"; median of {r['repeats']})")
+    lines.append(
+        f"{'measure':<26}"
+        + "".join(f"{n:>14}" for n in names)
+        + "   (first call s: "
+        + ", ".join(names)
+        + f"; median of {r['repeats']})"
+    )
     for label, key, note in rows:
         first = key.replace("image_steps_per_s", "first_call_s").replace("images_per_s", "first_call_s")
-        lines.append(f"{label:<26}" + "".join(f"{modes[n][key]:>14,.0f}" for n in names)
-                     + f"   {note}; " + ", ".join(f"{modes[n][first]:.1f}" for n in names))
+        lines.append(
+            f"{label:<26}"
+            + "".join(f"{modes[n][key]:>14,.0f}" for n in names)
+            + f"   {note}; "
+            + ", ".join(f"{modes[n][first]:.1f}" for n in names)
+        )
     if "forward_gflop" in r:
+
         def tflops(n: str) -> str:
             train = modes[n]["train_images_per_s"] * r["train_gflop"] / 1e3
             return f"{train:.1f} / {modes[n]['ddpm_image_steps_per_s'] * r['forward_gflop'] / 1e3:.1f}"
-        lines.append(f"{'TFLOP/s train / sample':<26}" + "".join(f"{tflops(n):>14}" for n in names)
-                     + f"   at {r['train_gflop']:.2f} and {r['forward_gflop']:.2f} GFLOP an image (DDPM)")
+
+        lines.append(
+            f"{'TFLOP/s train / sample':<26}"
+            + "".join(f"{tflops(n):>14}" for n in names)
+            + f"   at {r['train_gflop']:.2f} and {r['forward_gflop']:.2f} GFLOP an image (DDPM)"
+        )
     if "ddpm_small_image_steps_per_s" in r:
         rates = workload.rates_from_bench(r, r["device_type"])
-        lines.append(f"{'sampler step latency':<26}{rates.sample_step_seconds * 1000:>12,.2f}ms   fixed cost of a batch "
-                     f"step, from batches {SMALL_SAMPLE_BATCH} and {r['sample_batch']}: what small batches pay")
+        lines.append(
+            f"{'sampler step latency':<26}{rates.sample_step_seconds * 1000:>12,.2f}ms   fixed cost of a batch "
+            f"step, from batches {SMALL_SAMPLE_BATCH} and {r['sample_batch']}: what small batches pay"
+        )
     if "inception_images_per_s" in r:
-        lines.append(f"{'Inception images/s':<26}{r['inception_images_per_s']:>14,.0f}   batch {r['inception_batch']}; "
-                     f"first call {r['inception_first_call_s']:.1f} s")
-        lines.append(f"{'FID fixed cost per score':<26}{r['fid_fixed_seconds'] * 1000:>12,.1f}ms   "
-                     f"Fréchet distance of {SCORE_IMAGES:,} images' features vs cached statistics")
+        lines.append(
+            f"{'Inception images/s':<26}{r['inception_images_per_s']:>14,.0f}   batch {r['inception_batch']}; "
+            f"first call {r['inception_first_call_s']:.1f} s"
+        )
+        lines.append(
+            f"{'FID fixed cost per score':<26}{r['fid_fixed_seconds'] * 1000:>12,.1f}ms   "
+            f"Fréchet distance of {SCORE_IMAGES:,} images' features vs cached statistics"
+        )
     elif "inception_error" in r:
         lines.append(f"Inception not measured: {r['inception_error']}")
     failed = modes.get("compiled", {}).get("fell_back")
@@ -242,10 +320,23 @@ def full_config(**fields) -> Config:
     return Config(**FULL_CONFIG, **fields)
 
 
-def run_full(device: torch.device, out_dir, *, data_dir=None, fid_weights=None, epochs: int = 2,
-             fid_select_samples: int = 2000, fid_samples: int = 10000, train_samples: int | None = None,
-             fid_ref_samples: int | None = None, channels: int = 64, batch_size: int = 128,
-             precision: str = "auto", compile: str = "auto", progress: bool = True) -> dict:
+def run_full(
+    device: torch.device,
+    out_dir,
+    *,
+    data_dir=None,
+    fid_weights=None,
+    epochs: int = 2,
+    fid_select_samples: int = 2000,
+    fid_samples: int = 10000,
+    train_samples: int | None = None,
+    fid_ref_samples: int | None = None,
+    channels: int = 64,
+    batch_size: int = 128,
+    precision: str = "auto",
+    compile: str = "auto",
+    progress: bool = True,
+) -> dict:
     """One real training of a study config (`FULL_CONFIG`) for `epochs` epochs with the study's FID protocol
     scaled down to those epochs (a selection FID after every epoch), then the final FID of the best epoch on
     `fid_samples` new images: the study's code path end to end, with seconds per phase."""
@@ -254,9 +345,17 @@ def run_full(device: torch.device, out_dir, *, data_dir=None, fid_weights=None, 
     from mnist_diff.runtime.data import load_mnist
     from mnist_diff.training.experiment import run_experiment
 
-    config = full_config(epochs=epochs, batch_size=batch_size, channels=channels, precision=precision,
-                         compile=compile, fid_select_samples=fid_select_samples, fid_samples=fid_samples,
-                         train_samples=train_samples, fid_ref_samples=fid_ref_samples)
+    config = full_config(
+        epochs=epochs,
+        batch_size=batch_size,
+        channels=channels,
+        precision=precision,
+        compile=compile,
+        fid_select_samples=fid_select_samples,
+        fid_samples=fid_samples,
+        train_samples=train_samples,
+        fid_ref_samples=fid_ref_samples,
+    )
     configure_backend(device)
     reference = Reference("train", fid_ref_samples, data_dir, fid_weights)
     t0 = time.perf_counter()
@@ -267,22 +366,31 @@ def run_full(device: torch.device, out_dir, *, data_dir=None, fid_weights=None, 
     t0 = time.perf_counter()
     result = run_experiment(config, images, out_dir, reference=reference, progress=progress)
     wall = time.perf_counter() - t0
-    return {"config": config.to_dict(), "out_dir": str(out_dir), "setup_seconds": setup, "wall_seconds": wall,
-            "seconds": timing.totals(wall_seconds=wall),
-            "train_images_per_s": result.steps * batch_size / max(result.train_seconds, 1e-9),
-            "epoch_fids": result.epoch_fids, "best_epoch": result.best_epoch, "best_fid": result.best_fid}
+    return {
+        "config": config.to_dict(),
+        "out_dir": str(out_dir),
+        "setup_seconds": setup,
+        "wall_seconds": wall,
+        "seconds": timing.totals(wall_seconds=wall),
+        "train_images_per_s": result.steps * batch_size / max(result.train_seconds, 1e-9),
+        "epoch_fids": result.epoch_fids,
+        "best_epoch": result.best_epoch,
+        "best_fid": result.best_fid,
+    }
 
 
 def format_full(full: dict) -> str:
     c = full["config"]
-    lines = [f"full check: {c['schedule']}, T={c['timesteps']}, {c['sampler']}, {c['epochs']} epoch(s) of "
-             f"{c['train_samples'] or 'all'} images at batch {c['batch_size']}; selection FID on "
-             f"{c['fid_select_samples']:,} images after every epoch, final FID on {c['fid_samples']:,} images",
-             f"{'MNIST + reference statistics':<30}{full['setup_seconds']:>10.1f} s",
-             *(f"{k.replace('_', ' '):<30}{v:>10.1f} s" for k, v in full["seconds"].items()),
-             f"{'total':<30}{full['wall_seconds']:>10.1f} s",
-             f"{'training images/s':<30}{full['train_images_per_s']:>10,.0f}",
-             f"{'selection FID per epoch':<30}  " + ", ".join(f"{e}: {v:.2f}" for e, v in full["epoch_fids"].items())]
+    lines = [
+        f"full check: {c['schedule']}, T={c['timesteps']}, {c['sampler']}, {c['epochs']} epoch(s) of "
+        f"{c['train_samples'] or 'all'} images at batch {c['batch_size']}; selection FID on "
+        f"{c['fid_select_samples']:,} images after every epoch, final FID on {c['fid_samples']:,} images",
+        f"{'MNIST + reference statistics':<30}{full['setup_seconds']:>10.1f} s",
+        *(f"{k.replace('_', ' '):<30}{v:>10.1f} s" for k, v in full["seconds"].items()),
+        f"{'total':<30}{full['wall_seconds']:>10.1f} s",
+        f"{'training images/s':<30}{full['train_images_per_s']:>10,.0f}",
+        f"{'selection FID per epoch':<30}  " + ", ".join(f"{e}: {v:.2f}" for e, v in full["epoch_fids"].items()),
+    ]
     if full["best_fid"] is not None:
         lines.append(f"{'final FID (best epoch ' + str(full['best_epoch']) + ')':<30}{full['best_fid']:>10.2f}")
     return "\n".join(lines)
@@ -292,10 +400,17 @@ def quick_bench(device, channels: int, batch_size: int, precision: str) -> dict:
     """A short bench (seconds: three timed repeats of MIN_SECONDS per figure), cached; marked `quick`."""
     device = torch.device(device)
     gpu = device.type != "cpu"
-    result = run_bench(device, channels=channels, batch_size=batch_size, precision=precision,
-                       train_steps=20 if gpu else 2, sample_batch=500 if gpu else 64,
-                       sample_steps=20 if gpu else 2, repeats=3,
-                       inception=False)  # it may need a download: the projection labels it an estimate
+    result = run_bench(
+        device,
+        channels=channels,
+        batch_size=batch_size,
+        precision=precision,
+        train_steps=20 if gpu else 2,
+        sample_batch=500 if gpu else 64,
+        sample_steps=20 if gpu else 2,
+        repeats=3,
+        inception=False,
+    )  # it may need a download: the projection labels it an estimate
     result["quick"] = True
     bench_cache.save(result, device, precision)
     return result

@@ -5,6 +5,7 @@ per (channels, training batch, effective precision, torch version[, CPU threads]
 on. `bench` writes its full result there; without one, `sweep` runs a short bench (seconds) and caches that.
 Needs only torch, like `bench`.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,8 +53,11 @@ def entry_key(device, channels: int, batch_size: int, precision: str) -> str:
     """Keyed by the precision that runs ('auto' resolved): an entry measured before auto meant bf16 here is not
     taken for one."""
     from mnist_diff.runtime.device import effective_precision
-    key = (f"channels={channels} batch={batch_size} precision={effective_precision(device, precision)} "
-           f"torch={torch.__version__}")
+
+    key = (
+        f"channels={channels} batch={batch_size} precision={effective_precision(device, precision)} "
+        f"torch={torch.__version__}"
+    )
     if torch.device(device).type == "cpu":  # CPU rates scale with the threads torch uses
         key += f" threads={torch.get_num_threads()}"
     return key

@@ -12,11 +12,12 @@ T=1000 (1,000 sequential steps). So each sampling phase also lists its passes (h
 together, at how many calls each), and `project` charges every step of every batch `Rates.sample_step_seconds`
 on top of its images.
 """
+
 from __future__ import annotations
 
 import statistics
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
 
 from mnist_diff.config import Config, epoch_due
 from mnist_diff.diffusion.samplers import network_calls
@@ -31,7 +32,12 @@ HOUR = 3600.0
 RATE_FIELDS = ("channels", "batch_size", "precision")
 
 TRAINING, SELECTION, FINAL, GRIDS, INCEPTION = (
-    "training", "selection sampling", "final sampling", "grids", "Inception")
+    "training",
+    "selection sampling",
+    "final sampling",
+    "grids",
+    "Inception",
+)
 PHASES = (TRAINING, SELECTION, FINAL, GRIDS, INCEPTION)
 
 # Fallbacks while `bench` has no Inception figure for the device: estimates, and labelled so wherever shown.
@@ -48,9 +54,9 @@ START_SECONDS = 10.0  # per study: stores, MNIST, FID reference, each worker's p
 @dataclass(frozen=True)
 class Phase:
     name: str
-    images: int        # training: images trained on; sampling: images drawn; Inception: images scored
-    evaluations: int   # network evaluations: UNet calls (training: one forward+backward per image),
-                       # Inception forwards for the Inception phase
+    images: int  # training: images trained on; sampling: images drawn; Inception: images scored
+    evaluations: int  # network evaluations: UNet calls (training: one forward+backward per image),
+    # Inception forwards for the Inception phase
     # sampling phases: (images drawn together, network calls per image, sample batch or 0 for the device's,
     # how many such passes this phase pays for: fractional where a pass also draws another phase's images)
     passes: tuple[tuple[int, int, int, float], ...] = ()
@@ -61,8 +67,8 @@ class Workload:
     phases: tuple[Phase, ...]
     trials: int
     trainings: int
-    fid_scores: int          # calls of the FID metric (each has a fixed cost besides its images)
-    reference_images: int    # real images through Inception once per reference; cached on disk afterwards
+    fid_scores: int  # calls of the FID metric (each has a fixed cost besides its images)
+    reference_images: int  # real images through Inception once per reference; cached on disk afterwards
 
     def phase(self, name: str) -> Phase:
         return next(p for p in self.phases if p.name == name)
@@ -101,8 +107,10 @@ def unscored(c: Config, ranked: bool = False) -> str | None:
     (a sweep, which ranks its points by score): also when it scores no epoch and no final FID."""
     if epochs_done(c) == 0:
         n = min(c.train_samples or MNIST_SIZES["train"], MNIST_SIZES["train"])
-        return (f"--max-steps {c.max_steps} stops before the first epoch ends ({steps_per_epoch(c)} steps: "
-                f"{n} images, --batch-size {c.batch_size}), so nothing is scored")
+        return (
+            f"--max-steps {c.max_steps} stops before the first epoch ends ({steps_per_epoch(c)} steps: "
+            f"{n} images, --batch-size {c.batch_size}), so nothing is scored"
+        )
     if ranked and not scored_epochs(c) and c.fid_samples == 0:
         return "--fid-every 0 with --fid-samples 0 scores nothing, and a sweep ranks its points by score"
     return None
@@ -149,29 +157,42 @@ def count(configs: Sequence[Config]) -> Workload:
 
     def sampling(name: str) -> Phase:  # images and evaluations follow from the passes (a share of a pass: its images)
         items = sorted(passes[name].items())
-        return Phase(name, round(sum(w * size for (size, _, _), w in items)),
-                     round(sum(w * size * calls for (size, calls, _), w in items)),
-                     tuple((*k, w) for k, w in items))
+        return Phase(
+            name,
+            round(sum(w * size for (size, _, _), w in items)),
+            round(sum(w * size * calls for (size, calls, _), w in items)),
+            tuple((*k, w) for k, w in items),
+        )
 
     train_images = sum(train_by_key.values())
     selection, final_phase, grids_phase = sampling(SELECTION), sampling(FINAL), sampling(GRIDS)
     scored_images = selection.images + final_phase.images
-    phases = (Phase(TRAINING, train_images, train_images), selection, final_phase, grids_phase,
-              Phase(INCEPTION, scored_images, scored_images))
-    return Workload(phases, trials=len(configs), trainings=len(train_by_key), fid_scores=scores,
-                    reference_images=sum(n for _, n in references))
+    phases = (
+        Phase(TRAINING, train_images, train_images),
+        selection,
+        final_phase,
+        grids_phase,
+        Phase(INCEPTION, scored_images, scored_images),
+    )
+    return Workload(
+        phases,
+        trials=len(configs),
+        trainings=len(train_by_key),
+        fid_scores=scores,
+        reference_images=sum(n for _, n in references),
+    )
 
 
 @dataclass(frozen=True)
 class Rates:
     train_images_per_s: float
-    sample_evaluations_per_s: float      # UNet evaluations per second while sampling (DDPM = DDIM per call)
+    sample_evaluations_per_s: float  # UNet evaluations per second while sampling (DDPM = DDIM per call)
     inception_images_per_s: float
-    fid_fixed_seconds: float             # per FID score, besides its images
-    estimated: tuple[str, ...] = ()      # names of the fields above that are estimates, not measurements
-    source: str = ""                     # where the measured ones come from
-    sample_batch: int = 0                # the batch sample_evaluations_per_s was measured at (0: unknown)
-    sample_step_seconds: float = 0.0     # fixed seconds of each sampler step of a batch, besides its images
+    fid_fixed_seconds: float  # per FID score, besides its images
+    estimated: tuple[str, ...] = ()  # names of the fields above that are estimates, not measurements
+    source: str = ""  # where the measured ones come from
+    sample_batch: int = 0  # the batch sample_evaluations_per_s was measured at (0: unknown)
+    sample_step_seconds: float = 0.0  # fixed seconds of each sampler step of a batch, besides its images
 
     def sampling_seconds(self, images: int, calls: int, batch: int = 0) -> float:
         """Seconds to draw `images` together at `calls` network calls each, in batches of `batch` (0: the
@@ -203,10 +224,19 @@ def rates_from_bench(result: dict, device_type: str, source: str = "") -> Rates:
     batch = int(result.get("sample_batch") or 0)
     latency = 0.0
     if batch and result.get("small_sample_batch") and result.get("ddpm_small_image_steps_per_s"):
-        latency = sample_step_latency(batch, sampling, result["small_sample_batch"],
-                                      result["ddpm_small_image_steps_per_s"])
-    return Rates(result["train_images_per_s"], sampling, inception, fixed, tuple(estimated), source,
-                 sample_batch=batch, sample_step_seconds=latency)
+        latency = sample_step_latency(
+            batch, sampling, result["small_sample_batch"], result["ddpm_small_image_steps_per_s"]
+        )
+    return Rates(
+        result["train_images_per_s"],
+        sampling,
+        inception,
+        fixed,
+        tuple(estimated),
+        source,
+        sample_batch=batch,
+        sample_step_seconds=latency,
+    )
 
 
 def sample_step_latency(batch: int, rate: float, small_batch: int, small_rate: float) -> float:
@@ -254,8 +284,11 @@ def wall_seconds(seconds: Mapping[str, float], trials: int, parallel: int = 1) -
 
 def project(w: Workload, r: Rates) -> dict[str, float]:
     """Seconds per phase."""
+
     def sampling(name: str) -> float:
-        return sum(weight * r.sampling_seconds(size, calls, batch) for size, calls, batch, weight in w.phase(name).passes)
+        return sum(
+            weight * r.sampling_seconds(size, calls, batch) for size, calls, batch, weight in w.phase(name).passes
+        )
 
     return {
         TRAINING: w.phase(TRAINING).images / r.train_images_per_s,
@@ -268,8 +301,17 @@ def project(w: Workload, r: Rates) -> dict[str, float]:
 
 # Reductions of the FID protocol, most faithful first: (selection images per scored epoch, score every N epochs,
 # final images). Training (epochs, batch) is never touched; the DDPM-at-T=1000 selection dominates the cost.
-PROTOCOL_STEPS = ((2000, 1, 10000), (1000, 1, 10000), (1000, 2, 10000), (1000, 2, 5000), (500, 2, 5000),
-                  (500, 4, 5000), (500, 4, 2000), (250, 5, 2000), (250, 10, 1000))
+PROTOCOL_STEPS = (
+    (2000, 1, 10000),
+    (1000, 1, 10000),
+    (1000, 2, 10000),
+    (1000, 2, 5000),
+    (500, 2, 5000),
+    (500, 4, 5000),
+    (500, 4, 2000),
+    (250, 5, 2000),
+    (250, 10, 1000),
+)
 
 
 PROTOCOL_KNOBS = ("fid_select_samples", "fid_every", "fid_samples", "sheet_every")  # what reduce_protocol sets
@@ -278,13 +320,17 @@ PROTOCOL_KNOBS = ("fid_select_samples", "fid_every", "fid_samples", "sheet_every
 def reduce_protocol(c: Config, select: int, every: int, final: int) -> Config:
     """c with at most `select` selection images, scoring (and drawing grids) at most every `every` epochs, at
     most `final` final images: never more work than c asked for."""
-    return c.replace(fid_select_samples=min(c.fid_select_samples, select),
-                     fid_every=c.fid_every and max(c.fid_every, every), fid_samples=min(c.fid_samples, final),
-                     sheet_every=c.sheet_every and max(c.sheet_every, every))
+    return c.replace(
+        fid_select_samples=min(c.fid_select_samples, select),
+        fid_every=c.fid_every and max(c.fid_every, every),
+        fid_samples=min(c.fid_samples, final),
+        sheet_every=c.sheet_every and max(c.sheet_every, every),
+    )
 
 
-def fit_protocol(configs: Sequence[Config], rates: Rates | Mapping[tuple, Rates], seconds: float
-                 ) -> tuple[tuple[int, int, int], float] | None:
+def fit_protocol(
+    configs: Sequence[Config], rates: Rates | Mapping[tuple, Rates], seconds: float
+) -> tuple[tuple[int, int, int], float] | None:
     """The first of PROTOCOL_STEPS whose projected time for `configs` fits in `seconds`, and that time;
     None when even the last does not fit (then the training alone, or nearly, is too long)."""
     for step in PROTOCOL_STEPS:
@@ -307,8 +353,10 @@ def format_duration(seconds: float) -> str:
 def _table(rows: Iterable[Sequence[str]], right: Sequence[bool]) -> list[str]:
     rows = [list(r) for r in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join(cell.rjust(w) if right[i] else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths))
-                      ).rstrip() for r in rows]
+    return [
+        "  ".join(cell.rjust(w) if right[i] else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths))).rstrip()
+        for r in rows
+    ]
 
 
 def rate_labels(keys: Iterable[tuple]) -> dict[tuple, str]:
@@ -318,8 +366,7 @@ def rate_labels(keys: Iterable[tuple]) -> dict[tuple, str]:
     return {k: ", ".join(f"{RATE_FIELDS[i]} {k[i]}" for i in varying) for k in keys}
 
 
-def format_table(configs: Sequence[Config], rates: Rates | Mapping[tuple, Rates] | None, parallel: int = 1
-                 ) -> str:
+def format_table(configs: Sequence[Config], rates: Rates | Mapping[tuple, Rates] | None, parallel: int = 1) -> str:
     """The work of running every config once, per phase, and, with rates, its projected time, the overhead and
     the wall time with `parallel` workers: the text `sweep` prints. Where the configs run at different rates (a
     grid over `channels`), the 'at' column names each group's where they differ."""
@@ -341,27 +388,59 @@ def format_table(configs: Sequence[Config], rates: Rates | Mapping[tuple, Rates]
 
     basis = {}
     if groups:
-        basis = {TRAINING: at(lambda r: f"{r.train_images_per_s:,.0f} images/s"),
-                 SELECTION: at(lambda r: f"{r.sample_evaluations_per_s:,.0f} evaluations/s"
-                               + (f" + {r.sample_step_seconds * 1e3:.2f} ms a batch step" if r.sample_step_seconds
-                                  else "")),
-                 INCEPTION: at(lambda r: f"{r.inception_images_per_s:,.0f} images/s"
-                               f"{est(r, 'inception_images_per_s')} + {r.fid_fixed_seconds:g} s x {w.fid_scores} "
-                               f"scores{est(r, 'fid_fixed_seconds')}")}
+        basis = {
+            TRAINING: at(lambda r: f"{r.train_images_per_s:,.0f} images/s"),
+            SELECTION: at(
+                lambda r: (
+                    f"{r.sample_evaluations_per_s:,.0f} evaluations/s"
+                    + (f" + {r.sample_step_seconds * 1e3:.2f} ms a batch step" if r.sample_step_seconds else "")
+                )
+            ),
+            INCEPTION: at(
+                lambda r: (
+                    f"{r.inception_images_per_s:,.0f} images/s"
+                    f"{est(r, 'inception_images_per_s')} + {r.fid_fixed_seconds:g} s x {w.fid_scores} "
+                    f"scores{est(r, 'fid_fixed_seconds')}"
+                )
+            ),
+        }
         basis[FINAL] = basis[GRIDS] = basis[SELECTION]
     rows = [("phase", "images", "network evals", "projected", "at")]
     for p in w.phases:
-        rows.append((p.name, f"{p.images:,}", f"{p.evaluations:,}",
-                     format_duration(seconds[p.name]) if seconds else "?", basis.get(p.name, "")))
+        rows.append(
+            (
+                p.name,
+                f"{p.images:,}",
+                f"{p.evaluations:,}",
+                format_duration(seconds[p.name]) if seconds else "?",
+                basis.get(p.name, ""),
+            )
+        )
     rows.append(("total", "", "", format_duration(sum(seconds.values())) if seconds else "?", ""))
     if seconds:
         workers = f"{parallel} workers at once" if parallel > 1 else "one worker"
-        rows.append(("overhead", "", "", format_duration(overhead_seconds(w.trials)),
-                     f"{START_SECONDS:g} s start + {TRIAL_OVERHEAD_SECONDS:g} s x {w.trials} trials (estimate)"))
-        rows.append(("wall clock", "", "", format_duration(wall_seconds(seconds, w.trials, parallel)),
-                     f"total and overhead, {workers}"))
-    head = (f"Study work: {w.trials} trials, {w.trainings} trainings, {w.fid_scores} FID scores; "
-            f"{w.sampling_evaluations:,} UNet evaluations for sampling.")
+        rows.append(
+            (
+                "overhead",
+                "",
+                "",
+                format_duration(overhead_seconds(w.trials)),
+                f"{START_SECONDS:g} s start + {TRIAL_OVERHEAD_SECONDS:g} s x {w.trials} trials (estimate)",
+            )
+        )
+        rows.append(
+            (
+                "wall clock",
+                "",
+                "",
+                format_duration(wall_seconds(seconds, w.trials, parallel)),
+                f"total and overhead, {workers}",
+            )
+        )
+    head = (
+        f"Study work: {w.trials} trials, {w.trainings} trainings, {w.fid_scores} FID scores; "
+        f"{w.sampling_evaluations:,} UNet evaluations for sampling."
+    )
     lines = [head, *_table(rows, right=(False, True, True, True, False))]
     sources = at(lambda r: r.source) if groups else ""
     if sources:
@@ -372,8 +451,10 @@ def format_table(configs: Sequence[Config], rates: Rates | Mapping[tuple, Rates]
             r = next(iter(groups.values()))
             note = ", estimate" if "inception_images_per_s" in r.estimated else ""
             ref = f" (~{format_duration(w.reference_images / r.inception_images_per_s)}{note})"
-        lines.append(f"not in the total: the FID reference statistics, {w.reference_images:,} real images through "
-                     f"Inception{ref}, computed once and then cached on disk.")
+        lines.append(
+            f"not in the total: the FID reference statistics, {w.reference_images:,} real images through "
+            f"Inception{ref}, computed once and then cached on disk."
+        )
     return "\n".join(lines)
 
 
@@ -382,5 +463,6 @@ def long_study_warning(total: float, device: str, suggest_smoke: bool = True) ->
     if total <= HOUR:
         return None
     line = f"This study is projected to take {format_duration(total)} on {device}"
-    return line + (": to see the whole pipeline in minutes first, try `sweep --preset smoke`." if suggest_smoke
-                   else ".")
+    return line + (
+        ": to see the whole pipeline in minutes first, try `sweep --preset smoke`." if suggest_smoke else "."
+    )

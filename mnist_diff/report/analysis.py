@@ -4,6 +4,7 @@ Pure functions turn records (one per trial, the `results` of `grid_search_result
 from MLflow by `report.reader`) into the `report.json` dict. `report.write` writes
 the files.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,7 +28,8 @@ SPREAD_METHOD = (
     "DDIM result of one grid point and seed share a training (the same weights, sampled two ways): paired, not "
     "independent. A difference exceeds the seed spread iff its interval excludes 0. Also given: the exact "
     f"two-sided sign test over seeds (p < 0.05 needs 6 seeds or more). Below {MIN_SEEDS} seeds: "
-    f"{NOT_ENOUGH_SEEDS}")
+    f"{NOT_ENOUGH_SEEDS}"
+)
 FIGURES = ("fid_vs_epoch.png", "mean_fid_bars.png", "samples_montage.png", "schedules.png")
 
 
@@ -50,17 +52,29 @@ def _norm(value):
 def normalize_record(r: dict) -> dict:
     """One trial record with typed fields (epoch_fids keyed by int epoch); both loaders return these."""
     p = {k: _norm(v) for k, v in (r.get("params") or {}).items()}
-    p.update(schedule=str(p["schedule"]), timesteps=int(p["timesteps"]), beta_end=_f(p["beta_end"]),
-             sampler=str(p["sampler"]), seed=int(p.get("seed", 0)))
-    return {"trial": _opt(r.get("trial"), int), "state": str(r.get("state") or "MISSING"), "params": p,
-            "best_fid": _opt(r.get("best_fid")), "best_epoch": _opt(r.get("best_epoch"), lambda v: int(float(v))),
-            "best_fid_select": _opt(r.get("best_fid_select")),
-            "epoch_fids": {int(k): float(v) for k, v in (r.get("epoch_fids") or {}).items()},
-            "run_id": r.get("run_id"), "trained_by_run_id": r.get("trained_by_run_id"),
-            "train_seconds": _opt(r.get("train_seconds")),
-            "final_sampling_seconds": _opt(r.get("final_sampling_seconds")), "samples_dir": r.get("samples_dir"),
-            "phase_seconds": {str(k): float(v) for k, v in (r.get("phase_seconds") or {}).items()},
-            "error": r.get("error")}
+    p.update(
+        schedule=str(p["schedule"]),
+        timesteps=int(p["timesteps"]),
+        beta_end=_f(p["beta_end"]),
+        sampler=str(p["sampler"]),
+        seed=int(p.get("seed", 0)),
+    )
+    return {
+        "trial": _opt(r.get("trial"), int),
+        "state": str(r.get("state") or "MISSING"),
+        "params": p,
+        "best_fid": _opt(r.get("best_fid")),
+        "best_epoch": _opt(r.get("best_epoch"), lambda v: int(float(v))),
+        "best_fid_select": _opt(r.get("best_fid_select")),
+        "epoch_fids": {int(k): float(v) for k, v in (r.get("epoch_fids") or {}).items()},
+        "run_id": r.get("run_id"),
+        "trained_by_run_id": r.get("trained_by_run_id"),
+        "train_seconds": _opt(r.get("train_seconds")),
+        "final_sampling_seconds": _opt(r.get("final_sampling_seconds")),
+        "samples_dir": r.get("samples_dir"),
+        "phase_seconds": {str(k): float(v) for k, v in (r.get("phase_seconds") or {}).items()},
+        "error": r.get("error"),
+    }
 
 
 def sort_records(records: list[dict]) -> list[dict]:
@@ -72,8 +86,11 @@ def load_records_from_json(path) -> tuple[list[dict], dict]:
     a one-line reason, for anything else (other JSON, a record without its reference params or of wrong
     types)."""
     data = json.loads(Path(path).read_text(encoding="utf-8"))
-    if not isinstance(data, dict) or not isinstance(data.get("results"), list) \
-            or not isinstance(data.get("grid"), dict):
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("results"), list)
+        or not isinstance(data.get("grid"), dict)
+    ):
         raise ValueError("expected an object with a 'grid' object and a 'results' list, as `sweep` writes")
     study = {k: v for k, v in data.items() if k != "results"}
     records = []
@@ -102,8 +119,9 @@ def extra_fields(study: dict) -> list[str]:
 
 def point_of(r: dict, extra: list[str] = ()) -> Point:
     p = r["params"]
-    return Point(p["schedule"], p["timesteps"], p["beta_end"], p["sampler"], p["seed"],
-                 tuple((f, p.get(f)) for f in extra))
+    return Point(
+        p["schedule"], p["timesteps"], p["beta_end"], p["sampler"], p["seed"], tuple((f, p.get(f)) for f in extra)
+    )
 
 
 # -- the grid and which of its points are done ------------------------------------------------------------
@@ -118,13 +136,22 @@ def grid_points(study: dict, records: list[dict]) -> list[Point]:
     points = []
     for combo in product(*(values for _, values in dims)):
         d = {f: v for (fields, _), value in zip(dims, combo) for f, v in zip(fields, value)}
-        points.append(Point(d["schedule"], int(d["timesteps"]), _f(d["beta_end"]), d["sampler"], int(d["seed"]),
-                            tuple((f, d[f]) for f in extra)))
+        points.append(
+            Point(
+                d["schedule"],
+                int(d["timesteps"]),
+                _f(d["beta_end"]),
+                d["sampler"],
+                int(d["seed"]),
+                tuple((f, d[f]) for f in extra),
+            )
+        )
     return points
 
 
-def select_points(records: list[dict], expected: list[Point], extra: list[str] = ()
-                  ) -> tuple[dict, list[dict], list[dict]]:
+def select_points(
+    records: list[dict], expected: list[Point], extra: list[str] = ()
+) -> tuple[dict, list[dict], list[dict]]:
     """(complete {point: record}, missing [{point, state, trial}], off-grid complete records).
 
     Records come sorted by trial, so when a point was retried the latest COMPLETE record wins, and an
@@ -132,17 +159,20 @@ def select_points(records: list[dict], expected: list[Point], extra: list[str] =
     by_point = defaultdict(list)
     for r in records:
         by_point[point_of(r, extra)].append(r)
-    done = {p: [r for r in rs if r["state"] == "COMPLETE" and r["best_fid"] is not None]
-            for p, rs in by_point.items()}
+    done = {p: [r for r in rs if r["state"] == "COMPLETE" and r["best_fid"] is not None] for p, rs in by_point.items()}
     complete = {p: done[p][-1] for p in expected if done.get(p)}
     missing = []
     for p in expected:
         if p not in complete:
             last = by_point[p][-1] if by_point.get(p) else None
-            state = "MISSING" if last is None else ("COMPLETE (no best_fid)" if last["state"] == "COMPLETE"
-                                                    else last["state"])
-            missing.append({"point": p.as_dict(), "state": state, "trial": last and last["trial"],
-                            "error": last and last["error"]})
+            state = (
+                "MISSING"
+                if last is None
+                else ("COMPLETE (no best_fid)" if last["state"] == "COMPLETE" else last["state"])
+            )
+            missing.append(
+                {"point": p.as_dict(), "state": state, "trial": last and last["trial"], "error": last and last["error"]}
+            )
     grid = set(expected)
     off_grid = [rs[-1] for p, rs in done.items() if rs and p not in grid]
     return complete, missing, off_grid
@@ -176,7 +206,7 @@ def sign_test(diffs) -> tuple[int, int, float]:
     non-zero difference is a fair coin; p = P(a count at least as far from n/2), ties (zeros) dropped."""
     d = [x for x in diffs if x != 0]
     n, k = len(d), sum(x > 0 for x in d)
-    tail = sum(math.comb(n, i) for i in range(min(k, n - k) + 1)) / 2 ** n
+    tail = sum(math.comb(n, i) for i in range(min(k, n - k) + 1)) / 2**n
     return k, n, min(1.0, 2 * tail)
 
 
@@ -190,38 +220,57 @@ def config_table(complete: dict) -> list[dict]:
         items.sort(key=lambda x: x[0])
         rs = [r for _, r in items]
         fid = stats([r["best_fid"] for r in rs])
-        rows.append({"schedule": s, "timesteps": t, "beta_end": b, "sampler": m, "extra": dict(extra),
-                     "seeds": [x for x, _ in items],
-                     "best_fid_mean": fid["mean"], "best_fid_std": fid["std"],
-                     "best_fid": [r["best_fid"] for r in rs], "best_epoch": [r["best_epoch"] for r in rs],
-                     "best_fid_select_mean": stats([r["best_fid_select"] for r in rs])["mean"],
-                     "train_seconds_mean": stats([r["train_seconds"] for r in rs])["mean"],
-                     "final_sampling_seconds_mean": stats([r["final_sampling_seconds"] for r in rs])["mean"],
-                     # the trial's whole cost (training, sampling, FIDs, I/O): what a width or sampler costs
-                     "trial_seconds_mean": stats([sum(r["phase_seconds"].values()) or None for r in rs])["mean"],
-                     "run_ids": [r["run_id"] for r in rs]})
+        rows.append(
+            {
+                "schedule": s,
+                "timesteps": t,
+                "beta_end": b,
+                "sampler": m,
+                "extra": dict(extra),
+                "seeds": [x for x, _ in items],
+                "best_fid_mean": fid["mean"],
+                "best_fid_std": fid["std"],
+                "best_fid": [r["best_fid"] for r in rs],
+                "best_epoch": [r["best_epoch"] for r in rs],
+                "best_fid_select_mean": stats([r["best_fid_select"] for r in rs])["mean"],
+                "train_seconds_mean": stats([r["train_seconds"] for r in rs])["mean"],
+                "final_sampling_seconds_mean": stats([r["final_sampling_seconds"] for r in rs])["mean"],
+                # the trial's whole cost (training, sampling, FIDs, I/O): what a width or sampler costs
+                "trial_seconds_mean": stats([sum(r["phase_seconds"].values()) or None for r in rs])["mean"],
+                "run_ids": [r["run_id"] for r in rs],
+            }
+        )
     return sorted(rows, key=lambda r: (r["best_fid_mean"], r["schedule"], r["timesteps"], r["sampler"]))
 
 
 class Grouping(NamedTuple):
     title: str
-    key: object       # point -> its group
-    blank: object     # point -> the point with the grouped fields blanked: what a paired comparison matches on
+    key: object  # point -> its group
+    blank: object  # point -> the point with the grouped fields blanked: what a paired comparison matches on
     shared_training: bool  # groups differ only in sampling fields: each pair shares a training
 
 
 def _extra_grouping(f: str) -> Grouping:
-    return Grouping(f, lambda p: dict(p.extra)[f],
-                    lambda p: p._replace(extra=tuple((k, None if k == f else v) for k, v in p.extra)),
-                    f in SAMPLING_FIELDS)
+    return Grouping(
+        f,
+        lambda p: dict(p.extra)[f],
+        lambda p: p._replace(extra=tuple((k, None if k == f else v) for k, v in p.extra)),
+        f in SAMPLING_FIELDS,
+    )
 
 
 def groupings(expected: list[Point]) -> dict[str, Grouping]:
     """The reference dimensions, then each other field that takes more than one value in the grid."""
-    out = {"schedule": Grouping("schedule", lambda p: p.schedule, lambda p: p._replace(schedule=None), False),
-           "timesteps_beta_end": Grouping("(T, β_end)", lambda p: (p.timesteps, p.beta_end),
-                                          lambda p: p._replace(timesteps=None, beta_end=None), False),
-           "sampler": Grouping("sampler", lambda p: p.sampler, lambda p: p._replace(sampler=None), True)}
+    out = {
+        "schedule": Grouping("schedule", lambda p: p.schedule, lambda p: p._replace(schedule=None), False),
+        "timesteps_beta_end": Grouping(
+            "(T, β_end)",
+            lambda p: (p.timesteps, p.beta_end),
+            lambda p: p._replace(timesteps=None, beta_end=None),
+            False,
+        ),
+        "sampler": Grouping("sampler", lambda p: p.sampler, lambda p: p._replace(sampler=None), True),
+    }
     for f in dict(expected[0].extra) if expected else ():
         if len({dict(p.extra)[f] for p in expected}) > 1:
             out[f] = _extra_grouping(f)
@@ -237,8 +286,14 @@ def group_means(complete: dict, expected: list[Point]) -> dict:
         rows = []
         for group in dict.fromkeys(g.key(p) for p in expected):
             st = stats([v for p, v in fid.items() if g.key(p) == group])
-            rows.append({"group": list(group) if isinstance(group, tuple) else group, **st,
-                         "n_expected": sum(g.key(p) == group for p in expected), "key": group})
+            rows.append(
+                {
+                    "group": list(group) if isinstance(group, tuple) else group,
+                    **st,
+                    "n_expected": sum(g.key(p) == group for p in expected),
+                    "key": group,
+                }
+            )
         scored = [r for r in rows if r["mean"] is not None]
         best = min(scored, key=lambda r: r["mean"])["key"] if scored else None
         for r in rows:
@@ -248,9 +303,14 @@ def group_means(complete: dict, expected: list[Point]) -> dict:
             elif group == best:
                 r["vs_best"] = {"exceeds_seed_spread": None, "text": "best"}
             else:
-                r["vs_best"] = _spread(fid, lambda p, v=group: g.key(p) == v, lambda p: g.key(p) == best,
-                                       lambda p: g.blank(p), f"{group_label(r['group'])} − {group_label(best)}",
-                                       shared_training=g.shared_training)
+                r["vs_best"] = _spread(
+                    fid,
+                    lambda p, v=group: g.key(p) == v,
+                    lambda p: g.key(p) == best,
+                    lambda p: g.blank(p),
+                    f"{group_label(r['group'])} − {group_label(best)}",
+                    shared_training=g.shared_training,
+                )
         out[name] = {"title": g.title, "groups": rows}
     return out
 
@@ -287,21 +347,34 @@ def _spread(data: dict, in_a, in_b, match, label: str, shared_training: bool = F
         by_seed[a[k][0]].append(a[k][1] - b[k])
     per_seed = [float(np.mean(v)) for _, v in sorted(by_seed.items())]
     mean, n = float(np.mean(per_seed)), len(per_seed)
-    out = {"difference": label, "mean_diff": mean, "per_seed_diffs": per_seed, "n_seeds": n,
-           "n_pairs": len(keys), "shared_training": shared_training}
+    out = {
+        "difference": label,
+        "mean_diff": mean,
+        "per_seed_diffs": per_seed,
+        "n_seeds": n,
+        "n_pairs": len(keys),
+        "shared_training": shared_training,
+    }
     pairs = f"{len(keys)} pairs" + (", each pair sharing a training" if shared_training else "")
     if n < MIN_SEEDS:
-        return {**out, "exceeds_seed_spread": None,
-                "text": f"{label} = {mean:+.2f} ({n} seed{'s' * (n != 1)}, {pairs}): {NOT_ENOUGH_SEEDS} "
-                        f"(needs {MIN_SEEDS} seeds or more)"}
+        return {
+            **out,
+            "exceeds_seed_spread": None,
+            "text": f"{label} = {mean:+.2f} ({n} seed{'s' * (n != 1)}, {pairs}): {NOT_ENOUGH_SEEDS} "
+            f"(needs {MIN_SEEDS} seeds or more)",
+        }
     lo, hi = t_interval(per_seed)
     k, n_signs, p = sign_test(per_seed)
     exceeds = lo > 0 or hi < 0
-    return {**out, "ci95": [lo, hi], "sign_test": {"positive": k, "n": n_signs, "p": p},
-            "exceeds_seed_spread": exceeds,
-            "text": f"{label} = {mean:+.2f}, paired 95% t-interval [{lo:+.2f}, {hi:+.2f}] over {n} seeds ({pairs}); "
-                    f"sign test {k} of {n_signs} seeds > 0, p = {p:.2g}: "
-                    + ("exceeds seed spread" if exceeds else "within seed spread")}
+    return {
+        **out,
+        "ci95": [lo, hi],
+        "sign_test": {"positive": k, "n": n_signs, "p": p},
+        "exceeds_seed_spread": exceeds,
+        "text": f"{label} = {mean:+.2f}, paired 95% t-interval [{lo:+.2f}, {hi:+.2f}] over {n} seeds ({pairs}); "
+        f"sign test {k} of {n_signs} seeds > 0, p = {p:.2g}: "
+        + ("exceeds seed spread" if exceeds else "within seed spread"),
+    }
 
 
 EXTREME = {"exceeds_seed_spread": None, "text": "n/a: a claim about a single best value, not a mean difference"}
@@ -317,9 +390,17 @@ def _claim1(data):
         raise _NoData("no other schedule to compare with")
     rival = min(others, key=others.get)
     numbers = "mean best FID: " + ", ".join(f"{s} {m:.2f}" for s, m in sorted(means.items(), key=lambda x: x[1]))
-    return means["quadratic"] < means[rival], numbers, _spread(
-        data, lambda p: p.schedule == "quadratic", lambda p: p.schedule == rival,
-        lambda p: (p.timesteps, p.beta_end, p.sampler, p.seed), f"quadratic − {rival}")
+    return (
+        means["quadratic"] < means[rival],
+        numbers,
+        _spread(
+            data,
+            lambda p: p.schedule == "quadratic",
+            lambda p: p.schedule == rival,
+            lambda p: (p.timesteps, p.beta_end, p.sampler, p.seed),
+            f"quadratic − {rival}",
+        ),
+    )
 
 
 def _claim2(data):
@@ -340,27 +421,51 @@ def _claim2(data):
 def _claim3(data):
     means = _means(data, lambda p: (p.timesteps, p.beta_end))
     _need(means, A_PAIR, B_PAIR)
-    numbers = (f"mean best FID: T=200, β_end=0.08 {means[A_PAIR]:.2f}; T=1000, β_end=0.02 {means[B_PAIR]:.2f}; "
-               f"difference {means[A_PAIR] - means[B_PAIR]:+.2f}")
+    numbers = (
+        f"mean best FID: T=200, β_end=0.08 {means[A_PAIR]:.2f}; T=1000, β_end=0.02 {means[B_PAIR]:.2f}; "
+        f"difference {means[A_PAIR] - means[B_PAIR]:+.2f}"
+    )
     pair = lambda p: (p.timesteps, p.beta_end)  # noqa: E731
-    return means[A_PAIR] < means[B_PAIR], numbers, _spread(
-        data, lambda p: pair(p) == A_PAIR, lambda p: pair(p) == B_PAIR, lambda p: (p.schedule, p.sampler, p.seed),
-        "(T=200, β_end=0.08) − (T=1000, β_end=0.02)")
+    return (
+        means[A_PAIR] < means[B_PAIR],
+        numbers,
+        _spread(
+            data,
+            lambda p: pair(p) == A_PAIR,
+            lambda p: pair(p) == B_PAIR,
+            lambda p: (p.schedule, p.sampler, p.seed),
+            "(T=200, β_end=0.08) − (T=1000, β_end=0.02)",
+        ),
+    )
 
 
 def _claim4(data):
     means = _means(data, lambda p: p.sampler)
     _need(means, "ddpm", "ddim")
-    numbers = f"mean best FID: ddpm {means['ddpm']:.2f}, ddim {means['ddim']:.2f}; " \
-              f"difference {means['ddpm'] - means['ddim']:+.2f}"
-    return means["ddpm"] < means["ddim"], numbers, _spread(
-        data, lambda p: p.sampler == "ddpm", lambda p: p.sampler == "ddim",
-        lambda p: (p.schedule, p.timesteps, p.beta_end, p.seed), "ddpm − ddim", shared_training=True)
+    numbers = (
+        f"mean best FID: ddpm {means['ddpm']:.2f}, ddim {means['ddim']:.2f}; "
+        f"difference {means['ddpm'] - means['ddim']:+.2f}"
+    )
+    return (
+        means["ddpm"] < means["ddim"],
+        numbers,
+        _spread(
+            data,
+            lambda p: p.sampler == "ddpm",
+            lambda p: p.sampler == "ddim",
+            lambda p: (p.schedule, p.timesteps, p.beta_end, p.seed),
+            "ddpm − ddim",
+            shared_training=True,
+        ),
+    )
 
 
 def _claim5(data):
-    mins = {m: min((p for p in data if p.sampler == m), key=data.get) for m in ("ddpm", "ddim")
-            if any(p.sampler == m for p in data)}
+    mins = {
+        m: min((p for p in data if p.sampler == m), key=data.get)
+        for m in ("ddpm", "ddim")
+        if any(p.sampler == m for p in data)
+    }
     _need(mins, "ddpm", "ddim")
     numbers = "; ".join(f"lowest {m} {data[p]:.2f} ({label(p)})" for m, p in mins.items())
     return data[mins["ddpm"]] < data[mins["ddim"]], numbers, EXTREME
@@ -383,15 +488,24 @@ def _claim6(data):
         numbers += f"; runner-up {label(b)} {configs[b]:.2f}"
     else:
         numbers += f"; best cosine/T=200/ddpm {label(a)} {configs[a]:.2f}"
-    return holds, numbers, _spread(data, lambda p: p.config == a, lambda p: p.config == b, lambda p: p.seed,
-                                   f"({label(a)}) − ({label(b)})")
+    return (
+        holds,
+        numbers,
+        _spread(
+            data, lambda p: p.config == a, lambda p: p.config == b, lambda p: p.seed, f"({label(a)}) − ({label(b)})"
+        ),
+    )
 
 
 CLAIMS = [
     (1, "quadratic had the lowest mean FID among schedules", lambda p: True, _claim1),
     (2, "cosine had the best single FID", lambda p: True, _claim2),
-    (3, "T=200 with β_end=0.08 beat T=1000 with β_end=0.02 (lower mean FID)",
-     lambda p: (p.timesteps, p.beta_end) in (A_PAIR, B_PAIR), _claim3),
+    (
+        3,
+        "T=200 with β_end=0.08 beat T=1000 with β_end=0.02 (lower mean FID)",
+        lambda p: (p.timesteps, p.beta_end) in (A_PAIR, B_PAIR),
+        _claim3,
+    ),
     (4, "DDPM beat DDIM in mean FID", lambda p: p.sampler in ("ddpm", "ddim"), _claim4),
     (5, "DDPM beat DDIM in best (min) FID", lambda p: p.sampler in ("ddpm", "ddim"), _claim5),
     (6, "the best config was cosine, T=200, DDPM", lambda p: True, _claim6),
@@ -429,12 +543,22 @@ def check_claims(complete: dict, expected: list[Point]) -> list[dict]:
         if holds is None or lacking:
             verdict = UNDETERMINED
             if lacking:
-                numbers = f"{len(lacking)} of {len(relevant)} needed grid points lack a COMPLETE result; " \
-                          f"so far: {numbers}"
+                numbers = (
+                    f"{len(lacking)} of {len(relevant)} needed grid points lack a COMPLETE result; so far: {numbers}"
+                )
         else:
             verdict = HOLDS if holds else NOT_HOLDS
-        out.append({"claim": number, "text": text, "verdict": verdict, "numbers": numbers, "spread": spread,
-                    "points_needed": len(relevant), "points_lacking": len(lacking)})
+        out.append(
+            {
+                "claim": number,
+                "text": text,
+                "verdict": verdict,
+                "numbers": numbers,
+                "spread": spread,
+                "points_needed": len(relevant),
+                "points_lacking": len(lacking),
+            }
+        )
     return out
 
 
@@ -450,17 +574,27 @@ def analyse(records: list[dict], study: dict) -> dict:
     seeds = sorted({p.seed for p in complete})
     table = config_table(complete)
     fixed = study.get("fixed") or {}
-    return {"study_name": study.get("study_name"), "grid": study.get("grid"), "fixed": fixed,
-            "clip_x0": fixed.get("clip_x0"),  # None: a study from before the option (its samplers clipped)
-            "protocol_changes": protocol_changes(fixed),
-            "points_expected": len(expected), "points_complete": len(complete), "partial": bool(missing),
-            "seeds": seeds, "multi_seed": len(seeds) > 1, "spread_method": SPREAD_METHOD,
-            "configs": table, "best": table[0] if table else None,
-            "means": group_means(complete, expected),
-            "claims": check_claims(*subset) if (subset := reference_subset(complete, expected)) else [],
-            "varied": [f for f in extra_fields(study) if len({dict(p.extra)[f] for p in expected}) > 1],
-            "missing": missing, "off_grid_runs": [r["run_id"] or r["trial"] for r in off_grid],
-            "time": {**time_by_phase(records), "projection": study.get("projection")}}
+    return {
+        "study_name": study.get("study_name"),
+        "grid": study.get("grid"),
+        "fixed": fixed,
+        "clip_x0": fixed.get("clip_x0"),  # None: a study from before the option (its samplers clipped)
+        "protocol_changes": protocol_changes(fixed),
+        "points_expected": len(expected),
+        "points_complete": len(complete),
+        "partial": bool(missing),
+        "seeds": seeds,
+        "multi_seed": len(seeds) > 1,
+        "spread_method": SPREAD_METHOD,
+        "configs": table,
+        "best": table[0] if table else None,
+        "means": group_means(complete, expected),
+        "claims": check_claims(*subset) if (subset := reference_subset(complete, expected)) else [],
+        "varied": [f for f in extra_fields(study) if len({dict(p.extra)[f] for p in expected}) > 1],
+        "missing": missing,
+        "off_grid_runs": [r["run_id"] or r["trial"] for r in off_grid],
+        "time": {**time_by_phase(records), "projection": study.get("projection")},
+    }
 
 
 def protocol_changes(fixed: dict) -> dict:
@@ -476,14 +610,19 @@ def protocol_changes(fixed: dict) -> dict:
             return str(a) == str(b)
 
     defaults = Config()
-    return {k: {"value": fixed[k], "default": getattr(defaults, k)} for k in PROTOCOL_FIELDS
-            if k in fixed and not same(fixed[k], getattr(defaults, k))}
+    return {
+        k: {"value": fixed[k], "default": getattr(defaults, k)}
+        for k in PROTOCOL_FIELDS
+        if k in fixed and not same(fixed[k], getattr(defaults, k))
+    }
 
 
 def time_by_phase(records: list[dict]) -> dict:
     """Seconds per phase summed over every trial that recorded them, retries and failures included: where the
     study's compute went (trials of several workers overlap, so the sum exceeds the wall time)."""
     timed = [r for r in records if r["phase_seconds"]]
-    sums = {k: sum(r["phase_seconds"].get(k, 0.0) for r in timed)
-            for k in dict.fromkeys(k for r in timed for k in r["phase_seconds"])}
+    sums = {
+        k: sum(r["phase_seconds"].get(k, 0.0) for r in timed)
+        for k in dict.fromkeys(k for r in timed for k in r["phase_seconds"])
+    }
     return {"trials": len(timed), "seconds": sums}

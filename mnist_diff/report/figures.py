@@ -1,5 +1,6 @@
 """The report's figures: selection FID against epoch, mean best FID per grid dimension, each config's samples at
 its best epoch. Take the analysis' data; draw with matplotlib (`plots`)."""
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -13,6 +14,7 @@ from mnist_diff.report.points import Point, fmt, group_label, label
 def fid_vs_epoch_figure(complete: dict):
     """Selection FID against epoch, one panel per schedule; with several seeds, the seed mean per epoch."""
     from mnist_diff.tracking.figures import plt
+
     by_cfg = defaultdict(list)
     for p, r in complete.items():  # `complete` is in grid order, so panels and lines are too
         by_cfg[p.config].append(r["epoch_fids"])
@@ -22,8 +24,12 @@ def fid_vs_epoch_figure(complete: dict):
         for cfg in (c for c in by_cfg if c[0] == s):
             epochs = sorted(set.intersection(*(set(f) for f in by_cfg[cfg])))
             ys = [np.mean([f[e] for f in by_cfg[cfg]]) for e in epochs]
-            ax.plot(epochs, ys, marker=".", label=f"T={cfg[1]} β={cfg[2]:g} {cfg[3]}"
-                    + "".join(f" {k}={fmt(v)}" for k, v in cfg[4]))
+            ax.plot(
+                epochs,
+                ys,
+                marker=".",
+                label=f"T={cfg[1]} β={cfg[2]:g} {cfg[3]}" + "".join(f" {k}={fmt(v)}" for k, v in cfg[4]),
+            )
         ax.set(title=s, xlabel="epoch")
         ax.grid(alpha=0.3)
         if ax.get_lines():
@@ -36,13 +42,15 @@ def fid_vs_epoch_figure(complete: dict):
 
 def mean_bars_figure(means: dict):
     from mnist_diff.tracking.figures import plt
+
     fig, axes = plt.subplots(1, len(means), figsize=(4.4 * len(means), 3.6), squeeze=False)
     for ax, m in zip(axes[0], means.values()):
         title = m["title"]
         groups = [g for g in m["groups"] if g["mean"] is not None]
         x = range(len(groups))
-        ax.bar(x, [g["mean"] for g in groups], yerr=[g["std"] or 0 for g in groups], capsize=4,
-               color=[f"C{i}" for i in x])
+        ax.bar(
+            x, [g["mean"] for g in groups], yerr=[g["std"] or 0 for g in groups], capsize=4, color=[f"C{i}" for i in x]
+        )
         ax.set_xticks(list(x), [group_label(g["group"]) for g in groups], fontsize=8)
         ax.set(title=f"by {title}", ylabel="mean best FID (± std)")
         ax.grid(alpha=0.3, axis="y")
@@ -56,6 +64,7 @@ def montage_figure(complete: dict):
     from PIL import Image
 
     from mnist_diff.tracking.figures import plt
+
     shown, absent = [], []
     for cfg in dict.fromkeys(p.config for p in complete):
         p, r = min(((p, r) for p, r in complete.items() if p.config == cfg), key=lambda x: x[1]["best_fid"])
@@ -72,9 +81,13 @@ def montage_figure(complete: dict):
     for ax, (p, r, path) in zip(axes.flat, shown):
         with Image.open(path) as im:
             ax.imshow(np.asarray(im.convert("L")), cmap="gray", vmin=0, vmax=255)
-        ax.set_title(f"{p.schedule} T={p.timesteps} β={p.beta_end:g} {p.sampler}"
-                     + "".join(f" {k}={fmt(v)}" for k, v in p.extra) + "\n"
-                     f"FID {r['best_fid']:.2f} @ epoch {r['best_epoch']}", fontsize=8)
+        ax.set_title(
+            f"{p.schedule} T={p.timesteps} β={p.beta_end:g} {p.sampler}"
+            + "".join(f" {k}={fmt(v)}" for k, v in p.extra)
+            + "\n"
+            f"FID {r['best_fid']:.2f} @ epoch {r['best_epoch']}",
+            fontsize=8,
+        )
     if not shown:
         axes[0][0].text(0.5, 0.5, "no sample sheets found", ha="center", va="center")
     fig.tight_layout()

@@ -1,4 +1,5 @@
 """A study's grid points and how the report names them: shared by the analysis, its text and its figures."""
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -9,6 +10,7 @@ REFERENCE_FIELDS = ("schedule", "timesteps", "beta_end", "sampler")  # every rec
 class Point(NamedTuple):
     """One grid point: a config plus its seed. `extra` holds the other fields the grid varies, as ((field,
     value), ...) in grid order."""
+
     schedule: str
     timesteps: int
     beta_end: float

@@ -1,5 +1,6 @@
 """Writes a study's report: report.md/.html/.json and the figures. No mlflow import here: a tracker, when given,
 is duck-typed."""
+
 from __future__ import annotations
 
 import json

@@ -4,17 +4,18 @@ CUDA) for sampling and training, and a sampling batch the device can hold.
 Nothing here changes what is computed beyond floating-point rounding, and nothing here may fail a run: when
 compiling or graph capture fails, one `CompileFallbackWarning` and the rest of the process runs eagerly.
 """
+
 from __future__ import annotations
 
 import copy
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from mnist_diff.choices import COMPILE_CHOICES
 
-MIN_BUCKET = 16          # smallest padded batch shape: fewer distinct shapes, fewer compilations
+MIN_BUCKET = 16  # smallest padded batch shape: fewer distinct shapes, fewer compilations
 CPU_SAMPLE_BATCH = 64
 MAX_SAMPLE_BATCH = 2000  # the GPU is saturated long before; 2000 divides the FID counts (2,000 and 10,000)
 SAMPLE_BYTES_PER_IMAGE = 2 << 20  # inference memory per image at width 64 (activations, per-image noise), generous
@@ -73,8 +74,11 @@ def fall_back(kind: str, err: BaseException, what: str = "torch.compile") -> Non
     """Remember that `kind` failed in this process and say so in one warning."""
     _failed.add(kind)
     first = (str(err).strip().splitlines() or [""])[0][:300]
-    warnings.warn(f"{what} failed for {kind} ({type(err).__name__}: {first}); running eagerly",
-                  CompileFallbackWarning, stacklevel=3)
+    warnings.warn(
+        f"{what} failed for {kind} ({type(err).__name__}: {first}); running eagerly",
+        CompileFallbackWarning,
+        stacklevel=3,
+    )
 
 
 def _bucket(n: int, batch: int) -> int:
@@ -88,6 +92,7 @@ def _bucket(n: int, batch: int) -> int:
 
 
 # -- sampling ------------------------------------------------------------------------------------------
+
 
 class _SamplingTwin:
     """A private eval copy of a model: compiled once per process, fixed parameter addresses (which CUDA graphs
@@ -132,8 +137,9 @@ class _SamplingTwin:
 _twins: dict = {}
 
 
-def for_sampling(model: torch.nn.Module, *, compile: str = "auto",
-                 batch_size: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def for_sampling(
+    model: torch.nn.Module, *, compile: str = "auto", batch_size: int
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """eps_theta(x, t) for the samplers, as fast as this device allows, computing what `model` computes.
     Eager on the CPU: the model itself. Otherwise a twin of it holding its current weights."""
     device = next(model.parameters()).device
@@ -150,6 +156,7 @@ def for_sampling(model: torch.nn.Module, *, compile: str = "auto",
 
 
 # -- training ------------------------------------------------------------------------------------------
+
 
 class TrainingModel:
     """The training model's forward, compiled when asked (on CUDA: forward and backward each replayed as a

@@ -4,6 +4,7 @@ loaded with a fallback to the previous good file when the newest is truncated or
 A checkpoint holds tensors and plain data only (dicts, lists, numbers, strings), and is loaded as such
 (`weights_only=True`): sweeps load checkpoints fetched from a tracking server, and a pickle that names any
 other object could run code."""
+
 from __future__ import annotations
 
 import logging
@@ -33,8 +34,10 @@ def load(path: str | os.PathLike, map_location="cpu") -> dict:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:  # torch's message suggests weights_only=False: never here
         found = next((line for line in str(err).splitlines() if "GLOBAL" in line), "")
-        raise ValueError(f"{path} is not an mnist-diff checkpoint: it holds more than tensors and plain data"
-                         + (f" ({found.strip()})" if found else "")) from None
+        raise ValueError(
+            f"{path} is not an mnist-diff checkpoint: it holds more than tensors and plain data"
+            + (f" ({found.strip()})" if found else "")
+        ) from None
     if not isinstance(ckpt, dict) or "format_version" not in ckpt:
         raise ValueError(f"{path} is not an mnist-diff checkpoint")
     return ckpt

@@ -1,4 +1,5 @@
 """MNIST through torchvision, held on the training device as one uint8 tensor."""
+
 from __future__ import annotations
 
 import os
@@ -12,8 +13,9 @@ from mnist_diff.util.paths import CACHE_ROOT
 DEFAULT_DATA_DIR = CACHE_ROOT / "data"
 
 
-def load_mnist(data_dir: str | os.PathLike | None, *, train: bool = True, limit: int | None = None,
-               device="cpu") -> torch.Tensor:
+def load_mnist(
+    data_dir: str | os.PathLike | None, *, train: bool = True, limit: int | None = None, device="cpu"
+) -> torch.Tensor:
     """MNIST images as uint8 [N, 1, 28, 28] on `device`. `data_dir` is a torchvision root; torchvision
     downloads into it on first use unless it already holds MNIST/raw."""
     from torchvision.datasets import MNIST
@@ -25,8 +27,12 @@ def load_mnist(data_dir: str | os.PathLike | None, *, train: bool = True, limit:
     return images.unsqueeze(1).contiguous().to(device)
 
 
-MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-               "t10k-labels-idx1-ubyte")  # torchvision.datasets.MNIST.resources, extracted or as .gz
+MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)  # torchvision.datasets.MNIST.resources, extracted or as .gz
 
 
 def check_mnist_root(data_dir: str | os.PathLike) -> None:
@@ -35,14 +41,17 @@ def check_mnist_root(data_dir: str | os.PathLike) -> None:
     raw = Path(data_dir) / "MNIST" / "raw"
     missing = [n for n in MNIST_FILES if not (raw / n).is_file() and not (raw / f"{n}.gz").is_file()]
     if missing:
-        raise ValueError(f"{data_dir} holds no MNIST: looked for {raw / missing[0]}[.gz] "
-                         f"({len(missing)} of {len(MNIST_FILES)} files missing)")
+        raise ValueError(
+            f"{data_dir} holds no MNIST: looked for {raw / missing[0]}[.gz] "
+            f"({len(missing)} of {len(MNIST_FILES)} files missing)"
+        )
 
 
 def load_samples(path: str | os.PathLike) -> torch.Tensor:
     """The images of a samples.npz written by `sample`: uint8 [N, 1, 28, 28], N >= 2. ValueError, with a
     one-line reason, for anything else; nothing in the file is executed (no pickles)."""
     import numpy as np
+
     try:
         npz = np.load(path, allow_pickle=False)
         if not isinstance(npz, np.lib.npyio.NpzFile):
@@ -50,10 +59,12 @@ def load_samples(path: str | os.PathLike) -> torch.Tensor:
         with npz:
             images = npz["images"]
     except Exception as err:  # not numpy, no 'images', truncated, pickled objects
-        raise ValueError(f"unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
+        raise ValueError(f"unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (1, 28, 28) or len(images) < 2:
-        raise ValueError(f"expected at least 2 uint8 images [N, 1, 28, 28] (0..255, as `sample` writes), got "
-                         f"{images.dtype} {list(images.shape)}")
+        raise ValueError(
+            f"expected at least 2 uint8 images [N, 1, 28, 28] (0..255, as `sample` writes), got "
+            f"{images.dtype} {list(images.shape)}"
+        )
     return torch.from_numpy(images)
 
 
@@ -67,9 +78,16 @@ def save_samples(images: torch.Tensor, out_dir: Path, config, seed: int, source)
     out_dir.mkdir(parents=True, exist_ok=True)
     npz = out_dir / "samples.npz"
     with atomic_path(npz) as tmp:
-        np.savez_compressed(tmp, images=images.cpu().numpy(), seed=seed, sampler=config.sampler,
-                            ddim_steps=config.ddim_steps, eta=config.eta, clip_x0=config.clip_x0,
-                            checkpoint=str(source))
+        np.savez_compressed(
+            tmp,
+            images=images.cpu().numpy(),
+            seed=seed,
+            sampler=config.sampler,
+            ddim_steps=config.ddim_steps,
+            eta=config.eta,
+            clip_x0=config.clip_x0,
+            checkpoint=str(source),
+        )
     shown = images[:100]
     return npz, save_sheet(shown, out_dir / "samples.png", nrow=math.ceil(math.sqrt(len(shown))))
 

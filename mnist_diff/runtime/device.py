@@ -1,6 +1,7 @@
 """The device and its numerics, decided in one place: `train`, `sample`, `evaluate`, every `sweep` worker and
 `bench` pick the device, set the backend flags and choose the autocast precision through these functions,
 so `bench` measures what the other commands run."""
+
 from __future__ import annotations
 
 import contextlib

@@ -1,7 +1,8 @@
 """Drawing many images from a trained model: batching, autocast and a progress bar around `samplers`."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -34,9 +35,21 @@ def generate(model, schedule: Schedule, *, num: int, seed: int, start: int = 0, 
 
 
 @torch.no_grad()
-def generate_seeds(model, schedule: Schedule, seeds: Sequence[int], *, sampler: str = "ddpm", ddim_steps: int = 50,
-                   eta: float = 0.0, clip_x0: bool = True, batch_size: int | None = None, precision: str = "auto",
-                   progress: bool = True, desc: str = "sampling", compile: str = "auto") -> torch.Tensor:
+def generate_seeds(
+    model,
+    schedule: Schedule,
+    seeds: Sequence[int],
+    *,
+    sampler: str = "ddpm",
+    ddim_steps: int = 50,
+    eta: float = 0.0,
+    clip_x0: bool = True,
+    batch_size: int | None = None,
+    precision: str = "auto",
+    progress: bool = True,
+    desc: str = "sampling",
+    compile: str = "auto",
+) -> torch.Tensor:
     """One image per seed (see `samplers.image_seeds`), in their order, drawn together in as few batches as
     the device holds: seeds of different sets (a grid's and a FID set's) may share a pass."""
     from tqdm.auto import tqdm  # imported here so that `bench` needs torch alone
@@ -49,13 +62,22 @@ def generate_seeds(model, schedule: Schedule, seeds: Sequence[int], *, sampler: 
     fast = accel.for_sampling(model, compile=compile, batch_size=batch_size)
     calls = samplers.network_calls(sampler, schedule.timesteps, ddim_steps)
     out, first = [], 0
-    with tqdm(total=len(seeds) * calls, desc=desc, unit="img-step", unit_scale=True, disable=not progress,
-              leave=False) as bar:
+    with tqdm(
+        total=len(seeds) * calls, desc=desc, unit="img-step", unit_scale=True, disable=not progress, leave=False
+    ) as bar:
         for count in batch_sizes(len(seeds), batch_size):
-            rng = samplers.StackedRandomGenerator(device, seeds[first:first + count])
+            rng = samplers.StackedRandomGenerator(device, seeds[first : first + count])
             with autocast(device, precision):
-                x = samplers.sample(fast, schedule, rng, sampler, ddim_steps, eta,
-                                    progress=lambda k: bar.update(k * count), clip_x0=clip_x0)
+                x = samplers.sample(
+                    fast,
+                    schedule,
+                    rng,
+                    sampler,
+                    ddim_steps,
+                    eta,
+                    progress=lambda k: bar.update(k * count),
+                    clip_x0=clip_x0,
+                )
             out.append(to_uint8(x))
             first += count
     model.train(was_training)

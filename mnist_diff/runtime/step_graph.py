@@ -15,19 +15,20 @@ result does not depend on whether the graph is used. Before use, CHECKED_STEPS r
 many eager steps from the same state; an exception or a disagreement gives one `CompileFallbackWarning`, and
 the process takes eager steps from then on.
 """
+
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from mnist_diff.runtime import accel
 
 KIND = "training-graph"  # its name in accel.fell_back()
-WARMUP_STEPS = 3     # eager steps before capture (compilation, cuDNN's autotuner, the optimizer's state)
-CHECKED_STEPS = 2    # the second checks that each replay draws new noise
-TOLERANCE = 0.05     # |graph update - eager update| / |eager update|: bf16 and atomic adds differ by far less
+WARMUP_STEPS = 3  # eager steps before capture (compilation, cuDNN's autotuner, the optimizer's state)
+CHECKED_STEPS = 2  # the second checks that each replay draws new noise
+TOLERANCE = 0.05  # |graph update - eager update| / |eager update|: bf16 and atomic adds differ by far less
 
 
 def portable_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
@@ -103,6 +104,7 @@ class CudaCapture:
         def replay() -> torch.Tensor:
             graph.replay()
             return out
+
         return replay
 
 
@@ -182,8 +184,10 @@ class StepGraph:
                 replay()
                 error = update_error(snapshot.weights, reference[i], [w.detach() for w in weights(t)])
                 if not error <= TOLERANCE:
-                    raise RuntimeError(f"replay {i + 1} strays from the eager step by {error:.3g} of its update "
-                                       f"(tolerance {TOLERANCE})")
+                    raise RuntimeError(
+                        f"replay {i + 1} strays from the eager step by {error:.3g} of its update "
+                        f"(tolerance {TOLERANCE})"
+                    )
         finally:
             snapshot.restore()
         self.replay = replay

@@ -3,13 +3,13 @@
 Pure accounting, no tracking: the training loop, the samplers' callers and the checkpoint writer add to it; a
 study trial resets it when it starts and logs `totals()` when it ends (a process runs one trial at a time).
 """
+
 from __future__ import annotations
 
 import time
 from contextlib import contextmanager
 
-PHASES = ("training", "selection_sampling", "selection_fid", "final_sampling", "final_fid", "grids",
-          "checkpoints")
+PHASES = ("training", "selection_sampling", "selection_fid", "final_sampling", "final_fid", "grids", "checkpoints")
 
 _totals: dict[str, float] = {}
 

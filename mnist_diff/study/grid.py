@@ -8,6 +8,7 @@ grid keeps the names it always had: schedule, timesteps_beta_end, sampler, seed.
 Pure (no optuna, mlflow or click): `study` builds its Optuna grid from a `Grid`, `cli` parses `--grid` and
 `--grid-file` with it, `bench` and `sweep --dry-run` project its cost, `report` reads the fields back.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -60,9 +61,12 @@ def _check(name: str, value):
         return None
     if isinstance(value, str) and not kind.startswith("str"):
         return parse_value(name, value)
-    ok = {"int": isinstance(value, int) and not isinstance(value, bool),
-          "float": isinstance(value, (int, float)) and not isinstance(value, bool),
-          "bool": isinstance(value, bool), "str": isinstance(value, str)}[kind.split()[0]]
+    ok = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+        "str": isinstance(value, str),
+    }[kind.split()[0]]
     if not ok:
         raise GridError(f"{name}: {value!r} is not of type {kind}")
     return float(value) if kind.startswith("float") else value
@@ -80,6 +84,7 @@ def _fmt(value) -> str:
 @dataclass(frozen=True)
 class Dim:
     """One dimension: `fields` (one, or several coupled) and its values, each a tuple with one entry per field."""
+
     fields: tuple
     values: tuple
 
@@ -163,9 +168,11 @@ def load_file(path) -> list[Dim]:
 
 
 def reference_dims(schedules=STUDY_SCHEDULES, pairs=STUDY_PAIRS, samplers=STUDY_SAMPLERS) -> list[Dim]:
-    return [Dim(("schedule",), tuple((s,) for s in schedules)),
-            Dim(("timesteps", "beta_end"), tuple((int(t), float(b)) for t, b in pairs)),
-            Dim(("sampler",), tuple((m,) for m in samplers))]
+    return [
+        Dim(("schedule",), tuple((s,) for s in schedules)),
+        Dim(("timesteps", "beta_end"), tuple((int(t), float(b)) for t, b in pairs)),
+        Dim(("sampler",), tuple((m,) for m in samplers)),
+    ]
 
 
 @dataclass(frozen=True)
@@ -173,7 +180,7 @@ class Grid:
     dims: tuple
 
     @classmethod
-    def build(cls, base_dims: list[Dim], extra: list[Dim], seeds=(0,)) -> "Grid":
+    def build(cls, base_dims: list[Dim], extra: list[Dim], seeds=(0,)) -> Grid:
         """The base dimensions (the reference ones, narrowed by the shorthands) with `extra` ones: an extra
         dimension that shares a field with a base one takes its place; the others follow; the seeds last."""
         seen: dict[str, str] = {}
@@ -228,8 +235,10 @@ class Grid:
 
     def points(self) -> list[dict]:
         """Every point's config fields, in grid order."""
-        return [self.overrides({d.name: d.encode(v) for d, v in zip(self.dims, combo)})
-                for combo in product(*(d.values for d in self.dims))]
+        return [
+            self.overrides({d.name: d.encode(v) for d, v in zip(self.dims, combo)})
+            for combo in product(*(d.values for d in self.dims))
+        ]
 
     def configs(self, base: Config, max_points: int = MAX_POINTS, check=None) -> list[Config]:
         """Every point as a validated Config; GridError names the first invalid point, or a grid too big.

@@ -1,5 +1,5 @@
-"""One trial: train (or reuse a shared training), select the epoch, score it, tracked as an MLflow child run.
-"""
+"""One trial: train (or reuse a shared training), select the epoch, score it, tracked as an MLflow child run."""
+
 from __future__ import annotations
 
 import json
@@ -9,10 +9,9 @@ import time
 
 import optuna
 
-from mnist_diff.study.optuna_compat import retried_trial_number, stored_trial
-
 from mnist_diff.fid.engine import Reference
 from mnist_diff.runtime import timing
+from mnist_diff.study.optuna_compat import retried_trial_number, stored_trial
 from mnist_diff.study.retries import retry_tags
 from mnist_diff.study.shared_trainings import DONE_MARKER, Uploader, mark_done, restore
 from mnist_diff.study.spec import Sweep
@@ -37,8 +36,10 @@ class StoredTrainingIndex:
     def write(self, entry: dict) -> None:
         self.study.set_user_attr(self.attr, entry)
 
+
 class NoScore(ValueError):
     """A trial that ended without a score (deterministic: the same config scores nothing again)."""
+
 
 class Objective:
     def __init__(self, sweep: Sweep, parent_run_id: str, images_loader):
@@ -51,16 +52,24 @@ class Objective:
         key = config.training_key()
         train_dir = s.out_dir / "trainings" / key
         trial_dir = s.out_dir / "trials" / f"{trial.number:04d}"
-        tags = {"mnist_diff.role": "trial", "mnist_diff.study": s.study_name, "mnist_diff.trial": trial.number,
-                "mnist_diff.training_key": key}
+        tags = {
+            "mnist_diff.role": "trial",
+            "mnist_diff.study": s.study_name,
+            "mnist_diff.trial": trial.number,
+            "mnist_diff.training_key": key,
+        }
         frozen = stored_trial(trial)
-        retried_from = frozen.user_attrs.get(
-            "retry_of_trial", retried_trial_number(frozen))
+        retried_from = frozen.user_attrs.get("retry_of_trial", retried_trial_number(frozen))
         if retried_from is not None:
             tags["mnist_diff.retry_of_trial"] = retried_from
             tags.update(retry_tags(frozen.user_attrs.get("retries", 0), frozen.user_attrs.get("errors", [])))
-        tracker = Tracker(s.tracking_uri, s.experiment, tags=tags,
-                          run_name=f"{trial.number:03d}-{config.short_name()}-s{config.seed}", parent_run_id=self.parent_run_id)
+        tracker = Tracker(
+            s.tracking_uri,
+            s.experiment,
+            tags=tags,
+            run_name=f"{trial.number:03d}-{config.short_name()}-s{config.seed}",
+            parent_run_id=self.parent_run_id,
+        )
         reference = Reference(config.fid_ref, config.fid_ref_samples, s.data_dir, s.fid_weights)
         log.info("trial %d: %s", trial.number, params)
         samples_dir = trial_dir / "samples"  # this trial's own grids, whoever trained
@@ -77,24 +86,44 @@ class Objective:
                 done_marker = train_dir / DONE_MARKER
                 if done_marker.exists():
                     trained_by = json.loads(done_marker.read_text())["run_id"]
-                    result = score_saved_training(config, train_dir, trial_dir, reference=reference,
-                                                  device=self.images_loader().device, tracker=tracker,
-                                                  progress=s.progress)
+                    result = score_saved_training(
+                        config,
+                        train_dir,
+                        trial_dir,
+                        reference=reference,
+                        device=self.images_loader().device,
+                        tracker=tracker,
+                        progress=s.progress,
+                    )
                 else:  # train, or finish what an interrupted trial (of either sampler) left
                     uploads = [Uploader(tracker, index)] if index is not None else []
-                    result = run_experiment(config, self.images_loader(), train_dir, out_dir=trial_dir,
-                                            reference=reference, tracker=tracker, resume=True, progress=s.progress,
-                                            callbacks=uploads)
+                    result = run_experiment(
+                        config,
+                        self.images_loader(),
+                        train_dir,
+                        out_dir=trial_dir,
+                        reference=reference,
+                        tracker=tracker,
+                        resume=True,
+                        progress=s.progress,
+                        callbacks=uploads,
+                    )
                     trained_by = result.trained_by  # whoever made the last optimizer step
                     write_json(done_marker, {"run_id": trained_by})
                     if index is not None:
                         mark_done(index, trained_by)
             if trained_by is not None:
                 tracker.set_tags({"mnist_diff.trained_by": trained_by})
-            attrs = {"best_fid": result.best_fid, "best_epoch": result.best_epoch,
-                     "best_fid_select": result.best_fid_select, "epoch_fids": result.epoch_fids,
-                     "trained_by_run_id": trained_by, "train_seconds": result.train_seconds,
-                     "final_sampling_seconds": result.final_sampling_seconds, "samples_dir": str(samples_dir)}
+            attrs = {
+                "best_fid": result.best_fid,
+                "best_epoch": result.best_epoch,
+                "best_fid_select": result.best_fid_select,
+                "epoch_fids": result.epoch_fids,
+                "trained_by_run_id": trained_by,
+                "train_seconds": result.train_seconds,
+                "final_sampling_seconds": result.final_sampling_seconds,
+                "samples_dir": str(samples_dir),
+            }
             for k, v in attrs.items():
                 trial.set_user_attr(k, v)
             seconds = timing.totals(wall_seconds=time.perf_counter() - t0)  # this trial's own work only
@@ -104,6 +133,5 @@ class Objective:
         scores = (result.best_fid, result.best_fid_select)
         value = next((v for v in scores if v is not None and math.isfinite(v)), None)
         if value is None:  # else Optuna fails the trial with no error of ours on it: say why; retry nothing
-            raise NoScore(f"the trial ended with no finite score (best_fid {scores[0]}, "
-                          f"best_fid_select {scores[1]})")
+            raise NoScore(f"the trial ended with no finite score (best_fid {scores[0]}, best_fid_select {scores[1]})")
         return value

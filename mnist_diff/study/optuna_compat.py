@@ -1,6 +1,7 @@
 """Every use of Optuna internals and of its experimental API, in one place. Each is pinned by a test
 (`tests/test_optuna_compat.py`), so an Optuna release that changes one fails there, by name, instead of deep
 inside a sweep."""
+
 from __future__ import annotations
 
 import warnings

@@ -1,5 +1,6 @@
 """A sweep planned from its options before anything runs: the grid (the reference one narrowed by the
 shorthands, then the user's dimensions) and how many worker processes. Errors are `GridError`s: one line."""
+
 from __future__ import annotations
 
 import os
@@ -33,6 +34,7 @@ def auto_workers(device, preset: str, configs) -> int:
     faster (docs/BENCHMARKS.md, smoke study)."""
     if device.type == "cuda":
         import torch
+
         return max(1, torch.cuda.device_count())
     if preset == "smoke" and device.type == "cpu":
         return max(1, min(os.cpu_count() or 1, len({c.training_key() for c in configs})))

@@ -1,4 +1,5 @@
 """The parent's progress bar while several sweep workers run: grid points complete, read from the study."""
+
 from __future__ import annotations
 
 from tqdm.auto import tqdm
@@ -14,8 +15,13 @@ class StudyBar:
 
     def __init__(self, sweep: Sweep):
         self.sweep, self.study = sweep, None
-        self.bar = tqdm(total=sweep.size, desc=f"study {sweep.study_name}", unit="point", disable=not sweep.progress,
-                        dynamic_ncols=True)
+        self.bar = tqdm(
+            total=sweep.size,
+            desc=f"study {sweep.study_name}",
+            unit="point",
+            disable=not sweep.progress,
+            dynamic_ncols=True,
+        )
         self.update()
 
     def update(self) -> None:

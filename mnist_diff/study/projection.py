@@ -2,11 +2,12 @@
 `bench_cache`, measured briefly when missing), the projection `sweep` prints and records, and the FID protocol
 that fits a time budget. The arithmetic is `workload`'s; this module adds the device and the words. No click.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from typing import Callable, Sequence
 
 import torch
 
@@ -40,8 +41,9 @@ def _threads(device, workers: int):
         torch.set_num_threads(before)
 
 
-def device_rates(configs: Sequence[Config], device, say: Callable[[str], None] = print,
-                 remeasure: bool = False, workers: int = 1) -> dict:
+def device_rates(
+    configs: Sequence[Config], device, say: Callable[[str], None] = print, remeasure: bool = False, workers: int = 1
+) -> dict:
     """This device's bench rates for each model the configs train (`workload.rate_key`: a grid over widths has
     several) in one of `workers` worker processes, from the bench cache, or measured (a short bench, announced
     through `say`) and cached: when missing, when `remeasure`, or when a cached quick bench is outdated (a
@@ -56,14 +58,17 @@ def _device_rates(configs, device, say, remeasure: bool) -> dict:
         bench = None if remeasure else bench_cache.load(device, c.channels, c.batch_size, c.precision)
         stale = bench and bench_cache.outdated(bench)
         if bench is None or (stale and bench.get("quick")):  # a quick bench costs seconds: measure again
-            say(f"measuring this device for the projection (channels {c.channels}, batch {c.batch_size}"
-                f"{'; the cached figure was ' + stale if stale else ''}; a few seconds, then cached)...")
+            say(
+                f"measuring this device for the projection (channels {c.channels}, batch {c.batch_size}"
+                f"{'; the cached figure was ' + stale if stale else ''}; a few seconds, then cached)..."
+            )
             bench = quick_bench(device, c.channels, c.batch_size, c.precision)
         how = "quick bench" if bench.get("quick") else "bench"
         notes = [n for n in (bench_cache.outdated(bench), bench_cache.busy(bench)) if n]
         caveat = f" ({'; '.join(notes)}: `sweep --rebench` measures again)" if notes else ""
         rates[key] = workload.rates_from_bench(
-            bench, device.type, source=f"{how} of {name}, cached in {bench_cache.cache_path(device)}{caveat}")
+            bench, device.type, source=f"{how} of {name}, cached in {bench_cache.cache_path(device)}{caveat}"
+        )
     return rates
 
 
@@ -79,17 +84,22 @@ def fit_to_budget(configs: Sequence[Config], base: Config, rates, seconds: float
     if fit is None:
         smallest = [workload.reduce_protocol(c, *workload.PROTOCOL_STEPS[-1]) for c in configs]
         least = sum(workload.project_configs(smallest, rates).values())
-        raise BudgetError(f"--time-budget {budget}: even the smallest FID protocol is projected at {duration(least)} "
-                          "on this device; give more time, fewer --epochs or a smaller grid")
+        raise BudgetError(
+            f"--time-budget {budget}: even the smallest FID protocol is projected at {duration(least)} "
+            "on this device; give more time, fewer --epochs or a smaller grid"
+        )
     step, projected = fit
     fitted = workload.reduce_protocol(base, *step)
-    return fitted, (f"--time-budget {budget}: the protocol as given is projected at {duration(asked)}; running "
-                    f"selection FID on {fitted.fid_select_samples:,} images every {fitted.fid_every} epoch(s) "
-                    f"(grids with them), final FID on {fitted.fid_samples:,} (projected {duration(projected)})")
+    return fitted, (
+        f"--time-budget {budget}: the protocol as given is projected at {duration(asked)}; running "
+        f"selection FID on {fitted.fid_select_samples:,} images every {fitted.fid_every} epoch(s) "
+        f"(grids with them), final FID on {fitted.fid_samples:,} (projected {duration(projected)})"
+    )
 
 
-def study_projection(configs: Sequence[Config], rates: dict | None, device, suggest_smoke: bool = True,
-                     workers: int = 1) -> tuple[str, dict | None]:
+def study_projection(
+    configs: Sequence[Config], rates: dict | None, device, suggest_smoke: bool = True, workers: int = 1
+) -> tuple[str, dict | None]:
     """(The text `sweep` prints: the work per phase, its projected time, the wall time with `workers` worker
     processes, one line more when that exceeds an hour; the record kept in study.json: device, rates, seconds
     per phase (serial), workers at once and projected wall seconds; None without rates)."""
@@ -103,7 +113,12 @@ def study_projection(configs: Sequence[Config], rates: dict | None, device, sugg
     warning = workload.long_study_warning(wall, where, suggest_smoke=suggest_smoke)
     sources = "; ".join(dict.fromkeys(r.source for r in rates.values()))
     return "\n".join([table, *([warning] if warning else [])]), {
-        "device": where, "rates": sources, "seconds": seconds, "workers": parallel, "wall_seconds": wall}
+        "device": where,
+        "rates": sources,
+        "seconds": seconds,
+        "workers": parallel,
+        "wall_seconds": wall,
+    }
 
 
 def reference_projection(bench_result: dict, device, channels: int, batch_size: int, precision: str) -> str:
@@ -112,31 +127,48 @@ def reference_projection(bench_result: dict, device, channels: int, batch_size: 
     base = Config(channels=channels, batch_size=batch_size, precision=precision)
     seconds = workload.project(workload.count(reference_configs(base)), rates)
     parts = ", ".join(f"{k} {workload.format_duration(v)}" for k, v in seconds.items())
-    return (f"the reference study (16 configs, default protocol) on this device: "
-            f"{workload.format_duration(sum(seconds.values()))} ({parts}; `sweep --dry-run` for details)")
+    return (
+        f"the reference study (16 configs, default protocol) on this device: "
+        f"{workload.format_duration(sum(seconds.values()))} ({parts}; `sweep --dry-run` for details)"
+    )
 
 
-def fit_time_budget(configs: Sequence[Config], base: Config, device, seconds: float, rebench: bool = False,
-                    say: Callable[[str], None] = print) -> Config:
+def fit_time_budget(
+    configs: Sequence[Config],
+    base: Config,
+    device,
+    seconds: float,
+    rebench: bool = False,
+    say: Callable[[str], None] = print,
+) -> Config:
     """`base` with the most faithful FID protocol that fits `seconds` on this device (`fit_to_budget`), said
     through `say`; BudgetError when the configs vary the protocol, nothing fits or the device can't be
     measured."""
     varied = sorted(k for k in workload.PROTOCOL_KNOBS if len({getattr(c, k) for c in configs}) > 1)
     if varied:
-        raise BudgetError(f"--time-budget chooses the FID protocol, which the grid varies ({', '.join(varied)}): "
-                          "drop one of them")
+        raise BudgetError(
+            f"--time-budget chooses the FID protocol, which the grid varies ({', '.join(varied)}): drop one of them"
+        )
     try:
         rates = device_rates(configs, device, say=say, remeasure=rebench)
     except Exception as err:
-        raise BudgetError(f"--time-budget {workload.format_duration(seconds)}: measuring this device failed "
-                          f"({type(err).__name__}: {err})") from None
+        raise BudgetError(
+            f"--time-budget {workload.format_duration(seconds)}: measuring this device failed "
+            f"({type(err).__name__}: {err})"
+        ) from None
     base, said = fit_to_budget(configs, base, rates, seconds)
     say(said)
     return base
 
 
-def sweep_projection(configs: Sequence[Config], device, workers: int = 1, rebench: bool = False,
-                     suggest_smoke: bool = True, say: Callable[[str], None] = print) -> dict | None:
+def sweep_projection(
+    configs: Sequence[Config],
+    device,
+    workers: int = 1,
+    rebench: bool = False,
+    suggest_smoke: bool = True,
+    say: Callable[[str], None] = print,
+) -> dict | None:
     """Say the study's work per phase and its projected time at this device's bench rates in one of `workers`
     worker processes (measured and cached on first use, or again with `rebench`), and its wall time with them.
     Returns the record for study.json. A projection is advice: a device that can't be measured stops nothing."""

@@ -1,6 +1,7 @@
 """The queue of grid points and the retry policy: a failure that may pass (OOM, disk, network, a dead worker)
 queues its point again, resuming from its checkpoint, up to `max_retries`; a deterministic one does not.
 """
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,6 @@ import logging
 import optuna
 
 from mnist_diff.study.optuna_compat import grid_point_id
-
 from mnist_diff.study.spec import Sweep
 from mnist_diff.tracking.mlflow_store import kill_run, tag_run
 from mnist_diff.training.trainer import NonFiniteLoss
@@ -24,6 +24,7 @@ DETERMINISTIC_ERRORS = (NonFiniteLoss, ValueError)
 
 WORKER_LOST = "WorkerLost: the worker stopped sending heartbeats (killed, OOM-killed, or its machine went down)"
 
+
 def enqueue(study: optuna.Study, params: dict, user_attrs: dict | None = None) -> None:
     """`study.enqueue_trial`, plus the grid id GridSampler itself would give the point. GridSampler counts a
     point as started or done only by that id: without it a queued point stays "unvisited" for the sampler, and
@@ -33,12 +34,14 @@ def enqueue(study: optuna.Study, params: dict, user_attrs: dict | None = None) -
     if isinstance(sampler, optuna.samplers.GridSampler):  # its own (shuffled) numbering of the points
         search_space, grid_id = grid_point_id(sampler, params)
         attrs.update(search_space=search_space, grid_id=grid_id)
-    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.WAITING, system_attrs=attrs,
-                                              user_attrs=user_attrs))
+    study.add_trial(
+        optuna.trial.create_trial(state=optuna.trial.TrialState.WAITING, system_attrs=attrs, user_attrs=user_attrs)
+    )
 
 
 def queue_retry(study: optuna.Study, number: int, params: dict, retries: int, errors: list) -> None:
     enqueue(study, params, {"retry_of_trial": number, "retries": retries, "errors": errors})
+
 
 def retry_tags(retries: int, errors: list, outcome: str | None = None) -> dict:
     cut = [e[:500] for e in errors]
@@ -46,6 +49,7 @@ def retry_tags(retries: int, errors: list, outcome: str | None = None) -> dict:
         cut = cut[1:]
     tags = {"mnist_diff.retries": retries, "mnist_diff.errors": json.dumps(cut)}
     return {**tags, "mnist_diff.retry": outcome} if outcome else tags
+
 
 def tag_trial_run(tracking_uri: str | None, run_id: str | None, tags: dict, kill: bool = False) -> None:
     """Best effort: the tracking store may be the very thing that failed."""
@@ -55,6 +59,7 @@ def tag_trial_run(tracking_uri: str | None, run_id: str | None, tags: dict, kill
         (kill_run if kill else tag_run)(tracking_uri, run_id, tags)
     except Exception as err:
         log.warning("could not tag MLflow run %s: %s: %s", run_id, type(err).__name__, err)
+
 
 def record_failure(trial: optuna.Trial, err: Exception, sweep: Sweep) -> None:
     """Keep the error on the trial and its MLflow run; queue the grid point again unless the error is
@@ -76,6 +81,7 @@ def record_failure(trial: optuna.Trial, err: Exception, sweep: Sweep) -> None:
     log.error("trial %d failed: %s (%s)", trial.number, error, outcome)
     tag_trial_run(sweep.tracking_uri, attrs.get("mlflow_run_id"), retry_tags(retries, errors, outcome))
 
+
 class StaleTrial:
     """Optuna's heartbeat-stale callback. Optuna runs it wherever a stale trial gets failed: when a sweep starts
     and inside `optimize` before each trial. So whenever a dead worker's trial is found, at any moment of a sweep,
@@ -93,6 +99,9 @@ class StaleTrial:
         else:
             outcome = f"not retried: --max-retries {self.max_retries} used up"
         log.warning("trial %d: %s (%s)", trial.number, WORKER_LOST, outcome)
-        tag_trial_run(self.tracking_uri, trial.user_attrs.get("mlflow_run_id"),
-                 {"error_type": "WorkerLost", "error_message": WORKER_LOST, **retry_tags(retries, errors, outcome)},
-                 kill=True)
+        tag_trial_run(
+            self.tracking_uri,
+            trial.user_attrs.get("mlflow_run_id"),
+            {"error_type": "WorkerLost", "error_message": WORKER_LOST, **retry_tags(retries, errors, outcome)},
+            kill=True,
+        )

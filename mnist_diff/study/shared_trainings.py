@@ -13,6 +13,7 @@ done marker. A local checkpoint at least as new as the index's (this machine's o
 or was cut short) is kept, and only missing EMA weights are fetched. Nothing here imports mlflow or optuna:
 the tracker uploads and downloads, the index reads and writes.
 """
+
 from __future__ import annotations
 
 import logging

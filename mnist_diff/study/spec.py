@@ -1,6 +1,7 @@
 """What a sweep runs: the `Sweep` (study name, grid, fixed settings, stores, retry budget), handed from the
 CLI to the parent and to every worker process.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -18,16 +19,17 @@ DEFAULT_STORAGE = "sqlite:///optuna.db"
 # no feature; the preset and the time budget only choose settings, which are compared themselves).
 RESUMABLE_FIELDS = RUNTIME_FIELDS + ("fid_batch_size", "preset", "time_budget")
 
+
 @dataclass
 class Sweep:
     study_name: str
     out_dir: Path
-    base: Config                          # the fixed settings; grid params are overridden per trial
-    schedules: tuple = STUDY_SCHEDULES    # the reference dimensions (the shorthands --schedule/--timesteps/...)
+    base: Config  # the fixed settings; grid params are overridden per trial
+    schedules: tuple = STUDY_SCHEDULES  # the reference dimensions (the shorthands --schedule/--timesteps/...)
     pairs: tuple = STUDY_PAIRS
     samplers: tuple = STUDY_SAMPLERS
     seeds: tuple = (0,)
-    extra: tuple = ()                     # more grid.Dim dimensions (--grid, --grid-file); may replace the above
+    extra: tuple = ()  # more grid.Dim dimensions (--grid, --grid-file); may replace the above
     storage: str = DEFAULT_STORAGE
     tracking_uri: str | None = None
     experiment: str = "mnist-diff"
@@ -36,9 +38,9 @@ class Sweep:
     device: str = "auto"
     progress: bool = True
     heartbeat: int = 60
-    max_retries: int = 2                  # automatic retries per grid point after a failure that may pass
+    max_retries: int = 2  # automatic retries per grid point after a failure that may pass
     fixed: dict = field(default_factory=dict)
-    projection: dict | None = None        # projection.study_projection's record, kept in study.json for the report
+    projection: dict | None = None  # projection.study_projection's record, kept in study.json for the report
 
     @cached_property
     def grid(self) -> Grid:

@@ -10,6 +10,7 @@ trial scores every epoch with its own sampler (see `experiment`), and draws its 
 tags name the run that made the training's last optimizer step. With a tracking server, machines share no
 disk: the training's files travel through the server (`shared_trainings`), indexed in the study's storage.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,6 +44,7 @@ CLAIM_SUFFIX = ".mnist-diff-claim"
 
 PARENT_WAIT_S = 120.0
 
+
 def claim_study(sweep: Sweep) -> bool:
     """True for exactly one `sweep` command per study, however many start at the same instant, on however many
     machines: creating an Optuna study is atomic in the shared storage (study names are unique), so whoever
@@ -54,6 +56,7 @@ def claim_study(sweep: Sweep) -> bool:
     except optuna.exceptions.DuplicatedStudyError:
         return False
 
+
 def _parent_id(sweep: Sweep, study: optuna.Study, claimed: bool) -> str | None:
     """The parent run id another command recorded in the study, waiting for it while the claimant creates it;
     None when this command holds the claim (or the claimant died first). Reads Optuna only: until the
@@ -64,29 +67,49 @@ def _parent_id(sweep: Sweep, study: optuna.Study, claimed: bool) -> str | None:
         if known or claimed:
             return known
         if time.monotonic() > deadline:
-            log.warning("study %s: the command that claimed it made no parent run in %.0f s; making one",
-                        sweep.study_name, PARENT_WAIT_S)
+            log.warning(
+                "study %s: the command that claimed it made no parent run in %.0f s; making one",
+                sweep.study_name,
+                PARENT_WAIT_S,
+            )
             return None
         time.sleep(0.5)
+
 
 def parent_run(sweep: Sweep, study: optuna.Study, claimed: bool = True) -> Tracker:
     """The study's one parent MLflow run: found again when the sweep resumes or another command made it,
     else created (by the command that `claim_study` chose)."""
     known = _parent_id(sweep, study, claimed)
-    tracker = Tracker(sweep.tracking_uri, sweep.experiment, run_name=sweep.study_name,
-                      tags={"mnist_diff.role": "study", "mnist_diff.study": sweep.study_name})
-    existing = (tracker.client.get_run(known) if known else  # else one made before studies were claimed
-                find_study_run(tracker.client, tracker.uri, sweep.experiment, sweep.study_name))
+    tracker = Tracker(
+        sweep.tracking_uri,
+        sweep.experiment,
+        run_name=sweep.study_name,
+        tags={"mnist_diff.role": "study", "mnist_diff.study": sweep.study_name},
+    )
+    existing = (
+        tracker.client.get_run(known)
+        if known
+        # else one made before studies were claimed
+        else find_study_run(tracker.client, tracker.uri, sweep.experiment, sweep.study_name)
+    )
     if existing is not None:
         tracker.run_id, tracker.experiment_id = existing.info.run_id, existing.info.experiment_id
         tracker.client.update_run(tracker.run_id, status="RUNNING")
     else:
         tracker.start()
-        tracker.log_params({**sweep.fixed, "study_name": sweep.study_name, "grid_size": sweep.size,
-                            "grid": grid_text(sweep.grid), "storage": redact_url(sweep.storage)})
+        tracker.log_params(
+            {
+                **sweep.fixed,
+                "study_name": sweep.study_name,
+                "grid_size": sweep.size,
+                "grid": grid_text(sweep.grid),
+                "storage": redact_url(sweep.storage),
+            }
+        )
         tracker.log_dict(study_doc(sweep), "study.json")
     study.set_user_attr("mlflow_parent_run_id", tracker.run_id)
     return tracker
+
 
 class SweepFailed(RuntimeError):
     """Worker processes exited with an error, or grid points failed or were left unrun; the results were
@@ -95,6 +118,7 @@ class SweepFailed(RuntimeError):
     def __init__(self, message: str, doc: dict):
         super().__init__(message)
         self.doc = doc
+
 
 def parent_status(study: optuna.Study, sweep: Sweep, interrupted: bool) -> tuple[str, str | None, str]:
     """(status, reason, 'done/size') of the study's parent run: FINISHED only when every grid point is COMPLETE;
@@ -117,6 +141,7 @@ def parent_status(study: optuna.Study, sweep: Sweep, interrupted: bool) -> tuple
         reason += (", " if reason else "") + f"{unrun} not run"
     return "FAILED", f"{reason}; {done} complete", done
 
+
 def run_sweep(sweep: Sweep, workers: int = 1, retry_failed: bool = False) -> dict:
     """Create or resume the study, run `workers` worker processes (1: this process), write the results and
     close the parent run. Raises SweepFailed (after writing the results) when a worker exited non-zero or the
@@ -133,8 +158,11 @@ def run_sweep(sweep: Sweep, workers: int = 1, retry_failed: bool = False) -> dic
         for params in trainings_first(sweep):
             enqueue(study, params)
     parent = parent_run(sweep, study, claimed)
-    live = {t.user_attrs.get("mlflow_run_id") for t in study.get_trials(deepcopy=False)
-            if t.state == optuna.trial.TrialState.RUNNING}
+    live = {
+        t.user_attrs.get("mlflow_run_id")
+        for t in study.get_trials(deepcopy=False)
+        if t.state == optuna.trial.TrialState.RUNNING
+    }
     reconciled = reconcile_orphans(parent.client, parent.uri, sweep.experiment, sweep.study_name, live)
     if reconciled:
         log.warning("marked %d orphaned MLflow run(s) KILLED: %s", len(reconciled), ", ".join(reconciled))
@@ -160,12 +188,24 @@ def run_sweep(sweep: Sweep, workers: int = 1, retry_failed: bool = False) -> dic
     if status == "FAILED":
         bad.append(reason)
     if bad:
-        raise SweepFailed("; ".join(bad) + f" (see {sweep.out_dir / 'training.log'})"
-                          + "".join(f"\n  {line}" for line in failed_points(study, sweep)), doc)
+        raise SweepFailed(
+            "; ".join(bad)
+            + f" (see {sweep.out_dir / 'training.log'})"
+            + "".join(f"\n  {line}" for line in failed_points(study, sweep)),
+            doc,
+        )
     return doc
 
-def _log_parent(parent: Tracker, sweep: Sweep, study: optuna.Study, doc: dict, interrupted: bool,
-                error: Exception | None, codes: list) -> None:
+
+def _log_parent(
+    parent: Tracker,
+    sweep: Sweep,
+    study: optuna.Study,
+    doc: dict,
+    interrupted: bool,
+    error: Exception | None,
+    codes: list,
+) -> None:
     best = doc.get("best")
     if best:
         parent.log_metrics({"best_fid": best["best_fid"], "complete_trials": doc["complete"]})

@@ -1,5 +1,5 @@
-"""A worker's loop: claim open grid points from the study and run them until none is left.
-"""
+"""A worker's loop: claim open grid points from the study and run them until none is left."""
+
 from __future__ import annotations
 
 import logging
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import optuna
 
-from mnist_diff.study.optuna_compat import fail_stale_trials
 from mnist_diff.fid.engine import Reference
 from mnist_diff.study.objective import Objective
+from mnist_diff.study.optuna_compat import fail_stale_trials
 from mnist_diff.study.records import write_results
 from mnist_diff.study.retries import record_failure, tag_trial_run
 from mnist_diff.study.spec import Sweep
@@ -55,8 +55,12 @@ def work(sweep: Sweep, parent_run_id: str) -> None:
     bound, started = sweep.size * (sweep.max_retries + 1), 0
     while True:
         if started >= bound:
-            log.error("worker stops after %d trials for a grid of %d points: open points never reached 0 (%d left)",
-                      started, sweep.size, open_points(study, sweep))
+            log.error(
+                "worker stops after %d trials for a grid of %d points: open points never reached 0 (%d left)",
+                started,
+                sweep.size,
+                open_points(study, sweep),
+            )
             return
         if open_points(study, sweep) > 0:
             started += 1
@@ -71,15 +75,16 @@ def work(sweep: Sweep, parent_run_id: str) -> None:
         else:
             return
 
+
 def setup_logging(out_dir: Path) -> None:
     handler = logging.FileHandler(out_dir / "training.log")
-    handler.setFormatter(RedactingFormatter(
-        f"%(asctime)s [pid {os.getpid()}] %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(RedactingFormatter(f"%(asctime)s [pid {os.getpid()}] %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     optuna.logging.enable_propagation()
     optuna.logging.disable_default_handler()
+
 
 def prefetch(sweep: Sweep) -> None:
     """Fetch MNIST and the Inception weights and compute the FID reference statistics, once, before any trial:

@@ -3,6 +3,7 @@ are several), gives each its share of the CPU cores, passes each SIGTERM/SIGINT 
 worker saves its trial and stops), shows the study's progress bar while they run, and returns their exit codes.
 What a worker does is `worker.work`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,10 +23,13 @@ def run_workers(sweep: Sweep, parent_run_id: str, workers: int) -> list:
     import multiprocessing.connection  # noqa: F401  (mp.connection.wait)
 
     import torch
+
     gpus = torch.cuda.device_count()
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker_process, args=(sweep, parent_run_id, i % gpus if gpus > 1 else None, workers))
-             for i in range(workers)]
+    procs = [
+        ctx.Process(target=_worker_process, args=(sweep, parent_run_id, i % gpus if gpus > 1 else None, workers))
+        for i in range(workers)
+    ]
     interrupt = None
     try:
         for p in procs:
@@ -33,6 +37,7 @@ def run_workers(sweep: Sweep, parent_run_id: str, workers: int) -> list:
     except KeyboardInterrupt as err:
         interrupt = err
     from mnist_diff.study.progress import STUDY_BAR_SECONDS, StudyBar
+
     bar = StudyBar(sweep)
     while True:
         if interrupt is not None:
@@ -73,12 +78,14 @@ def _worker_process(sweep: Sweep, parent_run_id: str, gpu: int | None, workers: 
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
     import torch
+
     torch.set_num_threads(worker_threads(workers))
     from mnist_diff.study.worker import setup_logging, work
     from mnist_diff.training.trainer import StopSignals
+
     setup_logging(sweep.out_dir)
     try:
         with StopSignals():
             work(sweep, parent_run_id)
     except KeyboardInterrupt:  # stopped by the parent: the trial is saved and marked; no traceback
-        raise SystemExit(130)
+        raise SystemExit(130) from None

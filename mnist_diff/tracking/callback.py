@@ -1,5 +1,6 @@
 """What a training logs to its MLflow run: a trainer callback and the end-of-training record. Duck-types the
 tracker (`mlflow_store.Tracker`): no mlflow import here."""
+
 from __future__ import annotations
 
 import subprocess
@@ -37,13 +38,20 @@ class TrackingCallback(Callback):
 
         c = self.config = trainer.config
         device = trainer.device
-        params = {**c.to_dict(), **self.extra_params,
-                  "alpha_bar_T": trainer.schedule.alpha_bar_T, "parameters": trainer.num_parameters,
-                  "training_key": c.training_key(), "steps_per_epoch": trainer.steps_per_epoch,
-                  "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-                  "torch_version": torch.__version__, "cuda_version": torch.version.cuda,
-                  "git_commit": git_commit(), "resumed_from_step": trainer.step,
-                  "ema_nominal_step": ema_nominal_step(c) if c.ema_decay > 0 else None}
+        params = {
+            **c.to_dict(),
+            **self.extra_params,
+            "alpha_bar_T": trainer.schedule.alpha_bar_T,
+            "parameters": trainer.num_parameters,
+            "training_key": c.training_key(),
+            "steps_per_epoch": trainer.steps_per_epoch,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+            "torch_version": torch.__version__,
+            "cuda_version": torch.version.cuda,
+            "git_commit": git_commit(),
+            "resumed_from_step": trainer.step,
+            "ema_nominal_step": ema_nominal_step(c) if c.ema_decay > 0 else None,
+        }
         self.tracker.log_params(params)
         self.tracker.log_dict(c.to_dict(), "config.json")
         fig = plots.schedule_figure([(c.schedule, c.timesteps, c.beta_start, c.beta_end)])
@@ -57,18 +65,37 @@ class TrackingCallback(Callback):
         self.tracker.log_metrics(metrics, step=step)
 
     def on_epoch_end(self, end: EpochEnd) -> None:
-        self.tracker.log_metrics({"epoch_loss": end.loss, "train_images_per_sec": end.images_per_sec,
-                                  **end.metrics}, step=end.epoch)
+        self.tracker.log_metrics(
+            {"epoch_loss": end.loss, "train_images_per_sec": end.images_per_sec, **end.metrics}, step=end.epoch
+        )
         if end.sheet_path is not None:
             self.tracker.log_image(end.sheet_path, key="samples", step=end.epoch)
 
 
-def log_final(tracker, result: ExperimentResult, out_dir: Path, best_checkpoint: Path | None,
-              last_checkpoint: Path | None, history: list[dict]) -> None:
+def log_final(
+    tracker,
+    result: ExperimentResult,
+    out_dir: Path,
+    best_checkpoint: Path | None,
+    last_checkpoint: Path | None,
+    history: list[dict],
+) -> None:
     """The end-of-training record: summary metrics, curves, the resolved config and the checkpoints."""
-    tracker.log_metrics({k: getattr(result, k) for k in ("best_fid", "best_epoch", "best_fid_select",
-                                                     "final_sampling_seconds", "final_fid_seconds",
-                                                     "train_seconds", "kid", "kid_std")})
+    tracker.log_metrics(
+        {
+            k: getattr(result, k)
+            for k in (
+                "best_fid",
+                "best_epoch",
+                "best_fid_select",
+                "final_sampling_seconds",
+                "final_fid_seconds",
+                "train_seconds",
+                "kid",
+                "kid_std",
+            )
+        }
+    )
     if history:
         fig = plots.curves_figure(history)
         tracker.log_figure(fig, "curves.png")

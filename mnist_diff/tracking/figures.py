@@ -1,4 +1,5 @@
 """Figures people would rather look at than tables (matplotlib, headless)."""
+
 from __future__ import annotations
 
 import matplotlib

@@ -4,6 +4,7 @@ A `Tracker` owns one MLflow run through an explicit `MlflowClient` (no fluent gl
 end status is always ours to set: FINISHED on success, FAILED with the error as tags when something raises,
 KILLED on SIGTERM or Ctrl-C. Artifact uploads that fail are recorded and never stop training.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,7 +41,7 @@ def resolve_uri(uri: str | None) -> str:
     if uri.startswith(("http://", "https://")):
         uri = _credentials_to_env(uri)
     if uri.startswith("sqlite:///"):  # make it absolute so the printed `mlflow ui` command works anywhere
-        path = uri[len("sqlite:///"):]
+        path = uri[len("sqlite:///") :]
         if not path.startswith("/"):
             uri = "sqlite:///" + str(Path(path).absolute())
     return uri
@@ -68,7 +69,7 @@ def is_server(uri: str | None) -> bool:
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Raise TrackingUnavailable, with a one-line reason, unless the store can be used. Creates nothing."""
     if uri.startswith("sqlite:///"):
-        folder = Path(uri[len("sqlite:///"):]).parent
+        folder = Path(uri[len("sqlite:///") :]).parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             raise TrackingUnavailable(f"tracking store {uri}: folder {folder} does not exist or is not writable")
         return
@@ -90,18 +91,22 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         return
     if uri.startswith("file:") or "://" not in uri:
         if not MLFLOW_ALLOW_FILE_STORE.get():  # MLflow 3 refuses its file store (when it first writes)
-            raise TrackingUnavailable(f"tracking store {uri}: MLflow 3 no longer opens folder (file:) "
-                                      "stores; use a database such as sqlite:///mlflow.db (or set "
-                                      "MLFLOW_ALLOW_FILE_STORE=true)")
-        folder = Path(uri[len("file:"):] if uri.startswith("file:") else uri)
+            raise TrackingUnavailable(
+                f"tracking store {uri}: MLflow 3 no longer opens folder (file:) "
+                "stores; use a database such as sqlite:///mlflow.db (or set "
+                "MLFLOW_ALLOW_FILE_STORE=true)"
+            )
+        folder = Path(uri[len("file:") :] if uri.startswith("file:") else uri)
         probe = folder if folder.exists() else folder.parent
         if not probe.is_dir() or not os.access(probe, os.W_OK):
             raise TrackingUnavailable(f"tracking store {uri} is not a writable folder")
         return
     scheme = uri.split(":", 1)[0]
     if scheme.split("+")[0] not in DATABASE_ENGINES:  # any other scheme MLflow refuses on first use
-        raise TrackingUnavailable(f"tracking URI {redact_url(uri)}: MLflow does not support the scheme "
-                                  f"{scheme!r}; use sqlite:///..., postgresql://... or http(s)://...")
+        raise TrackingUnavailable(
+            f"tracking URI {redact_url(uri)}: MLflow does not support the scheme "
+            f"{scheme!r}; use sqlite:///..., postgresql://... or http(s)://..."
+        )
 
 
 def ui_command(uri: str) -> str:
@@ -123,7 +128,7 @@ def ensure_experiment(client: MlflowClient, uri: str, name: str) -> str:
         return exp.experiment_id
     location = None
     if uri.startswith("sqlite:///"):
-        location = (Path(uri[len("sqlite:///"):]).parent / "mlruns").as_uri()
+        location = (Path(uri[len("sqlite:///") :]).parent / "mlruns").as_uri()
     try:
         return client.create_experiment(name, artifact_location=location)
     except mlflow.exceptions.MlflowException:  # another worker created it first
@@ -140,8 +145,9 @@ def find_study_run(client: MlflowClient, uri: str, experiment: str, study_name: 
 def reconcile_orphans(client: MlflowClient, uri: str, experiment: str, study_name: str, live_run_ids: set) -> list:
     """Runs of a study left RUNNING by a process that died (kill -9, power loss): mark them KILLED."""
     exp_id = ensure_experiment(client, uri, experiment)
-    runs = search_tagged(client, [exp_id], {"mnist_diff.study": study_name, "mnist_diff.role": "trial"},
-                         "attributes.status = 'RUNNING'")
+    runs = search_tagged(
+        client, [exp_id], {"mnist_diff.study": study_name, "mnist_diff.role": "trial"}, "attributes.status = 'RUNNING'"
+    )
     fixed = []
     for run in runs:
         if run.info.run_id not in live_run_ids:
@@ -175,8 +181,14 @@ def kill_run(uri: str | None, run_id: str, tags: dict) -> bool:
 class Tracker:
     """One MLflow run. Use `with tracker.run(): ...` so its end status always gets set."""
 
-    def __init__(self, uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT, run_name: str | None = None,
-                 tags: dict | None = None, parent_run_id: str | None = None):
+    def __init__(
+        self,
+        uri: str | None = None,
+        experiment: str = DEFAULT_EXPERIMENT,
+        run_name: str | None = None,
+        tags: dict | None = None,
+        parent_run_id: str | None = None,
+    ):
         self.uri = resolve_uri(uri)
         self.client = MlflowClient(self.uri)
         self.experiment_name = experiment
@@ -200,8 +212,9 @@ class Tracker:
             self.set_tags({**self.tags, **({"mlflow.runName": self.run_name} if self.run_name else {})})
             return self.run_id
         self.experiment_id = ensure_experiment(self.client, self.uri, self.experiment_name)
-        run = self.client.create_run(self.experiment_id, run_name=self.run_name,
-                                     tags={k: str(v) for k, v in self.tags.items()})
+        run = self.client.create_run(
+            self.experiment_id, run_name=self.run_name, tags={k: str(v) for k, v in self.tags.items()}
+        )
         self.run_id = run.info.run_id
         return self.run_id
 
@@ -245,7 +258,7 @@ class Tracker:
         values = {k: "None" if v is None else str(v)[:6000] for k, v in params.items()}
         items = [Param(k if self.given_params.get(k, v) == v else f"{k}.resolved", v) for k, v in values.items()]
         for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i:i + 100], synchronous=True)
+            self.client.log_batch(self.run_id, params=items[i : i + 100], synchronous=True)
 
     def log_metrics(self, metrics: dict, step: int = 0) -> None:
         now = int(time.time() * 1000)
@@ -263,11 +276,19 @@ class Tracker:
             return True
         except Exception as err:
             self.upload_errors += 1
-            log.warning("MLflow upload of %s failed (%s: %s); the local file is kept", what,
-                        type(err).__name__, redact_text(str(err)))
+            log.warning(
+                "MLflow upload of %s failed (%s: %s); the local file is kept",
+                what,
+                type(err).__name__,
+                redact_text(str(err)),
+            )
             try:
-                self.set_tags({"artifact_upload_errors": self.upload_errors,
-                               "artifact_upload_last_error": f"{what}: {type(err).__name__}: {err}"[:4000]})
+                self.set_tags(
+                    {
+                        "artifact_upload_errors": self.upload_errors,
+                        "artifact_upload_last_error": f"{what}: {type(err).__name__}: {err}"[:4000],
+                    }
+                )
             except Exception:
                 pass
             return False
@@ -277,9 +298,17 @@ class Tracker:
 
     def log_image(self, path, key: str, step: int) -> bool:
         from PIL import Image
+
         with Image.open(path) as im:
-            return self._guard(f"{key} step {step}", self.client.log_image, self.run_id, im.convert("RGB"),
-                               key=key, step=step, synchronous=True)
+            return self._guard(
+                f"{key} step {step}",
+                self.client.log_image,
+                self.run_id,
+                im.convert("RGB"),
+                key=key,
+                step=step,
+                synchronous=True,
+            )
 
     def log_figure(self, fig, artifact_file: str) -> bool:
         return self._guard(artifact_file, self.client.log_figure, self.run_id, fig, artifact_file)
@@ -294,17 +323,22 @@ class Tracker:
     def training_callback(self, extra_params: dict | None = None):
         """A trainer callback that logs the training to this run (`callback.TrackingCallback`)."""
         from mnist_diff.tracking.callback import TrackingCallback
+
         return TrackingCallback(self, extra_params)
 
-    def log_final(self, result, out_dir: Path, best_checkpoint: Path | None, last_checkpoint: Path | None,
-                  history: list[dict]) -> None:
+    def log_final(
+        self, result, out_dir: Path, best_checkpoint: Path | None, last_checkpoint: Path | None, history: list[dict]
+    ) -> None:
         """The end-of-training record (`callback.log_final`)."""
         from mnist_diff.tracking.callback import log_final
+
         log_final(self, result, out_dir, best_checkpoint, last_checkpoint, history)
 
     def describe(self) -> str:
-        return (f"MLflow run {self.run_id}\n  browse: {ui_command(self.uri)}\n"
-                f"  then open {run_url(self.uri, self.experiment_id, self.run_id)}")
+        return (
+            f"MLflow run {self.run_id}\n  browse: {ui_command(self.uri)}\n"
+            f"  then open {run_url(self.uri, self.experiment_id, self.run_id)}"
+        )
 
 
 # -- reading a study back (for `report`) -----------------------------------------------------------------
@@ -337,6 +371,7 @@ def search_tagged(client: MlflowClient, experiment_ids: list[str], tags: dict, m
 @dataclass(frozen=True)
 class TrialRun:
     """One trial's child run as MLflow keeps it (params are text)."""
+
     run_id: str
     status: str  # MLflow's: FINISHED, FAILED, KILLED, RUNNING, SCHEDULED
     tags: dict
@@ -348,6 +383,7 @@ class TrialRun:
 @dataclass(frozen=True)
 class StudyRuns:
     """A study logged as a parent run (its study.json) with one child run per trial, retries included."""
+
     parent_run_id: str
     study: dict
     trials: list  # [TrialRun]
@@ -371,7 +407,14 @@ def read_study(tracking_uri: str, study_name: str) -> StudyRuns:
     trials = []
     for run in search_tagged(client, exp_ids, {"mlflow.parentRunId": pid, "mnist_diff.role": "trial"}):
         history = client.get_metric_history(run.info.run_id, "fid")
-        trials.append(TrialRun(run.info.run_id, run.info.status, dict(run.data.tags), dict(run.data.params),
-                               dict(run.data.metrics),
-                               [(m.step, m.value) for m in sorted(history, key=lambda m: (m.step, m.timestamp))]))
+        trials.append(
+            TrialRun(
+                run.info.run_id,
+                run.info.status,
+                dict(run.data.tags),
+                dict(run.data.params),
+                dict(run.data.metrics),
+                [(m.step, m.value) for m in sorted(history, key=lambda m: (m.step, m.timestamp))],
+            )
+        )
     return StudyRuns(pid, study, trials)

@@ -18,6 +18,7 @@ from; any `fid` that another sampler's run left in the shared history is dropped
 inherits a training scores, with its own sampler, every saved epoch it has no FID for, and puts this sampler's
 grid of every epoch in its own grid folder (drawn again only where no valid one exists).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,24 +59,53 @@ def final_images(config: Config) -> range:
     return range(start, start + config.fid_samples)
 
 
-def score_model(model, config: Config, reference: Reference, num: int, *, start: int = 0, progress: bool = True,
-                fid_cache=None, desc: str = "FID sampling", phase: str = "selection") -> dict:
+def score_model(
+    model,
+    config: Config,
+    reference: Reference,
+    num: int,
+    *,
+    start: int = 0,
+    progress: bool = True,
+    fid_cache=None,
+    desc: str = "FID sampling",
+    phase: str = "selection",
+) -> dict:
     """Sample images start..start+num-1 with the config's sampler (seed = config.seed) and score them; the
     seconds count as `phase` ("selection" or "final") in `timing`."""
     device = next(model.parameters()).device
     schedule = make_schedule(config.schedule, config.timesteps, config.beta_start, config.beta_end)
     t0 = time.perf_counter()
-    images = generate(model, schedule, num=num, seed=config.seed, sampler=config.sampler,
-                      ddim_steps=config.ddim_steps, eta=config.eta, clip_x0=config.clip_x0,
-                      batch_size=config.sample_batch_size, start=start, precision=config.precision,
-                      progress=progress, desc=desc, compile=config.compile)
+    images = generate(
+        model,
+        schedule,
+        num=num,
+        seed=config.seed,
+        sampler=config.sampler,
+        ddim_steps=config.ddim_steps,
+        eta=config.eta,
+        clip_x0=config.clip_x0,
+        batch_size=config.sample_batch_size,
+        start=start,
+        precision=config.precision,
+        progress=progress,
+        desc=desc,
+        compile=config.compile,
+    )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return score_images(images, config, reference, time.perf_counter() - t0, fid_cache=fid_cache, phase=phase)
 
 
-def score_images(images: torch.Tensor, config: Config, reference: Reference, sampling_seconds: float, *,
-                 fid_cache=None, phase: str = "selection") -> dict:
+def score_images(
+    images: torch.Tensor,
+    config: Config,
+    reference: Reference,
+    sampling_seconds: float,
+    *,
+    fid_cache=None,
+    phase: str = "selection",
+) -> dict:
     """The FID of images drawn in `sampling_seconds`, both times counted as `phase` in `timing`."""
     timing.add(f"{phase}_sampling", sampling_seconds)
     # the Inception batch is the device's own (evaluate.default_batch_size), not the sampling batch
@@ -90,8 +120,9 @@ def selection_seeds(config: Config) -> list[int]:
     return image_seeds(config.seed, len(images), images.start)
 
 
-def score_drawn_selection(images: torch.Tensor, config: Config, reference: Reference, sampling_seconds: float, *,
-                          fid_cache=None) -> dict:
+def score_drawn_selection(
+    images: torch.Tensor, config: Config, reference: Reference, sampling_seconds: float, *, fid_cache=None
+) -> dict:
     """An epoch's selection FID of its selection images, drawn in its grid pass."""
     m = score_images(images, config, reference, sampling_seconds, fid_cache=fid_cache)
     return {k: m[k] for k in SCORE_KEYS}
@@ -107,8 +138,11 @@ class SamplingRecord:
         self.train_dir = Path(train_dir)
         name = f"{config.sampling_key()}-n{config.fid_select_samples}-{reference.cache_name()}"
         self.path = self.train_dir / "sampling" / f"{name}.json"
-        self.header = {"sampling": config.sampling_dict(), "fid_select_samples": config.fid_select_samples,
-                       "reference": reference.cache_name()}
+        self.header = {
+            "sampling": config.sampling_dict(),
+            "fid_select_samples": config.fid_select_samples,
+            "reference": reference.cache_name(),
+        }
         doc = json.loads(self.path.read_text()) if self.path.exists() else {}
         self.epochs = {int(e): m for e, m in doc.get("epochs", {}).items()}
 
@@ -164,8 +198,9 @@ class FidSelection(Callback):
     to the epoch's metrics (hence to tracking). Every epoch's grid goes to the record too. The selection images
     are drawn in the grid's pass (`seeds_for_epoch_end`)."""
 
-    def __init__(self, config: Config, reference: Reference, record: SamplingRecord, *, progress: bool = True,
-                 fid_cache=None):
+    def __init__(
+        self, config: Config, reference: Reference, record: SamplingRecord, *, progress: bool = True, fid_cache=None
+    ):
         self.config, self.reference, self.record = config, reference, record
         self.progress, self.fid_cache = progress, fid_cache
         self.last_epoch = config.epochs
@@ -188,9 +223,19 @@ class FidSelection(Callback):
         end.metrics.update(m)
 
 
-def score_past_epochs(config: Config, history: list[dict], record: SamplingRecord, sheet_dir, *,
-                      last_epoch: int, reference: Reference, device, tracker=None, progress=True,
-                      fid_cache=None) -> None:
+def score_past_epochs(
+    config: Config,
+    history: list[dict],
+    record: SamplingRecord,
+    sheet_dir,
+    *,
+    last_epoch: int,
+    reference: Reference,
+    device,
+    tracker=None,
+    progress=True,
+    fid_cache=None,
+) -> None:
     """Epochs trained before this run, maybe under another sampling config: put this config's grid of each
     epoch due one (`sheet_every`) in `sheet_dir` (a copy of a valid one from the record, else drawn), score the
     due ones the record has no FID for, from the saved per-epoch EMA weights, and log them to this run's
@@ -206,8 +251,14 @@ def score_past_epochs(config: Config, history: list[dict], record: SamplingRecor
         score = fid_due(config, epoch, last_epoch) and record.fid(epoch) is None
         if draw_grid or score:  # the grid and the selection images in one pass, as in training
             model, _, _ = load_sampling_model(record.ema_path(epoch), device)
-            _, drawn, seconds = sample_epoch(model, schedule, config, grid if draw_grid else None,
-                                             selection_seeds(config) if score else (), progress=progress)
+            _, drawn, seconds = sample_epoch(
+                model,
+                schedule,
+                config,
+                grid if draw_grid else None,
+                selection_seeds(config) if score else (),
+                progress=progress,
+            )
             if score:
                 record.put_fid(epoch, score_drawn_selection(drawn, config, reference, seconds, fid_cache=fid_cache))
         if known is not None and known != grid.resolve():
@@ -225,19 +276,20 @@ class ExperimentResult:
     """What one experiment produced: its training, its best epoch and the scores; `result.json` is `to_dict()`.
     A field is None where it does not apply (no final FID with fid_samples 0; `trained_in` only for a training
     another run did)."""
+
     config: dict
     training_key: str
     sampling_key: str
     out_dir: str
     steps: int
     epochs_done: int
-    history: list            # one dict per epoch: loss, and this sampling config's selection FID where scored
-    epoch_fids: dict         # {epoch: selection FID}
-    fid_images: dict         # the seed and the [start, stop) image ranges of the selection and the final FID
+    history: list  # one dict per epoch: loss, and this sampling config's selection FID where scored
+    epoch_fids: dict  # {epoch: selection FID}
+    fid_images: dict  # the seed and the [start, stop) image ranges of the selection and the final FID
     final_loss: float | None = None
     train_seconds: float | None = None
     fit_seconds: float | None = None  # this run's wall time in `fit` (training and selection)
-    trained_by: str | None = None     # the MLflow run that made the last optimizer step
+    trained_by: str | None = None  # the MLflow run that made the last optimizer step
     trained_in: str | None = None
     best_epoch: int | None = None
     best_fid_select: float | None = None
@@ -264,9 +316,20 @@ def best_epoch(history: list[dict]) -> tuple[int, float | None] | None:
     return (history[-1]["epoch"], None) if history else None
 
 
-def run_experiment(config: Config, images: torch.Tensor, train_dir, *, reference: Reference, out_dir=None,
-                   tracker=None, resume: bool = False, progress: bool = True, fid_cache=None,
-                   extra_params: dict | None = None, callbacks: list | None = None) -> ExperimentResult:
+def run_experiment(
+    config: Config,
+    images: torch.Tensor,
+    train_dir,
+    *,
+    reference: Reference,
+    out_dir=None,
+    tracker=None,
+    resume: bool = False,
+    progress: bool = True,
+    fid_cache=None,
+    extra_params: dict | None = None,
+    callbacks: list | None = None,
+) -> ExperimentResult:
     """Train (or resume) in `train_dir`, select the best epoch by this config's FIDs, score it. The grids
     (`samples/`) and `result.json` go to `out_dir` (default `train_dir`). A resumed training may have been
     started under another sampling config: its past epochs are scored with this one (`score_past_epochs`)."""
@@ -276,26 +339,68 @@ def run_experiment(config: Config, images: torch.Tensor, train_dir, *, reference
     cbs = [FidSelection(config, reference, record, progress=progress, fid_cache=fid_cache)]
     if tracker is not None:
         cbs.append(tracker.training_callback(extra_params))
-    trainer = Trainer(config, images, train_dir, callbacks=cbs + list(callbacks or []), progress=progress,
-                      sheet_dir=out_dir / "samples", run_id=tracker.run_id if tracker is not None else None)
+    trainer = Trainer(
+        config,
+        images,
+        train_dir,
+        callbacks=cbs + list(callbacks or []),
+        progress=progress,
+        sheet_dir=out_dir / "samples",
+        run_id=tracker.run_id if tracker is not None else None,
+    )
     if resume and trainer.resume():
-        score_past_epochs(config, trainer.history, record, out_dir / "samples",
-                          last_epoch=trainer.total_steps // trainer.steps_per_epoch, reference=reference,
-                          device=trainer.device, tracker=tracker, progress=progress, fid_cache=fid_cache)
+        score_past_epochs(
+            config,
+            trainer.history,
+            record,
+            out_dir / "samples",
+            last_epoch=trainer.total_steps // trainer.steps_per_epoch,
+            reference=reference,
+            device=trainer.device,
+            tracker=tracker,
+            progress=progress,
+            fid_cache=fid_cache,
+        )
     t0 = time.perf_counter()
     trainer.fit()
     fit_seconds = time.perf_counter() - t0
-    result = {"steps": trainer.step, "epochs_done": trainer.step // trainer.steps_per_epoch,
-              "train_seconds": trainer.train_seconds, "fit_seconds": fit_seconds, "trained_by": trainer.trained_by}
+    result = {
+        "steps": trainer.step,
+        "epochs_done": trainer.step // trainer.steps_per_epoch,
+        "train_seconds": trainer.train_seconds,
+        "fit_seconds": fit_seconds,
+        "trained_by": trainer.trained_by,
+    }
     last = next(iter(sorted(trainer.ckpt_dir.glob("ckpt-*.pt"), reverse=True)), None)
-    return finalize(config, record.history(trainer.history), trainer.ckpt_dir, out_dir, result, reference=reference,
-                    device=trainer.device, tracker=tracker, progress=progress, fid_cache=fid_cache,
-                    last_checkpoint=last)
+    return finalize(
+        config,
+        record.history(trainer.history),
+        trainer.ckpt_dir,
+        out_dir,
+        result,
+        reference=reference,
+        device=trainer.device,
+        tracker=tracker,
+        progress=progress,
+        fid_cache=fid_cache,
+        last_checkpoint=last,
+    )
 
 
-def finalize(config: Config, history: list[dict], ckpt_dir: Path, out_dir: Path, result: dict, *,
-             reference: Reference, device, tracker=None, progress=True, fid_cache=None,
-             last_checkpoint: Path | None = None) -> ExperimentResult:
+def finalize(
+    config: Config,
+    history: list[dict],
+    ckpt_dir: Path,
+    out_dir: Path,
+    result: dict,
+    *,
+    reference: Reference,
+    device,
+    tracker=None,
+    progress=True,
+    fid_cache=None,
+    last_checkpoint: Path | None = None,
+) -> ExperimentResult:
     """Score the best epoch with the `final_images`; write result.json; log the final record. `history`
     holds this sampling config's FIDs only."""
     select, final = selection_images(config), final_images(config)
@@ -307,16 +412,35 @@ def finalize(config: Config, history: list[dict], ckpt_dir: Path, out_dir: Path,
         best_path = checkpoint.ema_path(ckpt_dir, best[0])
         if config.fid_samples > 0:
             model, _, _ = load_sampling_model(best_path, device)
-            m = score_model(model, config, reference, len(final), start=final.start, progress=progress,
-                            fid_cache=fid_cache, desc=f"final FID (epoch {best[0]})", phase="final")
-            scores.update(best_fid=m["fid"], final_sampling_seconds=m["sampling_seconds"],
-                          final_fid_seconds=m["fid_seconds"], **{k: m[k] for k in ("kid", "kid_std") if k in m})
+            m = score_model(
+                model,
+                config,
+                reference,
+                len(final),
+                start=final.start,
+                progress=progress,
+                fid_cache=fid_cache,
+                desc=f"final FID (epoch {best[0]})",
+                phase="final",
+            )
+            scores.update(
+                best_fid=m["fid"],
+                final_sampling_seconds=m["sampling_seconds"],
+                final_fid_seconds=m["fid_seconds"],
+                **{k: m[k] for k in ("kid", "kid_std") if k in m},
+            )
     result = ExperimentResult(
-        config=config.to_dict(), training_key=config.training_key(), sampling_key=config.sampling_key(),
-        out_dir=str(out_dir), **result, **scores, history=history,
+        config=config.to_dict(),
+        training_key=config.training_key(),
+        sampling_key=config.sampling_key(),
+        out_dir=str(out_dir),
+        **result,
+        **scores,
+        history=history,
         epoch_fids={h["epoch"]: h["fid"] for h in history if h.get("fid") is not None},
         final_loss=history[-1]["loss"] if history else None,
-        fid_images={"seed": config.seed, "selection": [select.start, select.stop], "final": [final.start, final.stop]})
+        fid_images={"seed": config.seed, "selection": [select.start, select.stop], "final": [final.start, final.stop]},
+    )
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     write_json(Path(out_dir) / "result.json", result.to_dict())
     if tracker is not None:
@@ -324,8 +448,17 @@ def finalize(config: Config, history: list[dict], ckpt_dir: Path, out_dir: Path,
     return result
 
 
-def score_saved_training(config: Config, train_dir, out_dir, *, reference: Reference, device, tracker=None,
-                         progress: bool = True, fid_cache=None) -> ExperimentResult:
+def score_saved_training(
+    config: Config,
+    train_dir,
+    out_dir,
+    *,
+    reference: Reference,
+    device,
+    tracker=None,
+    progress: bool = True,
+    fid_cache=None,
+) -> ExperimentResult:
     """Score a finished training another run did (same training config, maybe another sampler): this config's
     grids and FIDs of every epoch it lacks, from the saved EMA weights, then the final FID. Nothing is trained."""
     train_dir, out_dir = Path(train_dir), Path(out_dir)
@@ -336,12 +469,43 @@ def score_saved_training(config: Config, train_dir, out_dir, *, reference: Refer
     history = trained["history"]
     if tracker is not None:
         schedule = make_schedule(config.schedule, config.timesteps, config.beta_start, config.beta_end)
-        tracker.log_params({**config.to_dict(), "training_key": config.training_key(),
-                            "alpha_bar_T": schedule.alpha_bar_T, "trained_in": str(train_dir)})
+        tracker.log_params(
+            {
+                **config.to_dict(),
+                "training_key": config.training_key(),
+                "alpha_bar_T": schedule.alpha_bar_T,
+                "trained_in": str(train_dir),
+            }
+        )
     record = SamplingRecord(train_dir, config, reference)
-    score_past_epochs(config, history, record, out_dir / "samples", last_epoch=history[-1]["epoch"],
-                      reference=reference, device=device, tracker=tracker, progress=progress, fid_cache=fid_cache)
-    result = {"steps": trained["step"], "epochs_done": trained["epoch"], "train_seconds": trained.get("train_seconds"),
-              "trained_in": str(train_dir), "trained_by": trained.get("trained_by")}
-    return finalize(config, record.history(history), ckpt_dir, out_dir, result, reference=reference,
-                    device=device, tracker=tracker, progress=progress, fid_cache=fid_cache)
+    score_past_epochs(
+        config,
+        history,
+        record,
+        out_dir / "samples",
+        last_epoch=history[-1]["epoch"],
+        reference=reference,
+        device=device,
+        tracker=tracker,
+        progress=progress,
+        fid_cache=fid_cache,
+    )
+    result = {
+        "steps": trained["step"],
+        "epochs_done": trained["epoch"],
+        "train_seconds": trained.get("train_seconds"),
+        "trained_in": str(train_dir),
+        "trained_by": trained.get("trained_by"),
+    }
+    return finalize(
+        config,
+        record.history(history),
+        ckpt_dir,
+        out_dir,
+        result,
+        reference=reference,
+        device=device,
+        tracker=tracker,
+        progress=progress,
+        fid_cache=fid_cache,
+    )

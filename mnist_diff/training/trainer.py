@@ -4,6 +4,7 @@ checkpoints, exact resume. It imports no tracking library: evaluation and loggin
 Everything about the data order is derived from (seed, step): epoch e is shuffled with its own seeded
 generator, so a run resumed from any step sees exactly the batches an uninterrupted run would.
 """
+
 from __future__ import annotations
 
 import copy
@@ -13,9 +14,9 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -33,8 +34,8 @@ from mnist_diff.runtime.step_graph import StepGraph, portable_optimizer_state
 from mnist_diff.util import atomic
 
 log = logging.getLogger(__name__)
-LOG_EVERY = 50          # optimizer steps between host syncs (loss readout, non-finite check)
-SHEET_SEED = 12345       # the per-epoch grids' own seeds (config.sheet_images of them), the same every epoch
+LOG_EVERY = 50  # optimizer steps between host syncs (loss readout, non-finite check)
+SHEET_SEED = 12345  # the per-epoch grids' own seeds (config.sheet_images of them), the same every epoch
 
 
 class NonFiniteLoss(RuntimeError):
@@ -56,7 +57,7 @@ class StopSignals:
     set a flag that the loop checks between optimizer steps: it then writes a consistent checkpoint and raises.
     A second signal always raises at once."""
 
-    active: "StopSignals | None" = None
+    active: StopSignals | None = None
 
     def __init__(self):
         self.received: str | None = None  # the name of the signal whose stop the training loop defers
@@ -88,20 +89,21 @@ class StopSignals:
 @dataclass
 class EpochEnd:
     """What a callback sees after each epoch."""
-    epoch: int                  # 1-based
-    step: int                   # optimizer steps done
-    loss: float                 # mean training loss over the epoch
+
+    epoch: int  # 1-based
+    step: int  # optimizer steps done
+    loss: float  # mean training loss over the epoch
     images_per_sec: float
-    sampling_model: torch.nn.Module   # the EMA model (or the raw one with EMA off), in eval mode
-    ema_path: Path              # this epoch's sampling weights on disk
-    sheet_path: Path | None      # this epoch's 8x8 sample sheet; None where none is due (`sheet_every`)
+    sampling_model: torch.nn.Module  # the EMA model (or the raw one with EMA off), in eval mode
+    ema_path: Path  # this epoch's sampling weights on disk
+    sheet_path: Path | None  # this epoch's 8x8 sample sheet; None where none is due (`sheet_every`)
     metrics: dict = field(default_factory=dict)  # callbacks add theirs (e.g. fid); kept in the history
-    drawn: dict = field(default_factory=dict)    # seed -> image: what callbacks asked for in the grid's pass
-    drawn_seconds: float = 0.0                   # their share of that pass's time
+    drawn: dict = field(default_factory=dict)  # seed -> image: what callbacks asked for in the grid's pass
+    drawn_seconds: float = 0.0  # their share of that pass's time
 
 
 class Callback:
-    def on_train_start(self, trainer: "Trainer") -> None: ...
+    def on_train_start(self, trainer: Trainer) -> None: ...
     def on_log(self, step: int, loss: float, images_per_sec: float) -> None: ...
     def on_epoch_end(self, end: EpochEnd) -> None: ...
     def on_checkpoint(self, path: Path, step: int, epoch: int) -> None: ...  # a full checkpoint was saved
@@ -153,12 +155,12 @@ def epoch_permutation(seed: int, epoch: int, n: int, device) -> torch.Tensor:
 @dataclass
 class Trainer:
     config: Config
-    images: torch.Tensor            # uint8 [N, 1, 28, 28] on the training device
+    images: torch.Tensor  # uint8 [N, 1, 28, 28] on the training device
     out_dir: Path
     callbacks: list = field(default_factory=list)
     progress: bool = True
-    sheet_dir: Path | None = None    # the per-epoch sample sheets (default out_dir/samples)
-    run_id: str | None = None       # who trains (e.g. an MLflow run id), saved in checkpoints as `trained_by`
+    sheet_dir: Path | None = None  # the per-epoch sample sheets (default out_dir/samples)
+    run_id: str | None = None  # who trains (e.g. an MLflow run id), saved in checkpoints as `trained_by`
 
     def __post_init__(self):
         c = self.config
@@ -170,12 +172,14 @@ class Trainer:
         self.model = build_model(c, self.device)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False) if c.ema_decay > 0 else None
         fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay,
-                                           fused=fused or None)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay, fused=fused or None
+        )
         self.fast_model = accel.TrainingModel(self.model, c.compile)  # compiled forward (+ backward) or eager
         # on CUDA with compiling on, the whole step as one CUDA graph; it falls back to fast_model
-        self.step_graph = StepGraph(self) if accel.compile_enabled(c.compile, self.device) \
-            and self.device.type == "cuda" else None
+        self.step_graph = (
+            StepGraph(self) if accel.compile_enabled(c.compile, self.device) and self.device.type == "cuda" else None
+        )
         self.noise_gen = torch.Generator(self.device).manual_seed(c.seed)
         self.steps_per_epoch = self.images.shape[0] // c.batch_size  # drop the last partial batch
         self.total_steps = c.epochs * self.steps_per_epoch
@@ -184,7 +188,7 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self.epoch_loss = (0.0, 0)  # (sum, steps) of the current epoch's losses; kept across a mid-epoch resume
-        self.train_seconds = 0.0    # optimizer steps only (not sampling, FID or checkpoints), across resumes
+        self.train_seconds = 0.0  # optimizer steps only (not sampling, FID or checkpoints), across resumes
         self.trained_by: str | None = None  # run_id of whoever made the latest optimizer step, across resumes
         self.num_parameters = count_parameters(self.model)
 
@@ -317,8 +321,14 @@ class Trainer:
         self.model.train()
         n = self.images.shape[0]
         bs = c.batch_size
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
-                   disable=not self.progress, dynamic_ncols=True)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc="train",
+            unit="step",
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
         window: list[torch.Tensor] = []
         window_start, t_window = self.step, time.perf_counter()
         t_epoch, epoch_start_steps = time.perf_counter(), self.epoch_loss[1]
@@ -336,7 +346,7 @@ class Trainer:
                 epoch, b = divmod(self.step, self.steps_per_epoch)
                 if perm is None or b == 0:
                     perm = epoch_permutation(c.seed, epoch, n, self.device)
-                x0 = to_model_range(self.images[perm[b * bs:(b + 1) * bs]])
+                x0 = to_model_range(self.images[perm[b * bs : (b + 1) * bs]])
                 window.append(self._train_step(x0))
                 bar.update(1)  # per step, so the bar moves and shows an ETA at once; no host sync (loss stays batched)
                 epoch_done = self.step % self.steps_per_epoch == 0
@@ -369,19 +379,35 @@ class Trainer:
         c = self.config
         with timing.phase("checkpoints"):
             ema_path = checkpoint.atomic_save(
-                {"format_version": checkpoint.FORMAT_VERSION, "config": c.to_dict(), "epoch": epoch,
-                 "step": self.step, "ema": self.sampling_model.state_dict()},
-                checkpoint.ema_path(self.ckpt_dir, epoch))
+                {
+                    "format_version": checkpoint.FORMAT_VERSION,
+                    "config": c.to_dict(),
+                    "epoch": epoch,
+                    "step": self.step,
+                    "ema": self.sampling_model.state_dict(),
+                },
+                checkpoint.ema_path(self.ckpt_dir, epoch),
+            )
         seeds = [s for cb in self.callbacks for s in cb.seeds_for_epoch_end(epoch)]
         sheet_path = self.sheet_dir / f"epoch-{epoch:03d}.png"
         if not epoch_due(c.sheet_every, epoch, self.total_steps // self.steps_per_epoch):
             sheet_path = None
         drawn, seconds = [], 0.0
         if sheet_path is not None or seeds:
-            sheet_path, drawn, seconds = sample_epoch(self.sampling_model, self.schedule, c, sheet_path, seeds,
-                                                     progress=self.progress)
-        end = EpochEnd(epoch, self.step, loss, ips, self.sampling_model, ema_path, sheet_path,
-                       drawn=dict(zip(seeds, drawn)), drawn_seconds=seconds)
+            sheet_path, drawn, seconds = sample_epoch(
+                self.sampling_model, self.schedule, c, sheet_path, seeds, progress=self.progress
+            )
+        end = EpochEnd(
+            epoch,
+            self.step,
+            loss,
+            ips,
+            self.sampling_model,
+            ema_path,
+            sheet_path,
+            drawn=dict(zip(seeds, drawn)),
+            drawn_seconds=seconds,
+        )
         for cb in self.callbacks:
             cb.on_epoch_end(end)
         self.history.append({"epoch": epoch, "step": self.step, "loss": loss, "images_per_sec": ips, **end.metrics})
@@ -389,8 +415,9 @@ class Trainer:
         self.model.train()
 
 
-def sample_epoch(model, schedule, config: Config, path, seeds: Sequence[int] = (),
-                 progress: bool = False) -> tuple[Path | None, torch.Tensor, float]:
+def sample_epoch(
+    model, schedule, config: Config, path, seeds: Sequence[int] = (), progress: bool = False
+) -> tuple[Path | None, torch.Tensor, float]:
     """An epoch's grid at `path` (None: no grid) and the images of `seeds` (e.g. its FID set), drawn in one pass:
     a 64-image grid alone is a small batch, which on a GPU costs about as long as a full one. The grid (8x8 by
     default) has fixed seeds of its own, so epochs compare. Returns the grid's path, the images of `seeds` and
@@ -400,10 +427,20 @@ def sample_epoch(model, schedule, config: Config, path, seeds: Sequence[int] = (
     parts = ([f"grid {Path(path).stem}"] if n else []) + ([f"{len(seeds):,} images"] if seeds else [])
     desc = " + ".join(parts)
     t0 = time.perf_counter()
-    images = generate_seeds(model, schedule, [*grid_seeds, *seeds], sampler=config.sampler,
-                            ddim_steps=config.ddim_steps, eta=config.eta, clip_x0=config.clip_x0,
-                            batch_size=config.sample_batch_size, precision=config.precision, progress=progress,
-                            desc=desc, compile=config.compile)
+    images = generate_seeds(
+        model,
+        schedule,
+        [*grid_seeds, *seeds],
+        sampler=config.sampler,
+        ddim_steps=config.ddim_steps,
+        eta=config.eta,
+        clip_x0=config.clip_x0,
+        batch_size=config.sample_batch_size,
+        precision=config.precision,
+        progress=progress,
+        desc=desc,
+        compile=config.compile,
+    )
     if images.device.type == "cuda":
         torch.cuda.synchronize(images.device)
     seconds = time.perf_counter() - t0

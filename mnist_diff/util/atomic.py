@@ -1,14 +1,15 @@
 """The one way files are written here: to a temporary file beside the target, fsynced, then renamed over it.
 A crash at any moment leaves the old file or the new one, never a torn one. Standard library only, so every
 module (bench included, which runs on torch alone) can use it."""
+
 from __future__ import annotations
 
 import json
 import os
 import re
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 _TMP = re.compile(r"^\..+\.(\d+)\.tmp(\.[^.]*)?$")  # names `temporary_name` gives
 

@@ -6,6 +6,7 @@ name through the study's storage when it is PostgreSQL (a session advisory lock:
 same server, and the server releases it when the holder's connection goes, so a machine that dies holds
 nothing), else a `file_lock` in the given folder (SQLite lives on one machine's disk anyway).
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -76,6 +77,7 @@ def exclusive(storage_url: str, name: str, lock_dir: Path):
             yield
         return
     import sqlalchemy
+
     # Its own connection, held for the whole block, outside any pool: the lock lives exactly as long as it.
     engine = sqlalchemy.create_engine(storage_url, poolclass=sqlalchemy.pool.NullPool)
     try:

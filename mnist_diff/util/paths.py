@@ -1,4 +1,5 @@
 """Where mnist-diff keeps what it downloads or measures once: `$XDG_CACHE_HOME/mnist-diff` (`~/.cache/...`)."""
+
 import os
 from pathlib import Path
 

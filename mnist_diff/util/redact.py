@@ -1,5 +1,6 @@
 """URLs with their passwords masked, for anything that is logged, printed or tracked: a PostgreSQL storage
 URL or a tracking server URL may carry credentials (`postgresql://user:secret@host/db`). Pure."""
+
 from __future__ import annotations
 
 import logging
