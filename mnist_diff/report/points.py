@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-REFERENCE_FIELDS = ("schedule", "timesteps", "beta_end", "sampler")  # every record has them, varied or not
+from mnist_diff.study.grid import REFERENCE_FIELDS
 
 
 class Point(NamedTuple):

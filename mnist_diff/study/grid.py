@@ -21,6 +21,8 @@ from mnist_diff.config import Config
 from mnist_diff.presets import STUDY_PAIRS, STUDY_SAMPLERS, STUDY_SCHEDULES
 
 MAX_POINTS = 256
+# The fields every grid point has, varied or not: the reference study's dimensions (a point adds its seed).
+REFERENCE_FIELDS = ("schedule", "timesteps", "beta_end", "sampler")
 # The protocol a study's claims are checked on: the reference study's (20 epochs, batch 128, beta_start 1e-4, an
 # FID after every epoch) with this project's FID set sizes, all of them `Config`'s defaults. `report` names
 # every one a study changed.

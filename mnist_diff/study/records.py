@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import optuna
 
-from mnist_diff.study.grid import Grid
+from mnist_diff.study.grid import REFERENCE_FIELDS, Grid
 from mnist_diff.study.spec import Sweep
 from mnist_diff.util.atomic import write_json
 
@@ -25,9 +25,6 @@ def study_doc(sweep: Sweep) -> dict:
     }
 
 
-REFERENCE_FIELDS = ("schedule", "timesteps", "beta_end", "sampler", "seed")  # in every record, varied or not
-
-
 def records(study: optuna.Study, sweep: Sweep) -> list[dict]:
     """One record per trial, in the format of grid_search_results.json: its params are the reference fields
     and every field the grid sets."""
@@ -43,7 +40,7 @@ def records(study: optuna.Study, sweep: Sweep) -> list[dict]:
             {
                 "trial": t.number,
                 "state": t.state.name,
-                "params": {**{k: getattr(config, k) for k in REFERENCE_FIELDS}, **fields},
+                "params": {**{k: getattr(config, k) for k in (*REFERENCE_FIELDS, "seed")}, **fields},
                 "best_fid": a.get("best_fid"),
                 "best_epoch": a.get("best_epoch"),
                 "best_fid_select": a.get("best_fid_select"),

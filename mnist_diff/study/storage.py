@@ -135,7 +135,7 @@ def trainings_first(sweep: Sweep) -> list[dict]:
 DONE_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.PRUNED)
 
 
-def point_of(t: optuna.trial.FrozenTrial) -> tuple:
+def trial_point(t: optuna.trial.FrozenTrial) -> tuple:
     """A trial's grid point; a queued (WAITING) trial has no params yet, only the ones it was queued with."""
     return tuple(sorted((t.params or t.system_attrs.get("fixed_params", {})).items()))
 
@@ -148,7 +148,7 @@ def requeue_failed(study: optuna.Study, sweep: Sweep, retry_failed: bool = False
     every failed point, deterministic ones included, with a fresh retry budget."""
     by_point: dict = {}
     for t in study.get_trials(deepcopy=False):
-        by_point.setdefault(point_of(t), []).append(t)
+        by_point.setdefault(trial_point(t), []).append(t)
     queued = 0
     S = optuna.trial.TrialState
     for _point, trials in by_point.items():
@@ -179,14 +179,14 @@ def requeue_failed(study: optuna.Study, sweep: Sweep, retry_failed: bool = False
 def open_points(study: optuna.Study, sweep: Sweep) -> int:
     """Grid points no trial has started or finished, plus queued retries."""
     trials = study.get_trials(deepcopy=False)
-    taken = {point_of(t) for t in trials if t.state in DONE_STATES + (optuna.trial.TrialState.RUNNING,)}
+    taken = {trial_point(t) for t in trials if t.state in DONE_STATES + (optuna.trial.TrialState.RUNNING,)}
     waiting = sum(t.state == optuna.trial.TrialState.WAITING for t in trials)
     return sweep.size - len(taken) + waiting
 
 
 def points_done(study: optuna.Study, sweep: Sweep) -> tuple[int, str]:
     """(n, 'n/size'): how many grid points are COMPLETE."""
-    n = len({point_of(t) for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))})
+    n = len({trial_point(t) for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))})
     return n, f"{n}/{sweep.size}"
 
 
@@ -195,7 +195,7 @@ def failed_points(study: optuna.Study, sweep: Sweep) -> list[str]:
     last error."""
     by_point: dict = {}
     for t in study.get_trials(deepcopy=False):  # in trial order: a point's last trial comes last
-        by_point.setdefault(point_of(t), []).append(t)
+        by_point.setdefault(trial_point(t), []).append(t)
     lines = []
     for trials in by_point.values():
         if all(t.state == optuna.trial.TrialState.FAIL for t in trials):

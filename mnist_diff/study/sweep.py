@@ -27,10 +27,10 @@ from mnist_diff.study.storage import (
     failed_points,
     make_storage,
     open_study,
-    point_of,
     points_done,
     requeue_failed,
     trainings_first,
+    trial_point,
 )
 from mnist_diff.study.worker import prefetch, setup_logging, work
 from mnist_diff.study.workers import run_workers
@@ -128,7 +128,9 @@ def parent_status(study: optuna.Study, sweep: Sweep, interrupted: bool) -> tuple
     trials = study.get_trials(deepcopy=False)
     complete, done = points_done(study, sweep)
     running = any(t.state == S.RUNNING for t in trials)
-    failed = {point_of(t) for t in trials if t.state == S.FAIL} - {point_of(t) for t in trials if t.state != S.FAIL}
+    failed = {trial_point(t) for t in trials if t.state == S.FAIL} - {
+        trial_point(t) for t in trials if t.state != S.FAIL
+    }
     if complete == sweep.size:
         return "FINISHED", None, done
     if running:
