@@ -11,6 +11,7 @@ import optuna
 
 from mnist_diff.fid.engine import Reference
 from mnist_diff.runtime import timing
+from mnist_diff.runtime.data import mnist_dataset
 from mnist_diff.study.optuna_compat import retried_trial_number, stored_trial
 from mnist_diff.study.retries import retry_tags
 from mnist_diff.study.shared_trainings import DONE_MARKER, Uploader, mark_done, restore
@@ -69,6 +70,7 @@ class Objective:
             tags=tags,
             run_name=f"{trial.number:03d}-{config.short_name()}-s{config.seed}",
             parent_run_id=self.parent_run_id,
+            system_metrics=s.system_metrics,
         )
         reference = Reference(config.fid_ref, config.fid_ref_samples, s.data_dir, s.fid_weights)
         log.info("trial %d: %s", trial.number, params)
@@ -78,6 +80,8 @@ class Objective:
         with tracker.run():
             trial.set_user_attr("mlflow_run_id", tracker.run_id)
             tracker.set_tags({"mnist_diff.samples_dir": samples_dir})
+            train_set = mnist_dataset(s.data_dir, train=True, limit=config.train_samples, context="training")
+            tracker.log_datasets([train_set, reference.dataset()])
             # two workers, on this machine or (with PostgreSQL) any other, never train one model at once
             with exclusive(s.storage, f"training-{key}", s.out_dir / "trainings"):
                 index = StoredTrainingIndex(trial.study, key) if is_server(s.tracking_uri) else None
