@@ -77,6 +77,10 @@ class Objective:
         samples_dir = trial_dir / "samples"  # this trial's own grids, whoever trained
         timing.reset()
         t0 = time.perf_counter()
+
+        def report(epoch: int, fid: float) -> None:  # optuna-dashboard's curves; NopPruner prunes nothing
+            trial.report(fid, step=epoch)
+
         with tracker.run():
             trial.set_user_attr("mlflow_run_id", tracker.run_id)
             tracker.set_tags({"mnist_diff.samples_dir": samples_dir})
@@ -98,6 +102,7 @@ class Objective:
                         device=self.images_loader().device,
                         tracker=tracker,
                         progress=s.progress,
+                        on_fid=report,
                     )
                 else:  # train, or finish what an interrupted trial (of either sampler) left
                     uploads = [Uploader(tracker, index)] if index is not None else []
@@ -111,6 +116,7 @@ class Objective:
                         resume=True,
                         progress=s.progress,
                         callbacks=uploads,
+                        on_fid=report,
                     )
                     trained_by = result.trained_by  # whoever made the last optimizer step
                     write_json(done_marker, {"run_id": trained_by})
