@@ -128,6 +128,12 @@ def test_no_system_metrics_logs_none(tmp_path):
         assert any(k.startswith("system/") for k in metrics) == on
 
 
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_system_metrics_are_on_unless_turned_off(command):
+    parse = lambda *args: cli.cli.commands[command].make_context(command, list(args)).params["system_metrics"]
+    assert parse() is True and parse("--no-system-metrics") is False
+
+
 class Boom(Callback):
     def on_epoch_end(self, end):
         raise RuntimeError("forced failure for the test")
