@@ -30,7 +30,7 @@ VAR_ROOT = "/tmp/mnist-diff-docs-var"
 # The first two commands of README.md: the main job and the tests. CI and users run them as written.
 SETUP_COMMANDS = (
     "pip install -e . && python cli.py sweep",
-    'pip install -e ".[test]" && python -m pytest -q',
+    'pip install -e ".[test,dashboard]" && python -m pytest -q',
 )
 
 

@@ -2,8 +2,14 @@
 
 import json
 import os
+import shutil
 import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +127,54 @@ def test_mlflow_parent_and_children(finished_sweep):
         assert params["timesteps"] == "200" and params["beta_end"] == "0.08"
         assert [m.step for m in client.get_metric_history(child.info.run_id, "fid")] == [1, 2]
         assert child.data.metrics["best_fid"] > 0
+        # every trial, trained or scoring another's training: system metrics, and the data it used as inputs
+        assert "system/cpu_utilization_percentage" in child.data.metrics
+        inputs = {d.dataset.name: d.dataset.digest for d in child.inputs.dataset_inputs}
+        assert inputs.keys() == {"mnist-train-64", "mnist-train-16"} and all(len(d) == 32 for d in inputs.values())
+    # one training set and one reference for the whole study: the same digests on every trial
+    assert len({frozenset((d.dataset.name, d.dataset.digest) for d in c.inputs.dataset_inputs) for c in children}) == 1
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_optuna_dashboard_shows_the_study_and_its_fid_curves(finished_sweep):
+    """`optuna-dashboard sqlite:///optuna.db` lists the study (and nothing else) and draws each trial's selection
+    FID per epoch, which the trials reported as intermediate values (read through its JSON API)."""
+    tmp_path, _, _ = finished_sweep
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/optuna.db")
+    for t in study.get_trials():  # what Optuna holds: the epochs' selection FIDs, as the result records them
+        assert t.intermediate_values == {int(e): f for e, f in t.user_attrs["epoch_fids"].items()}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    exe = shutil.which("optuna-dashboard", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.Popen(
+        [exe, f"sqlite:///{tmp_path}/optuna.db", "--host", "127.0.0.1", "--port", str(port), "--server", "wsgiref"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        api, deadline = f"http://127.0.0.1:{port}/api/studies", time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(api, timeout=5) as r:
+                    studies = json.load(r)["study_summaries"]
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+                time.sleep(0.3)
+        assert [x["study_name"] for x in studies] == ["s"]  # no claim marker or other helper study
+        with urllib.request.urlopen(f"{api}/{studies[0]['study_id']}", timeout=30) as r:
+            detail = json.load(r)
+        assert detail["has_intermediate_values"] and len(detail["trials"]) == 4
+        for t in detail["trials"]:
+            fids = study.trials[t["number"]].user_attrs["epoch_fids"]
+            assert [(v["step"], v["value"]) for v in t["intermediate_values"]] == [
+                (int(e), pytest.approx(f)) for e, f in sorted(fids.items(), key=lambda kv: int(kv[0]))
+            ]
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 def test_training_is_shared_between_samplers(finished_sweep):
@@ -433,8 +487,11 @@ def test_one_command_claims_a_study(tmp_path):
     from mnist_diff.study.sweep import claim_study
 
     sweep = Sweep(study_name="c", out_dir=tmp_path, base=Config(), storage=f"sqlite:///{tmp_path}/optuna.db")
+    optuna.create_study(study_name="c.mnist-diff-claim", storage=sweep.storage)  # an earlier version's marker
     assert [claim_study(sweep) for _ in range(3)] == [True, False, False]
     assert claim_study(Sweep(study_name="other", out_dir=tmp_path, base=Config(), storage=sweep.storage))
+    # the claim is the study's own attribute: no marker study beside it (optuna-dashboard lists them all)
+    assert sorted(optuna.get_all_study_names(sweep.storage)) == ["c", "other"]
 
 
 def test_a_study_resumed_with_a_time_budget_keeps_its_protocol(tmp_path, monkeypatch):

@@ -1,8 +1,11 @@
 """A tiny real training tracked in a real SQLite MLflow store, checked through MlflowClient."""
 
+import hashlib
+import json
 import re
 
 import pytest
+import torch
 from click.testing import CliRunner
 from conftest import TINY
 from mlflow.tracking import MlflowClient
@@ -10,7 +13,8 @@ from mlflow.tracking import MlflowClient
 import cli
 from mnist_diff.config import Config
 from mnist_diff.fid.engine import Reference
-from mnist_diff.tracking.mlflow_store import Tracker, find_study_run
+from mnist_diff.runtime.data import load_mnist
+from mnist_diff.tracking.mlflow_store import Tracker, ensure_experiment, find_study_run
 from mnist_diff.training.experiment import run_experiment
 from mnist_diff.training.trainer import Callback
 
@@ -88,6 +92,46 @@ def test_train_is_tracked_end_to_end(tmp_path, data_dir, fid_weights, monkeypatc
         a.path for a in client.list_artifacts(run.info.run_id, "checkpoints/last")
     }
     assert any(c.endswith(".pt") and "ema-epoch" in c for c in ckpts) and any("ckpt-" in c for c in ckpts)
+
+    # system metrics (on by default): at least one sample of the machine, however short the run
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= m.keys()
+    assert not any(k.startswith("system/gpu") for k in m) or torch.cuda.is_available()
+    # lineage: the 64 training images and the 16 reference images, each with the sha256 of its uint8 bytes
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert inputs.keys() == {"mnist-train-64", "mnist-train-16"}
+    for name, limit, context in (("mnist-train-64", 64, "training"), ("mnist-train-16", 16, "fid_reference")):
+        sha = hashlib.sha256(load_mnist(data_dir, train=True, limit=limit).numpy().tobytes()).hexdigest()
+        assert inputs[name].dataset.digest == sha[:32]
+        assert json.loads(inputs[name].dataset.profile) == {"num_images": limit, "sha256": sha}
+        assert {t.key: t.value for t in inputs[name].tags}["mlflow.data.context"] == context
+    # the experiment opens in MLflow's model-training view, with a description
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "diffusion" in exp.tags["mlflow.note.content"]
+
+
+def test_an_experiment_keeps_its_own_description_and_gets_its_kind(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp_id = client.create_experiment("mine", tags={"mlflow.note.content": "my notes"})
+    assert ensure_experiment(client, uri, "mine") == exp_id
+    tags = client.get_experiment(exp_id).tags
+    assert tags["mlflow.note.content"] == "my notes" and tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_no_system_metrics_logs_none(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for on in (True, False):
+        tracker = Tracker(uri, "t", system_metrics=on)
+        with tracker.run():
+            tracker.log_metrics({"x": 1.0})
+        metrics = tracker.client.get_run(tracker.run_id).data.metrics
+        assert any(k.startswith("system/") for k in metrics) == on
+
+
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_system_metrics_are_on_unless_turned_off(command):
+    parse = lambda *args: cli.cli.commands[command].make_context(command, list(args)).params["system_metrics"]
+    assert parse() is True and parse("--no-system-metrics") is False
 
 
 class Boom(Callback):

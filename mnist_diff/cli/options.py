@@ -162,6 +162,12 @@ tracking_options = apply(
         click.option("--no-tracking", is_flag=True, help="Don't log to MLflow."),
     ]
 )
+system_metrics_option = click.option(
+    "--system-metrics/--no-system-metrics",
+    default=True,
+    show_default=True,
+    help="Log the machine's CPU, RAM, disk, network and (NVIDIA) GPU use to each run as system/... metrics.",
+)
 quiet_option = click.option("--quiet", is_flag=True, help="No progress bars.")
 
 

@@ -18,6 +18,7 @@ from mnist_diff.cli.options import (
     fid_weights_option,
     out_option,
     quiet_option,
+    system_metrics_option,
     tracking_options,
     training_options,
 )
@@ -97,6 +98,7 @@ from mnist_diff.presets import PRESETS
 @fid_options
 @fid_weights_option
 @tracking_options
+@system_metrics_option
 @click.option(
     "--preset",
     type=click.Choice(tuple(PRESETS)),
@@ -186,6 +188,7 @@ def sweep(
     tracking_uri,
     experiment,
     no_tracking,
+    system_metrics,
     device,
     data_dir,
     out,
@@ -269,6 +272,7 @@ def sweep(
         storage=storage,
         tracking_uri=tracking_uri,
         experiment=experiment,
+        system_metrics=system_metrics,
         data_dir=data_dir,
         fid_weights=fid_weights,
         device=device,

@@ -20,6 +20,7 @@ from mnist_diff.cli.options import (
     quiet_option,
     sampler_options,
     schedule_options,
+    system_metrics_option,
     tracking_options,
     training_options,
 )
@@ -35,6 +36,7 @@ from mnist_diff.cli.options import (
 @fid_options
 @fid_weights_option
 @tracking_options
+@system_metrics_option
 @click.option("--run-name", default=None, help="MLflow run name (default: derived from the config).")
 @device_option
 @compile_option
@@ -52,6 +54,7 @@ def train(
     tracking_uri,
     experiment,
     no_tracking,
+    system_metrics,
     run_name,
     **fields,
 ):
@@ -68,11 +71,13 @@ def train(
     if resume:
         check_resumable(config, out_path / "checkpoints", out)
     dev = pick_device(device)
-    tracker = open_tracker(tracking_uri, experiment, no_tracking, run_name=run_name or config.short_name())
+    tracker = open_tracker(
+        tracking_uri, experiment, no_tracking, run_name=run_name or config.short_name(), system_metrics=system_metrics
+    )
     click.get_current_context().with_resource(own_run_folder(out_path, out, resume))
 
     from mnist_diff.fid.engine import Reference
-    from mnist_diff.runtime.data import load_mnist
+    from mnist_diff.runtime.data import load_mnist, mnist_dataset
     from mnist_diff.training.experiment import run_experiment
     from mnist_diff.training.trainer import StopSignals
 
@@ -84,6 +89,12 @@ def train(
             result = run_experiment(config, images, out_path, **run)
         else:
             with tracker.run():
+                tracker.log_datasets(
+                    [
+                        mnist_dataset(data_dir, train=True, limit=config.train_samples, context="training"),
+                        reference.dataset(),
+                    ]
+                )
                 result = run_experiment(config, images, out_path, tracker=tracker, **run)
     click.echo(summary_line(result))
     if tracker is not None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from mnist_diff.config import check_reference
-from mnist_diff.runtime.data import load_mnist, to_fid_rgb
+from mnist_diff.runtime.data import DatasetRef, load_mnist, mnist_dataset, to_fid_rgb
 from mnist_diff.util.paths import CACHE_ROOT
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,10 @@ class Reference:
 
     def images(self, device="cpu") -> torch.Tensor:
         return load_mnist(self.data_dir, train=self.split == "train", limit=self.samples, device=device)
+
+    def dataset(self) -> DatasetRef:
+        """The reference images, for a run's lineage."""
+        return mnist_dataset(self.data_dir, train=self.split == "train", limit=self.samples, context="fid_reference")
 
 
 def default_batch_size(device) -> int:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,6 +28,31 @@ def load_mnist(
     if limit is not None:
         images = images[:limit]
     return images.unsqueeze(1).contiguous().to(device)
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """Which images a run used, for its lineage: `mnist-<split>-<count>` and the sha256 of their uint8 bytes."""
+
+    name: str
+    sha256: str
+    count: int
+    source: str  # the torchvision root they were read from
+    context: str  # what the run used them for: "training" or "fid_reference"
+
+
+@functools.lru_cache(maxsize=8)
+def _digest(root: str, train: bool, limit: int | None) -> tuple[str, int]:
+    images = load_mnist(root, train=train, limit=limit)  # on the CPU: the bytes, wherever training runs
+    return hashlib.sha256(images.numpy().tobytes()).hexdigest(), len(images)
+
+
+def mnist_dataset(data_dir, *, train: bool, limit: int | None, context: str) -> DatasetRef:
+    """The images `load_mnist(data_dir, train=train, limit=limit)` gives, as a `DatasetRef`; hashed once per
+    process (every trial of a worker uses the same ones)."""
+    root = str(Path(data_dir) if data_dir else DEFAULT_DATA_DIR)
+    sha, count = _digest(root, train, limit)
+    return DatasetRef(f"mnist-{'train' if train else 'test'}-{count}", sha, count, root, context)
 
 
 MNIST_FILES = (

@@ -11,6 +11,7 @@ import optuna
 
 from mnist_diff.fid.engine import Reference
 from mnist_diff.runtime import timing
+from mnist_diff.runtime.data import mnist_dataset
 from mnist_diff.study.optuna_compat import retried_trial_number, stored_trial
 from mnist_diff.study.retries import retry_tags
 from mnist_diff.study.shared_trainings import DONE_MARKER, Uploader, mark_done, restore
@@ -69,15 +70,22 @@ class Objective:
             tags=tags,
             run_name=f"{trial.number:03d}-{config.short_name()}-s{config.seed}",
             parent_run_id=self.parent_run_id,
+            system_metrics=s.system_metrics,
         )
         reference = Reference(config.fid_ref, config.fid_ref_samples, s.data_dir, s.fid_weights)
         log.info("trial %d: %s", trial.number, params)
         samples_dir = trial_dir / "samples"  # this trial's own grids, whoever trained
         timing.reset()
         t0 = time.perf_counter()
+
+        def report(epoch: int, fid: float) -> None:  # optuna-dashboard's curves; NopPruner prunes nothing
+            trial.report(fid, step=epoch)
+
         with tracker.run():
             trial.set_user_attr("mlflow_run_id", tracker.run_id)
             tracker.set_tags({"mnist_diff.samples_dir": samples_dir})
+            train_set = mnist_dataset(s.data_dir, train=True, limit=config.train_samples, context="training")
+            tracker.log_datasets([train_set, reference.dataset()])
             # two workers, on this machine or (with PostgreSQL) any other, never train one model at once
             with exclusive(s.storage, f"training-{key}", s.out_dir / "trainings"):
                 index = StoredTrainingIndex(trial.study, key) if is_server(s.tracking_uri) else None
@@ -94,6 +102,7 @@ class Objective:
                         device=self.images_loader().device,
                         tracker=tracker,
                         progress=s.progress,
+                        on_fid=report,
                     )
                 else:  # train, or finish what an interrupted trial (of either sampler) left
                     uploads = [Uploader(tracker, index)] if index is not None else []
@@ -107,6 +116,7 @@ class Objective:
                         resume=True,
                         progress=s.progress,
                         callbacks=uploads,
+                        on_fid=report,
                     )
                     trained_by = result.trained_by  # whoever made the last optimizer step
                     write_json(done_marker, {"run_id": trained_by})

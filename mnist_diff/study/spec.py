@@ -33,6 +33,7 @@ class Sweep:
     storage: str = DEFAULT_STORAGE
     tracking_uri: str | None = None
     experiment: str = "mnist-diff"
+    system_metrics: bool = True  # each trial run logs MLflow's system/... metrics
     data_dir: str | None = None
     fid_weights: str | None = None
     device: str = "auto"

@@ -13,9 +13,14 @@ disk: the training's files travel through the server (`shared_trainings`), index
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import socket
+import tempfile
 import time
+from pathlib import Path
 
 import optuna
 
@@ -35,26 +40,35 @@ from mnist_diff.study.storage import (
 from mnist_diff.study.worker import prefetch, setup_logging, work
 from mnist_diff.study.workers import run_workers
 from mnist_diff.tracking.mlflow_store import Tracker, find_study_run
+from mnist_diff.util.locks import exclusive
 from mnist_diff.util.redact import redact_url
 
 log = logging.getLogger(__name__)
 
 
-CLAIM_SUFFIX = ".mnist-diff-claim"
+CLAIM_ATTR = "mnist_diff.claimed_by"
+LEGACY_CLAIM_SUFFIX = ".mnist-diff-claim"  # the marker study earlier versions claimed a study with
 
 PARENT_WAIT_S = 120.0
 
 
-def claim_study(sweep: Sweep) -> bool:
+def claim_study(sweep: Sweep, study: optuna.Study | None = None) -> bool:
     """True for exactly one `sweep` command per study, however many start at the same instant, on however many
-    machines: creating an Optuna study is atomic in the shared storage (study names are unique), so whoever
-    creates the marker study `<name>.mnist-diff-claim` sets the study up (queues its points, creates its
-    parent run) and the others wait for that."""
-    try:
-        optuna.create_study(study_name=sweep.study_name + CLAIM_SUFFIX, storage=make_storage(sweep.storage))
-        return True
-    except optuna.exceptions.DuplicatedStudyError:
-        return False
+    machines: whoever first sets the study's user attribute `mnist_diff.claimed_by`, checked and set under one
+    lock (PostgreSQL's advisory lock, which every machine shares; SQLite's file lives on one machine: a file
+    lock there), sets the study up (queues its points, creates its parent run) and the others wait for that.
+    Nothing but the study itself shows in the storage (optuna-dashboard lists its studies)."""
+    study = study or open_study(sweep)
+    name = "claim-" + hashlib.sha256(f"{sweep.storage}\n{sweep.study_name}".encode()).hexdigest()[:16]
+    with exclusive(sweep.storage, name, Path(tempfile.gettempdir()) / "mnist-diff-locks"):
+        if study.user_attrs.get(CLAIM_ATTR):  # read from the storage, inside the lock
+            return False
+        study.set_user_attr(CLAIM_ATTR, {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()})
+    try:  # a study claimed by an earlier version: its marker study goes
+        optuna.delete_study(study_name=sweep.study_name + LEGACY_CLAIM_SUFFIX, storage=make_storage(sweep.storage))
+    except KeyError:
+        pass
+    return True
 
 
 def _parent_id(sweep: Sweep, study: optuna.Study, claimed: bool) -> str | None:
@@ -155,7 +169,7 @@ def run_sweep(sweep: Sweep, workers: int = 1, retry_failed: bool = False) -> dic
     prefetch(sweep)
     fail_stale_trials(study)  # workers killed -9: StaleTrial marks their runs KILLED, retries
     requeue_failed(study, sweep, retry_failed)
-    claimed = claim_study(sweep)
+    claimed = claim_study(sweep, study)
     if claimed and not study.get_trials(deepcopy=False):  # a new study: its points, one of each training first
         for params in trainings_first(sweep):
             enqueue(study, params)

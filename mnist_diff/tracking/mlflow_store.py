@@ -20,7 +20,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import mlflow
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
 from mlflow.store.db.db_types import DATABASE_ENGINES
 from mlflow.tracking import MlflowClient
@@ -30,6 +30,7 @@ from mnist_diff.util.redact import redact_text, redact_url
 log = logging.getLogger(__name__)
 DEFAULT_URI = "sqlite:///mlflow.db"  # MLflow 3's own default store, in the working directory
 DEFAULT_EXPERIMENT = "mnist-diff"
+SYSTEM_METRICS_INTERVAL_S = 5.0  # seconds between samples of the machine (MLflow's default: 10)
 
 
 class TrackingUnavailable(RuntimeError):
@@ -120,19 +121,36 @@ def run_url(uri: str, experiment_id: str, run_id: str) -> str:
     return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
+# MLflow 3's UI opens an experiment without this tag in its GenAI (traces) view; these are model trainings.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+EXPERIMENT_NOTE = (
+    "mnist-diff: DDPM/DDIM diffusion models trained on MNIST and scored by FID. A study's trials are child runs "
+    "of its parent run (tag mnist_diff.study); each run logs its config as params, per-epoch loss and selection "
+    "FID as metrics, system metrics (system/...), the training set and FID reference as dataset inputs, and its "
+    "checkpoints and sample grids as artifacts."
+)
+
+
 def ensure_experiment(client: MlflowClient, uri: str, name: str) -> str:
-    """The experiment's id, creating it if needed. With a SQLite store its artifacts go in `mlruns/` beside
-    the database file (MLflow would otherwise put them in whatever the working directory is)."""
+    """The experiment's id, creating it if needed, tagged as model development (`EXPERIMENT_KIND`) and given a
+    description unless it has one. With a SQLite store its artifacts go in `mlruns/` beside the database file
+    (MLflow would otherwise put them in whatever the working directory is)."""
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    location = None
-    if uri.startswith("sqlite:///"):
-        location = (Path(uri[len("sqlite:///") :]).parent / "mlruns").as_uri()
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except mlflow.exceptions.MlflowException:  # another worker created it first
-        return client.get_experiment_by_name(name).experiment_id
+    if exp is None:
+        location = None
+        if uri.startswith("sqlite:///"):
+            location = (Path(uri[len("sqlite:///") :]).parent / "mlruns").as_uri()
+        try:
+            client.create_experiment(name, artifact_location=location)
+        except mlflow.exceptions.MlflowException:  # another worker created it first
+            pass
+        exp = client.get_experiment_by_name(name)
+    key, kind = EXPERIMENT_KIND
+    if exp.tags.get(key) != kind:
+        client.set_experiment_tag(exp.experiment_id, key, kind)
+    if not exp.tags.get("mlflow.note.content"):  # the user's own description stays
+        client.set_experiment_tag(exp.experiment_id, "mlflow.note.content", EXPERIMENT_NOTE)
+    return exp.experiment_id
 
 
 def find_study_run(client: MlflowClient, uri: str, experiment: str, study_name: str):
@@ -188,8 +206,11 @@ class Tracker:
         run_name: str | None = None,
         tags: dict | None = None,
         parent_run_id: str | None = None,
+        system_metrics: bool = False,
     ):
         self.uri = resolve_uri(uri)
+        self.system_metrics = system_metrics  # sample CPU, RAM, disk, network (and GPU) while `run()` runs
+        self._monitor = None
         self.client = MlflowClient(self.uri)
         self.experiment_name = experiment
         self.run_name = run_name
@@ -239,17 +260,55 @@ class Tracker:
 
     @contextmanager
     def run(self):
-        """Start the run; end it FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED (anything else)."""
+        """Start the run; end it FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED (anything else). With
+        `system_metrics`, MLflow's monitor samples the machine into `system/...` metrics meanwhile."""
         self.start()
+        self._start_system_metrics()
         try:
             yield self
         except KeyboardInterrupt as err:
+            self._stop_system_metrics()
             self.end("KILLED", err)
             raise
         except BaseException as err:
+            self._stop_system_metrics()
             self.end("FAILED", err)
             raise
+        self._stop_system_metrics()
         self.end("FINISHED")
+
+    def _start_system_metrics(self) -> None:
+        if not self.system_metrics:
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        # MLflow's fluent API starts this for its active run only; ours goes through a client, so it is started
+        # here, for this run. MLflow's environment variables (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL, ...)
+        # still override the interval.
+        try:
+            monitor = SystemMetricsMonitor(
+                self.run_id,
+                sampling_interval=SYSTEM_METRICS_INTERVAL_S,
+                resume_logging=True,  # a resumed trial's samples go on after its earlier ones
+                tracking_uri=self.uri,
+            )
+            monitor.start()
+            self._monitor = monitor
+        except Exception as err:  # psutil missing, an odd platform: the run goes on without them
+            log.warning("system metrics are off for this run (%s: %s)", type(err).__name__, err)
+
+    def _stop_system_metrics(self) -> None:
+        """Stop sampling, and log the samples taken since the last logged one (a short run logs at least one)."""
+        monitor, self._monitor = self._monitor, None
+        if monitor is None:
+            return
+        try:
+            monitor.finish()  # waits for the sampling thread, flushes what it logged
+            if monitor.monitors and any(m._metrics for m in monitor.monitors):
+                monitor.publish_metrics(monitor.aggregate_metrics())
+                monitor.mlflow_logger.flush()
+        except Exception as err:
+            log.warning("system metrics: the last samples were not logged (%s: %s)", type(err).__name__, err)
 
     # -- logging -------------------------------------------------------------------------------
     def log_params(self, params: dict) -> None:
@@ -268,6 +327,25 @@ class Tracker:
 
     def set_tags(self, tags: dict) -> None:
         self.client.log_batch(self.run_id, tags=_run_tags(tags), synchronous=True)
+
+    def log_datasets(self, datasets: list) -> None:
+        """The data the run used as MLflow dataset inputs (`runtime.data.DatasetRef`s): a name, a digest (the
+        first 32 hex digits of the images' sha256: MLflow keeps 36 characters) and the whole sha256 in the
+        profile; the context tag says what the run used each for."""
+        inputs = [
+            DatasetInput(
+                Dataset(
+                    name=d.name,
+                    digest=d.sha256[:32],
+                    source_type="local",
+                    source=json.dumps({"uri": d.source}),
+                    profile=json.dumps({"num_images": d.count, "sha256": d.sha256}),
+                ),
+                tags=[InputTag("mlflow.data.context", d.context)],
+            )
+            for d in datasets
+        ]
+        self.client.log_inputs(self.run_id, datasets=inputs)
 
     def _guard(self, what: str, fn, *args, **kwargs) -> bool:
         """Artifacts are a copy of files kept locally: a failed upload is recorded, and training goes on."""

@@ -25,6 +25,7 @@ import dataclasses
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,7 @@ from mnist_diff.training.trainer import (
 from mnist_diff.util.atomic import write_json
 
 SCORE_KEYS = ("fid", "sampling_seconds", "fid_seconds")  # per-epoch values that belong to one sampling config
+OnFid = Callable[[int, float], None]  # told each (epoch, selection FID) of this run's sampling config
 
 
 def selection_images(config: Config) -> range:
@@ -194,15 +196,22 @@ def fid_due(config: Config, epoch: int, last_epoch: int) -> bool:
 
 
 class FidSelection(Callback):
-    """Scores the EMA model every `fid_every` epochs (and at the last epoch); the scores go to the record and
-    to the epoch's metrics (hence to tracking). Every epoch's grid goes to the record too. The selection images
-    are drawn in the grid's pass (`seeds_for_epoch_end`)."""
+    """Scores the EMA model every `fid_every` epochs (and at the last epoch); the scores go to the record, to
+    the epoch's metrics (hence to tracking) and to `on_fid(epoch, fid)`. Every epoch's grid goes to the record
+    too. The selection images are drawn in the grid's pass (`seeds_for_epoch_end`)."""
 
     def __init__(
-        self, config: Config, reference: Reference, record: SamplingRecord, *, progress: bool = True, fid_cache=None
+        self,
+        config: Config,
+        reference: Reference,
+        record: SamplingRecord,
+        *,
+        progress: bool = True,
+        fid_cache=None,
+        on_fid: OnFid | None = None,
     ):
         self.config, self.reference, self.record = config, reference, record
-        self.progress, self.fid_cache = progress, fid_cache
+        self.progress, self.fid_cache, self.on_fid = progress, fid_cache, on_fid
         self.last_epoch = config.epochs
 
     def on_train_start(self, trainer) -> None:
@@ -221,6 +230,8 @@ class FidSelection(Callback):
         m = score_drawn_selection(images, self.config, self.reference, end.drawn_seconds, fid_cache=self.fid_cache)
         self.record.put_fid(end.epoch, m)
         end.metrics.update(m)
+        if self.on_fid is not None:
+            self.on_fid(end.epoch, m["fid"])
 
 
 def score_past_epochs(
@@ -235,11 +246,12 @@ def score_past_epochs(
     tracker=None,
     progress=True,
     fid_cache=None,
+    on_fid: OnFid | None = None,
 ) -> None:
     """Epochs trained before this run, maybe under another sampling config: put this config's grid of each
     epoch due one (`sheet_every`) in `sheet_dir` (a copy of a valid one from the record, else drawn), score the
     due ones the record has no FID for, from the saved per-epoch EMA weights, and log them to this run's
-    tracker, which has not seen them."""
+    tracker and `on_fid`, which have not seen them."""
     schedule = make_schedule(config.schedule, config.timesteps, config.beta_start, config.beta_end)
     sheet_dir = Path(sheet_dir)
     sheet_dir.mkdir(parents=True, exist_ok=True)
@@ -265,8 +277,11 @@ def score_past_epochs(
             shutil.copyfile(known, grid)
         if grid is not None:
             record.put_grid(epoch, grid)
+        scored = record.fid(epoch)
+        if on_fid is not None and scored is not None:
+            on_fid(epoch, scored["fid"])
         if tracker is not None:
-            tracker.log_metrics({"epoch_loss": h["loss"], **(record.fid(epoch) or {})}, step=epoch)
+            tracker.log_metrics({"epoch_loss": h["loss"], **(scored or {})}, step=epoch)
             if grid is not None:
                 tracker.log_image(grid, key="samples", step=epoch)
 
@@ -329,14 +344,16 @@ def run_experiment(
     fid_cache=None,
     extra_params: dict | None = None,
     callbacks: list | None = None,
+    on_fid: OnFid | None = None,
 ) -> ExperimentResult:
     """Train (or resume) in `train_dir`, select the best epoch by this config's FIDs, score it. The grids
     (`samples/`) and `result.json` go to `out_dir` (default `train_dir`). A resumed training may have been
-    started under another sampling config: its past epochs are scored with this one (`score_past_epochs`)."""
+    started under another sampling config: its past epochs are scored with this one (`score_past_epochs`).
+    `on_fid(epoch, fid)` hears every selection FID of this sampling config, past epochs' included."""
     train_dir = Path(train_dir)
     out_dir = Path(out_dir) if out_dir is not None else train_dir
     record = SamplingRecord(train_dir, config, reference)
-    cbs = [FidSelection(config, reference, record, progress=progress, fid_cache=fid_cache)]
+    cbs = [FidSelection(config, reference, record, progress=progress, fid_cache=fid_cache, on_fid=on_fid)]
     if tracker is not None:
         cbs.append(tracker.training_callback(extra_params))
     trainer = Trainer(
@@ -360,6 +377,7 @@ def run_experiment(
             tracker=tracker,
             progress=progress,
             fid_cache=fid_cache,
+            on_fid=on_fid,
         )
     t0 = time.perf_counter()
     trainer.fit()
@@ -458,6 +476,7 @@ def score_saved_training(
     tracker=None,
     progress: bool = True,
     fid_cache=None,
+    on_fid: OnFid | None = None,
 ) -> ExperimentResult:
     """Score a finished training another run did (same training config, maybe another sampler): this config's
     grids and FIDs of every epoch it lacks, from the saved EMA weights, then the final FID. Nothing is trained."""
@@ -489,6 +508,7 @@ def score_saved_training(
         tracker=tracker,
         progress=progress,
         fid_cache=fid_cache,
+        on_fid=on_fid,
     )
     result = {
         "steps": trained["step"],
