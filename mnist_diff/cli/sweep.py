@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import click
 
@@ -137,6 +138,14 @@ from mnist_diff.presets import PRESETS
     "when even the smallest protocol does not fit.",
 )
 @click.option(
+    "--stop-after",
+    type=Duration(),
+    default=None,
+    help="End cleanly within this time from the command's start (e.g. 9m; a Slurm job: a few minutes below its "
+    "limit): start no trial that the projection says would end later, let running ones finish, exit 0. The "
+    "same command goes on with the points left.",
+)
+@click.option(
     "--rebench",
     is_flag=True,
     help="Measure this device again for the projection (a quick bench of each model the grid trains) "
@@ -179,6 +188,7 @@ def sweep(
     heartbeat,
     dry_run,
     time_budget,
+    stop_after,
     rebench,
     max_retries,
     retry_failed,
@@ -194,8 +204,10 @@ def sweep(
 ):
     """Run (or resume) a study as an Optuna grid, every trial tracked in MLflow: the reference study (4
     schedules x 2 (T, beta_end) x 2 samplers), narrowed by --schedule/--timesteps/--sampler, extended by --grid."""
+    started = time.time()  # --stop-after counts from here: the setup below is part of the slot
     if no_tracking:
         raise BadInput("sweep always tracks in MLflow: drop --no-tracking")
+    from mnist_diff.perf.workload import format_duration as workload_duration
     from mnist_diff.perf.workload import unscored
     from mnist_diff.study.grid import GridError
     from mnist_diff.study.plan import auto_workers, pairs_of, study_grid
@@ -287,7 +299,8 @@ def sweep(
     )
     if dry_run:
         return
-    spec = dataclasses.replace(spec, projection=projection)
+    deadline = None if stop_after is None else started + stop_after
+    spec = dataclasses.replace(spec, projection=projection, deadline=deadline)
     failed = None
     try:
         with StopSignals():
@@ -300,6 +313,8 @@ def sweep(
         f"study {study_name}: {doc['complete']}/{doc['grid_size']} grid points complete "
         f"-> {out_path / 'grid_search_results.json'}"
     )
+    if doc.get("stopped"):
+        click.echo(f"--stop-after {workload_duration(stop_after)}: {doc['stopped']}")
     if doc["best"]:
         b = doc["best"]
         click.echo(f"best: {b['params']} FID {b['best_fid']:.2f} (epoch {b['best_epoch']})")
