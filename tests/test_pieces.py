@@ -198,3 +198,43 @@ def test_samples_dir_relative_to_the_results_folder_old_absolute_kept(tmp_path):
     )
     records, _ = load_records_from_json(path)
     assert [r["samples_dir"] for r in records] == [str(tmp_path / "piece" / "trials/0000/samples"), old]
+
+
+def test_the_deadline_projects_the_next_queued_trial_less_a_training_already_made(tmp_path):
+    from mnist_diff.config import Config
+    from mnist_diff.study.deadline import next_trial_seconds, stop_reason
+    from mnist_diff.study.retries import enqueue
+    from mnist_diff.study.spec import Sweep
+    from mnist_diff.study.storage import open_study, trainings_first
+
+    sweep = Sweep(
+        study_name="d",
+        out_dir=tmp_path,
+        base=Config(),
+        schedules=("linear",),
+        pairs=((200, 0.08),),
+        samplers=("ddpm", "ddim"),
+        storage=f"sqlite:///{tmp_path}/optuna.db",
+        heartbeat=0,
+    )
+    order = [p["sampler"] for p in sweep.points()]
+    rest = {"ddpm": 30.0, "ddim": 5.0}  # projected [training, the rest] per point, in grid order
+    sweep.projection = {"trial_seconds": [[100.0, rest[m]] for m in order]}
+    study = open_study(sweep)
+    for params in trainings_first(sweep):
+        enqueue(study, params)
+    assert next_trial_seconds(study, sweep) == 130.0  # DDPM first: it trains
+    sweep.deadline = 1000.0
+    assert stop_reason(study, sweep, now=870.0) is None
+    reason = stop_reason(study, sweep, now=871.0)
+    assert reason == "stopped before the deadline: the next trial is projected at 130 s and 129 s are left"
+    trial = study.ask()  # the queued DDPM point, run and completed: its training is made
+    for name, choices in sweep.search_space().items():
+        trial.suggest_categorical(name, choices)
+    study.tell(trial, 1.0)
+    assert next_trial_seconds(study, sweep) == 5.0  # the DDIM point only samples and scores
+    sweep.projection = None  # without rates: the longest trial the study completed
+    done = study.get_trials()[0]
+    assert next_trial_seconds(study, sweep) == (done.datetime_complete - done.datetime_start).total_seconds()
+    sweep.deadline = None
+    assert stop_reason(study, sweep, now=1e12) is None
