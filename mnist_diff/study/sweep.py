@@ -173,10 +173,10 @@ def run_sweep(sweep: Sweep, workers: int = 1, retry_failed: bool = False) -> dic
     reconciled = reconcile_orphans(parent.client, parent.uri, sweep.experiment, sweep.study_name, live)
     if reconciled:
         log.warning("marked %d orphaned MLflow run(s) KILLED: %s", len(reconciled), ", ".join(reconciled))
-    codes, interrupted, error, stopped = [], False, None, False
+    codes, interrupted, error, stopped, handler = [], False, None, False, None
     try:
         if workers <= 1:
-            setup_logging(sweep.out_dir)
+            handler = setup_logging(sweep.out_dir)
             work(sweep, parent.run_id)
         else:
             codes = run_workers(sweep, parent.run_id, workers)
@@ -193,6 +193,9 @@ def run_sweep(sweep: Sweep, workers: int = 1, retry_failed: bool = False) -> dic
         status, reason, _ = parent_status(study, sweep, interrupted, stopped)
         doc = write_results(study, sweep, stopped=reason if status == "KILLED" and stopped else None)
         _log_parent(parent, sweep, study, doc, interrupted, error, codes, stopped)
+        if handler is not None:  # a later sweep in this process (tests) logs into its own --out only
+            logging.getLogger().removeHandler(handler)
+            handler.close()
     bad = [f"worker {i} exited with code {c}" for i, c in enumerate(codes) if c != 0]
     status, reason, _ = parent_status(study, sweep, interrupted=False, stopped=stopped)
     if status == "FAILED":

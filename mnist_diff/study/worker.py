@@ -82,7 +82,8 @@ def work(sweep: Sweep, parent_run_id: str) -> None:
             return
 
 
-def setup_logging(out_dir: Path) -> None:
+def setup_logging(out_dir: Path) -> logging.Handler:
+    """Log to OUT/training.log; the handler is returned so that a sweep run in-process can remove it after."""
     handler = logging.FileHandler(out_dir / "training.log")
     handler.setFormatter(RedactingFormatter(f"%(asctime)s [pid {os.getpid()}] %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
@@ -90,6 +91,7 @@ def setup_logging(out_dir: Path) -> None:
     root.setLevel(logging.INFO)
     optuna.logging.enable_propagation()
     optuna.logging.disable_default_handler()
+    return handler
 
 
 def prefetch(sweep: Sweep) -> None:
