@@ -3,10 +3,12 @@
 the same as one uninterrupted run; pieces of different protocols are refused."""
 
 import json
+import os
 import shutil
 import time
 
 import optuna
+import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 from test_report import record
@@ -39,6 +41,18 @@ def piece_args(folder, *extra):
         *CHEAP,
         *extra,
     ]
+
+
+@pytest.fixture(scope="module")
+def fid_cache(tmp_path_factory):
+    """One FID cache for this module's sweeps: the reference statistics are computed once."""
+    before = os.environ.get("MNIST_DIFF_FID_CACHE")
+    os.environ["MNIST_DIFF_FID_CACHE"] = str(tmp_path_factory.mktemp("fid-cache"))
+    yield
+    if before is None:
+        del os.environ["MNIST_DIFF_FID_CACHE"]
+    else:
+        os.environ["MNIST_DIFF_FID_CACHE"] = before
 
 
 def invoke(args):
@@ -74,8 +88,7 @@ def comparable(report_json):
     }
 
 
-def test_a_study_in_pieces_one_stopped_by_the_deadline_reports_as_one_run(tmp_path, monkeypatch):
-    monkeypatch.setenv("MNIST_DIFF_FID_CACHE", str(tmp_path / "fid-cache"))
+def test_a_study_in_pieces_one_stopped_by_the_deadline_reports_as_one_run(tmp_path, fid_cache):
     whole, linear, cosine = tmp_path / "whole", tmp_path / "linear", tmp_path / "cosine"
     for folder in (whole, linear, cosine):
         folder.mkdir()
@@ -238,3 +251,12 @@ def test_the_deadline_projects_the_next_queued_trial_less_a_training_already_mad
     assert next_trial_seconds(study, sweep) == (done.datetime_complete - done.datetime_start).total_seconds()
     sweep.deadline = None
     assert stop_reason(study, sweep, now=1e12) is None
+
+
+def test_a_deadline_no_trial_fits_is_warned_and_starts_nothing(tmp_path, fid_cache):
+    result = invoke(piece_args(tmp_path, "--schedule", "linear", "--seeds", "1", "--stop-after", "0.01s"))
+    assert "warning: --stop-after 0 s: the shortest trial is projected at" in result.output, result.output
+    assert "study s: 0/1 grid points complete" in result.output
+    doc = json.loads((tmp_path / "grid_search_results.json").read_text())
+    assert doc["results"] == [] and doc["stopped"].startswith("stopped before the deadline with 0/1")
+    assert parent(tmp_path).info.status == "KILLED"

@@ -300,6 +300,13 @@ def sweep(
     if dry_run:
         return
     deadline = None if stop_after is None else started + stop_after
+    if stop_after is not None and projection and projection.get("trial_seconds"):
+        shortest = min(sum(seconds) for seconds in projection["trial_seconds"])
+        if shortest > stop_after:  # every command would stop at once, the study never advancing
+            click.echo(
+                f"warning: --stop-after {workload_duration(stop_after)}: the shortest trial is projected at "
+                f"{workload_duration(shortest)} on this device, so no trial that trains will start"
+            )
     spec = dataclasses.replace(spec, projection=projection, deadline=deadline)
     failed = None
     try:
