@@ -313,6 +313,7 @@ MORE_BAD = [
     (["report", "--study", "nope", "--tracking-uri", "sqlite:///TMP/m.db"], "no MLflow run tagged as study"),
     (["report", "--results", "GARBAGE"], "not a grid_search_results.json"),
     (["sweep", "--no-tracking"], "drop --no-tracking"),
+    (["sweep", "--stop-after", "soon"], "'soon' is not a time span such as 600, 90s, 25m or 1h30m"),
     (["sweep", "--seeds", "0"], "--seeds"),
     (["train", "--sheet-every", "-1"], "--sheet-every"),
     (["bench", "--channels", "12"], "multiple of 8"),

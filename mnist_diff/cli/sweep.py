@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import click
 
@@ -139,6 +140,14 @@ from mnist_diff.presets import PRESETS
     "when even the smallest protocol does not fit.",
 )
 @click.option(
+    "--stop-after",
+    type=Duration(),
+    default=None,
+    help="End cleanly within this time from the command's start (e.g. 9m; a Slurm job: a few minutes below its "
+    "limit): start no trial that the projection says would end later, let running ones finish, exit 0. The "
+    "same command goes on with the points left.",
+)
+@click.option(
     "--rebench",
     is_flag=True,
     help="Measure this device again for the projection (a quick bench of each model the grid trains) "
@@ -181,6 +190,7 @@ def sweep(
     heartbeat,
     dry_run,
     time_budget,
+    stop_after,
     rebench,
     max_retries,
     retry_failed,
@@ -197,8 +207,10 @@ def sweep(
 ):
     """Run (or resume) a study as an Optuna grid, every trial tracked in MLflow: the reference study (4
     schedules x 2 (T, beta_end) x 2 samplers), narrowed by --schedule/--timesteps/--sampler, extended by --grid."""
+    started = time.time()  # --stop-after counts from here: the setup below is part of the slot
     if no_tracking:
         raise BadInput("sweep always tracks in MLflow: drop --no-tracking")
+    from mnist_diff.perf.workload import format_duration as workload_duration
     from mnist_diff.perf.workload import unscored
     from mnist_diff.study.grid import GridError
     from mnist_diff.study.plan import auto_workers, pairs_of, study_grid
@@ -291,7 +303,15 @@ def sweep(
     )
     if dry_run:
         return
-    spec = dataclasses.replace(spec, projection=projection)
+    deadline = None if stop_after is None else started + stop_after
+    if stop_after is not None and projection and projection.get("trial_seconds"):
+        shortest = min(sum(seconds) for seconds in projection["trial_seconds"])
+        if shortest > stop_after:  # every command would stop at once, the study never advancing
+            click.echo(
+                f"warning: --stop-after {workload_duration(stop_after)}: the shortest trial is projected at "
+                f"{workload_duration(shortest)} on this device, so no trial that trains will start"
+            )
+    spec = dataclasses.replace(spec, projection=projection, deadline=deadline)
     failed = None
     try:
         with StopSignals():
@@ -304,6 +324,8 @@ def sweep(
         f"study {study_name}: {doc['complete']}/{doc['grid_size']} grid points complete "
         f"-> {out_path / 'grid_search_results.json'}"
     )
+    if doc.get("stopped"):
+        click.echo(f"--stop-after {workload_duration(stop_after)}: {doc['stopped']}")
     if doc["best"]:
         b = doc["best"]
         click.echo(f"best: {b['params']} FID {b['best_fid']:.2f} (epoch {b['best_epoch']})")

@@ -82,8 +82,10 @@ def sort_records(records: list[dict]) -> list[dict]:
 
 
 def load_records_from_json(path) -> tuple[list[dict], dict]:
-    """(records, study) from a `grid_search_results.json`; study = everything but `results`. ValueError, with
-    a one-line reason, for anything else (other JSON, a record without its reference params or of wrong
+    """(records, study) from a `grid_search_results.json`; study = everything but `results`. A relative
+    `samples_dir` is the study folder's (`records.relative_to`): resolved against the file's folder, so a study
+    read where it was copied finds its samples (older files hold absolute paths, kept as they are). ValueError,
+    with a one-line reason, for anything else (other JSON, a record without its reference params or of wrong
     types)."""
     data = json.loads(Path(path).read_text(encoding="utf-8"))
     if (
@@ -96,9 +98,12 @@ def load_records_from_json(path) -> tuple[list[dict], dict]:
     records = []
     for i, r in enumerate(data["results"]):
         try:
-            records.append(normalize_record(r))
+            record = normalize_record(r)
         except (AttributeError, KeyError, TypeError, ValueError) as err:
             raise ValueError(f"results[{i}] is not a trial record ({type(err).__name__}: {err})") from None
+        if record["samples_dir"] and not Path(record["samples_dir"]).is_absolute():
+            record["samples_dir"] = str(Path(path).parent / record["samples_dir"])
+        records.append(record)
     return sort_records(records), study
 
 
@@ -594,6 +599,8 @@ def analyse(records: list[dict], study: dict) -> dict:
         "missing": missing,
         "off_grid_runs": [r["run_id"] or r["trial"] for r in off_grid],
         "time": {**time_by_phase(records), "projection": study.get("projection")},
+        "pieces": study.get("pieces"),
+        "merge_notes": study.get("merge_notes") or [],
     }
 
 

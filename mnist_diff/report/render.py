@@ -32,6 +32,16 @@ def report_blocks(a: dict, montage_missing: list[str]) -> list[tuple]:
             else f"Complete: all {n} grid points have a COMPLETE result.",
         )
     )
+    if a.get("pieces"):
+        parts = "; ".join(
+            f"{p['results']} ({p['complete']}/{p['grid_size']}"
+            + (", stopped before the deadline" if p["stopped"] else "")
+            + ")"
+            for p in a["pieces"]
+        )
+        b.append(("p", f"Merged from {len(a['pieces'])} pieces: {parts}."))
+        if a.get("merge_notes"):
+            b.append(("ul", a["merge_notes"]))
     grid = a["grid"] or {}
     dims = "; ".join(f"{key} = {v}" for key, v in grid.items())
     fixed = ", ".join(f"{key}={v}" for key, v in a["fixed"].items())

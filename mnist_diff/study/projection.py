@@ -118,7 +118,19 @@ def study_projection(
         "seconds": seconds,
         "workers": parallel,
         "wall_seconds": wall,
+        "trial_seconds": trial_seconds(configs, rates),
     }
+
+
+def trial_seconds(configs: Sequence[Config], rates: dict) -> list[list[float]]:
+    """Per config, in the grid's order: [its training, the rest of its trial] in projected seconds. A trial whose
+    training another trial already made costs only the rest (`deadline.next_trial_seconds`)."""
+    out = []
+    for c in configs:
+        seconds = workload.project_configs([c], rates)
+        training = seconds.pop(workload.TRAINING)
+        out.append([training, sum(seconds.values()) + workload.TRIAL_OVERHEAD_SECONDS])
+    return out
 
 
 def reference_projection(bench_result: dict, device, channels: int, batch_size: int, precision: str) -> str:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import optuna
 
 from mnist_diff.study.grid import REFERENCE_FIELDS, Grid
@@ -49,7 +52,7 @@ def records(study: optuna.Study, sweep: Sweep) -> list[dict]:
                 "trained_by_run_id": a.get("trained_by_run_id"),
                 "train_seconds": a.get("train_seconds"),
                 "final_sampling_seconds": a.get("final_sampling_seconds"),
-                "samples_dir": a.get("samples_dir"),
+                "samples_dir": relative_to(a.get("samples_dir"), sweep.out_dir),
                 "phase_seconds": a.get("phase_seconds"),
                 "retries": a.get("retries", 0),
                 "error": a.get("error"),
@@ -58,7 +61,19 @@ def records(study: optuna.Study, sweep: Sweep) -> list[dict]:
     return out
 
 
-def write_results(study: optuna.Study, sweep: Sweep) -> dict:
+def relative_to(path: str | None, folder: Path) -> str | None:
+    """`path` relative to `folder` (the study's --out, where grid_search_results.json lies) when inside it, so the
+    folder can move to another machine and be read there (`report --results`); else as it is."""
+    if not path:
+        return path
+    full, root = Path(path).absolute(), Path(folder).absolute()
+    if not full.is_relative_to(root):
+        return path
+    return Path(os.path.relpath(full, root)).as_posix()
+
+
+def write_results(study: optuna.Study, sweep: Sweep, stopped: str | None = None) -> dict:
+    """Write grid_search_results.json; `stopped`: why the command ended with points left (--stop-after), or None."""
     recs = records(study, sweep)
     complete = [r for r in recs if r["state"] == "COMPLETE" and r["best_fid"] is not None]
     doc = {
@@ -67,6 +82,7 @@ def write_results(study: optuna.Study, sweep: Sweep) -> dict:
         "grid_size": sweep.size,
         "results": recs,
         "best": min(complete, key=lambda r: r["best_fid"]) if complete else None,
+        "stopped": stopped,
     }
     write_json(sweep.out_dir / "grid_search_results.json", doc)
     return doc

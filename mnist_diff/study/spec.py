@@ -42,6 +42,7 @@ class Sweep:
     max_retries: int = 2  # automatic retries per grid point after a failure that may pass
     fixed: dict = field(default_factory=dict)
     projection: dict | None = None  # projection.study_projection's record, kept in study.json for the report
+    deadline: float | None = None  # --stop-after: wall-clock time (time.time()) by which every trial must end
 
     @cached_property
     def grid(self) -> Grid:
@@ -60,7 +61,11 @@ class Sweep:
     def config_for(self, params: dict) -> Config:
         return self.base.replace(**self.grid.overrides(params))
 
+    def points(self) -> list[dict]:
+        """Every grid point's Optuna params, in grid order (the order of `configs`)."""
+        space = self.search_space()
+        return [dict(zip(space, values)) for values in product(*space.values())]
+
     def configs(self) -> list[Config]:
         """Every grid point's config, in grid order, whatever a resumed study has done."""
-        space = self.search_space()
-        return [self.config_for(dict(zip(space, values))) for values in product(*space.values())]
+        return [self.config_for(params) for params in self.points()]

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import optuna
 
+from mnist_diff.study.deadline import STOPPED
 from mnist_diff.study.optuna_compat import fail_stale_trials
 from mnist_diff.study.records import grid_text, phase_sums, study_doc, write_results
 from mnist_diff.study.retries import enqueue
@@ -31,6 +32,7 @@ from mnist_diff.study.spec import Sweep
 from mnist_diff.study.storage import (
     failed_points,
     make_storage,
+    open_points,
     open_study,
     points_done,
     requeue_failed,
@@ -134,10 +136,13 @@ class SweepFailed(RuntimeError):
         self.doc = doc
 
 
-def parent_status(study: optuna.Study, sweep: Sweep, interrupted: bool) -> tuple[str, str | None, str]:
+def parent_status(
+    study: optuna.Study, sweep: Sweep, interrupted: bool, stopped: bool = False
+) -> tuple[str, str | None, str]:
     """(status, reason, 'done/size') of the study's parent run: FINISHED only when every grid point is COMPLETE;
     RUNNING while a trial still runs (another command's worker, or a dead one not yet found stale); KILLED
-    when this command was interrupted; FAILED otherwise, saying how many points failed or never ran."""
+    when this command was interrupted, or `stopped` before the --stop-after deadline with no point failed;
+    FAILED otherwise, saying how many points failed or never ran."""
     S = optuna.trial.TrialState
     trials = study.get_trials(deepcopy=False)
     complete, done = points_done(study, sweep)
@@ -151,6 +156,8 @@ def parent_status(study: optuna.Study, sweep: Sweep, interrupted: bool) -> tuple
         return "RUNNING", None, done
     if interrupted:
         return "KILLED", f"interrupted with {done} grid points complete", done
+    if stopped and not failed:
+        return "KILLED", f"{STOPPED} with {done} grid points complete; the same command goes on", done
     reason = f"{len(failed)} grid point(s) failed" if failed else ""
     unrun = sweep.size - complete - len(failed)
     if unrun:
@@ -182,10 +189,10 @@ def run_sweep(sweep: Sweep, workers: int = 1, retry_failed: bool = False) -> dic
     reconciled = reconcile_orphans(parent.client, parent.uri, sweep.experiment, sweep.study_name, live)
     if reconciled:
         log.warning("marked %d orphaned MLflow run(s) KILLED: %s", len(reconciled), ", ".join(reconciled))
-    codes, interrupted, error = [], False, None
+    codes, interrupted, error, stopped, handler = [], False, None, False, None
     try:
         if workers <= 1:
-            setup_logging(sweep.out_dir)
+            handler = setup_logging(sweep.out_dir)
             work(sweep, parent.run_id)
         else:
             codes = run_workers(sweep, parent.run_id, workers)
@@ -197,10 +204,16 @@ def run_sweep(sweep: Sweep, workers: int = 1, retry_failed: bool = False) -> dic
         raise
     finally:
         study = open_study(sweep)
-        doc = write_results(study, sweep)
-        _log_parent(parent, sweep, study, doc, interrupted, error, codes)
+        if sweep.deadline is not None and not interrupted and error is None:  # workers stopped with points open
+            stopped = open_points(study, sweep) > 0
+        status, reason, _ = parent_status(study, sweep, interrupted, stopped)
+        doc = write_results(study, sweep, stopped=reason if status == "KILLED" and stopped else None)
+        _log_parent(parent, sweep, study, doc, interrupted, error, codes, stopped)
+        if handler is not None:  # a later sweep in this process (tests) logs into its own --out only
+            logging.getLogger().removeHandler(handler)
+            handler.close()
     bad = [f"worker {i} exited with code {c}" for i, c in enumerate(codes) if c != 0]
-    status, reason, _ = parent_status(study, sweep, interrupted=False)
+    status, reason, _ = parent_status(study, sweep, interrupted=False, stopped=stopped)
     if status == "FAILED":
         bad.append(reason)
     if bad:
@@ -221,6 +234,7 @@ def _log_parent(
     interrupted: bool,
     error: Exception | None,
     codes: list,
+    stopped: bool = False,
 ) -> None:
     best = doc.get("best")
     if best:
@@ -232,12 +246,12 @@ def _log_parent(
     parent.log_artifact(sweep.out_dir / "grid_search_results.json")
     if (sweep.out_dir / "training.log").exists():
         parent.log_artifact(sweep.out_dir / "training.log")
-    status, reason, done = parent_status(study, sweep, interrupted)
+    status, reason, done = parent_status(study, sweep, interrupted, stopped)
     tags = {"mnist_diff.points_done": done}
     if any(c != 0 for c in codes):
         tags["mnist_diff.worker_exit_codes"] = json.dumps(codes)
     parent.set_tags(tags)
-    error_type = "Interrupted" if status == "KILLED" else "IncompleteGrid"
+    error_type = "Interrupted" if interrupted else "StoppedBeforeDeadline" if stopped else "IncompleteGrid"
     if error is not None and status == "FAILED":  # this command itself failed (e.g. the storage went away)
         reason, error_type = f"{type(error).__name__}: {error}; {reason}", type(error).__name__
     parent.set_status(status, reason, error_type)

@@ -10,6 +10,7 @@ from pathlib import Path
 import optuna
 
 from mnist_diff.fid.engine import Reference
+from mnist_diff.study.deadline import stop_reason
 from mnist_diff.study.objective import Objective
 from mnist_diff.study.optuna_compat import fail_stale_trials
 from mnist_diff.study.records import write_results
@@ -23,7 +24,8 @@ log = logging.getLogger(__name__)
 
 
 def work(sweep: Sweep, parent_run_id: str) -> None:
-    """One worker: take open grid points until none is open and no trial runs anywhere."""
+    """One worker: take open grid points until none is open and no trial runs anywhere, or until the next would
+    end after `sweep.deadline` (`--stop-after`)."""
     from mnist_diff.runtime.data import load_mnist
     from mnist_diff.runtime.device import configure_backend, resolve_device
 
@@ -63,11 +65,15 @@ def work(sweep: Sweep, parent_run_id: str) -> None:
             )
             return
         if open_points(study, sweep) > 0:
+            stop = stop_reason(study, sweep)
+            if stop:  # --stop-after: the trials running elsewhere finish; the same command goes on
+                log.info("worker stops: %s", stop)
+                return
             started += 1
             study.optimize(guarded, n_trials=1, catch=(Exception,), gc_after_trial=True)
             write_results(study, sweep)
             tag_trial_run(sweep.tracking_uri, parent_run_id, {"mnist_diff.points_done": points_done(study, sweep)[1]})
-        elif study.get_trials(deepcopy=False, states=running):
+        elif study.get_trials(deepcopy=False, states=running) and not stop_reason(study, sweep):
             # Other workers' trials are running, or a dead worker's trial is not stale yet (kill -9, then the
             # same command again at once): wait, so that a trial found stale is retried here, not left behind.
             time.sleep(min(5, sweep.heartbeat))
@@ -76,7 +82,8 @@ def work(sweep: Sweep, parent_run_id: str) -> None:
             return
 
 
-def setup_logging(out_dir: Path) -> None:
+def setup_logging(out_dir: Path) -> logging.Handler:
+    """Log to OUT/training.log; the handler is returned so that a sweep run in-process can remove it after."""
     handler = logging.FileHandler(out_dir / "training.log")
     handler.setFormatter(RedactingFormatter(f"%(asctime)s [pid {os.getpid()}] %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
@@ -84,6 +91,7 @@ def setup_logging(out_dir: Path) -> None:
     root.setLevel(logging.INFO)
     optuna.logging.enable_propagation()
     optuna.logging.disable_default_handler()
+    return handler
 
 
 def prefetch(sweep: Sweep) -> None:
