@@ -9,13 +9,13 @@ import time
 import optuna
 
 from mnist_diff.study.spec import Sweep
-from mnist_diff.study.storage import DONE_STATES, point_of
+from mnist_diff.study.storage import DONE_STATES, trial_point
 
 STOPPED = "stopped before the deadline"
 
 
 def _key(params: dict) -> tuple:
-    return tuple(sorted(params.items()))  # as storage.point_of
+    return tuple(sorted(params.items()))  # as storage.trial_point
 
 
 def next_trial_seconds(study: optuna.Study, sweep: Sweep) -> float:
@@ -36,9 +36,9 @@ def next_trial_seconds(study: optuna.Study, sweep: Sweep) -> float:
     trained = {sweep.config_for(t.params).training_key() for t in trials if t.state == optuna.trial.TrialState.COMPLETE}
     waiting = [t for t in trials if t.state == optuna.trial.TrialState.WAITING]
     if waiting:
-        candidates = [point_of(min(waiting, key=lambda t: t.number))]
+        candidates = [trial_point(min(waiting, key=lambda t: t.number))]
     else:
-        taken = {point_of(t) for t in trials if t.state in (*DONE_STATES, optuna.trial.TrialState.RUNNING)}
+        taken = {trial_point(t) for t in trials if t.state in (*DONE_STATES, optuna.trial.TrialState.RUNNING)}
         candidates = [_key(p) for p in points if _key(p) not in taken]
     by_key = {_key(p): p for p in points}
     return max(
