@@ -199,6 +199,7 @@ class Tracker:
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self.upload_errors = 0
+        self.model_id: str | None = None  # the model this run logged (`log_model`)
         self.given_params: dict = {}  # params an adopted run already holds (`mlflow run` logs its -P values)
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -333,6 +334,16 @@ class Tracker:
         from mnist_diff.tracking.callback import log_final
 
         log_final(self, result, out_dir, best_checkpoint, last_checkpoint, history)
+
+    def log_model(self, config: dict, ema_path: Path, epoch: int, metrics: dict) -> str | None:
+        """The run's model (`mlflow_model.log_model`); its id, or None when logging failed (recorded, as a
+        failed artifact upload is: training goes on)."""
+        from mnist_diff.tracking import mlflow_model
+
+        ids = []
+        self._guard("model", lambda: ids.append(mlflow_model.log_model(self, config, ema_path, epoch, metrics)))
+        self.model_id = ids[0] if ids else None
+        return self.model_id
 
     def describe(self) -> str:
         return (
