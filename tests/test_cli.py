@@ -307,7 +307,7 @@ def unavailable_device():
 MORE_BAD = [
     (["train", "--device", "DEVICE"], "is not available"),
     (["sample", "--checkpoint", "MISSING"], "does not exist"),
-    (["evaluate", "--no-tracking"], "give exactly one of --checkpoint and --images"),
+    (["evaluate", "--no-tracking"], "give exactly one of --checkpoint, --images and --model"),
     (["evaluate", "--images", "GARBAGE", "--no-tracking"], "unreadable"),
     (["report"], "give exactly one of --study and --results"),
     (["report", "--study", "nope", "--tracking-uri", "sqlite:///TMP/m.db"], "no MLflow run tagged as study"),

@@ -2,6 +2,7 @@
 
 import re
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import TINY
@@ -88,6 +89,24 @@ def test_train_is_tracked_end_to_end(tmp_path, data_dir, fid_weights, monkeypatc
         a.path for a in client.list_artifacts(run.info.run_id, "checkpoints/last")
     }
     assert any(c.endswith(".pt") and "ema-epoch" in c for c in ckpts) and any("ckpt-" in c for c in ckpts)
+
+    # the selected epoch as an MLflow Model of the run: runs:/RUN/model draws what its EMA checkpoint draws
+    (output,) = client.get_run(run.info.run_id).outputs.model_outputs
+    assert output.step == m["best_epoch"]
+    assert {x.key: x.value for x in client.get_logged_model(output.model_id).metrics}["best_fid"] == m["best_fid"]
+    drawn = []
+    for name, source in [
+        ("by-uri", ["--model", f"runs:/{run.info.run_id}/model", "--tracking-uri", uri]),
+        (
+            "by-file",
+            ["--checkpoint", str(tmp_path / "run" / "checkpoints" / f"ema-epoch-{int(m['best_epoch']):03d}.pt")],
+        ),
+    ]:
+        out = tmp_path / name
+        sampled = CliRunner().invoke(cli.cli, ["sample", *source, "--num-samples", "3", "--out", str(out), "--quiet"])
+        assert sampled.exit_code == 0, sampled.output
+        drawn.append(np.load(out / "samples.npz")["images"])
+    np.testing.assert_array_equal(*drawn)
 
 
 class Boom(Callback):

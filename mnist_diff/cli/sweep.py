@@ -6,7 +6,7 @@ import dataclasses
 
 import click
 
-from mnist_diff.choices import SAMPLERS, SCHEDULES
+from mnist_diff.choices import REGISTERED_MODEL, SAMPLERS, SCHEDULES
 from mnist_diff.cli.checks import check_writable_dir, checked_tracking_uri, make_config, pick_device
 from mnist_diff.cli.group import BadInput
 from mnist_diff.cli.options import (
@@ -98,6 +98,13 @@ from mnist_diff.presets import PRESETS
 @fid_weights_option
 @tracking_options
 @click.option(
+    "--registered-model",
+    default=REGISTERED_MODEL,
+    show_default=True,
+    help="Register the finished study's best model under this name; the alias 'champion' moves to it when "
+    "its FID beats the current champion's.",
+)
+@click.option(
     "--preset",
     type=click.Choice(tuple(PRESETS)),
     default="study",
@@ -186,6 +193,7 @@ def sweep(
     tracking_uri,
     experiment,
     no_tracking,
+    registered_model,
     device,
     data_dir,
     out,
@@ -269,6 +277,7 @@ def sweep(
         storage=storage,
         tracking_uri=tracking_uri,
         experiment=experiment,
+        registered_model=registered_model,
         data_dir=data_dir,
         fid_weights=fid_weights,
         device=device,
@@ -303,6 +312,9 @@ def sweep(
     if doc["best"]:
         b = doc["best"]
         click.echo(f"best: {b['params']} FID {b['best_fid']:.2f} (epoch {b['best_epoch']})")
+    if doc.get("registered_model"):
+        r = doc["registered_model"]
+        click.echo(r["text"] + f"; load it: models:/{r['name']}/{r['version']}")
     from mnist_diff.tracking.mlflow_store import ui_command
 
     click.echo(f"browse: {ui_command(tracking_uri)}  (experiment {experiment!r})")

@@ -594,6 +594,7 @@ def analyse(records: list[dict], study: dict) -> dict:
         "missing": missing,
         "off_grid_runs": [r["run_id"] or r["trial"] for r in off_grid],
         "time": {**time_by_phase(records), "projection": study.get("projection")},
+        "registered_model": study.get("registered_model"),  # {name, version, champion}: read from MLflow only
     }
 
 

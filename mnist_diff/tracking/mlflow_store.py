@@ -1,4 +1,4 @@
-"""MLflow tracking: the only module that imports mlflow. It writes runs and reads a study's runs back.
+"""MLflow tracking: runs written, and a study's runs read back (with `mlflow_model`, the only mlflow imports).
 
 A `Tracker` owns one MLflow run through an explicit `MlflowClient` (no fluent global state), so the run's
 end status is always ours to set: FINISHED on success, FAILED with the error as tags when something raises,
@@ -15,7 +15,7 @@ import tempfile
 import time
 import urllib.request
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -398,6 +398,18 @@ class StudyRuns:
     parent_run_id: str
     study: dict
     trials: list  # [TrialRun]
+    parent_tags: dict = field(default_factory=dict)
+
+    def registered_model(self) -> dict | None:
+        """{name, version, champion} of the model the finished study registered (`study.sweep`), or None."""
+        t = self.parent_tags
+        if "mnist_diff.registered_model" not in t:
+            return None
+        return {
+            "name": t["mnist_diff.registered_model"],
+            "version": t.get("mnist_diff.registered_version"),
+            "champion": t.get("mnist_diff.champion") == "true",
+        }
 
 
 def read_study(tracking_uri: str, study_name: str) -> StudyRuns:
@@ -428,4 +440,4 @@ def read_study(tracking_uri: str, study_name: str) -> StudyRuns:
                 [(m.step, m.value) for m in sorted(history, key=lambda m: (m.step, m.timestamp))],
             )
         )
-    return StudyRuns(pid, study, trials)
+    return StudyRuns(pid, study, trials, dict(parent.data.tags))
