@@ -55,7 +55,7 @@ SIGNATURE = ModelSignature(
     ),
     outputs=Schema([TensorSpec(np.dtype("uint8"), (-1, 28, 28))]),
 )
-INPUT_EXAMPLE = {"num_samples": 4, "seed": 0}
+INPUT_EXAMPLE = {"num_samples": 1, "seed": 0}  # MLflow draws it when it logs the model: one image is cheap
 # What the model needs besides mnist_diff itself, which it imports (and which is not on PyPI).
 REQUIREMENTS = ["torch", "numpy", "pandas", f"mlflow=={mlflow.__version__}"]
 
@@ -144,10 +144,19 @@ def log_model(tracker, config: dict, ema_path: Path, epoch: int, metrics: dict) 
             {"format_version": checkpoint.FORMAT_VERSION, "config": config, "epoch": epoch, "ema": ema},
             Path(tmp) / WEIGHTS_FILE,
         )
+        # made here, in the run's experiment (Model.log would make it in the current default experiment)
+        logged = tracker.client.create_logged_model(
+            tracker.experiment_id or tracker.client.get_run(tracker.run_id).info.experiment_id,
+            name=MODEL_NAME,
+            source_run_id=tracker.run_id,
+            params={k: str(v) for k, v in config.items()},
+            tags={"mnist_diff.epoch": str(epoch)},
+        )
         info = Model.log(
             None,
             name=MODEL_NAME,
             flavor=mlflow.pyfunc,
+            model_id=logged.model_id,
             run_id=tracker.run_id,
             loader_module=__name__,
             data_path=str(weights),
@@ -155,8 +164,6 @@ def log_model(tracker, config: dict, ema_path: Path, epoch: int, metrics: dict) 
             input_example=INPUT_EXAMPLE,
             pip_requirements=REQUIREMENTS,
             step=int(epoch),
-            params={k: str(v) for k, v in config.items()},
-            tags={"mnist_diff.epoch": str(epoch)},
         )
     now = int(time.time() * 1000)
     linked = [Metric(k, float(v), now, int(epoch), model_id=info.model_id) for k, v in metrics.items() if v is not None]
