@@ -240,13 +240,14 @@ def _register(client: MlflowClient, run_id: str, name: str, best_fid: float, tag
             name, source=f"models:/{model_id}", run_id=run_id, tags=version_tags, model_id=model_id
         )
     current = champion_version(client, name)
-    previous = current.version if current is not None else None
+    previous = str(current.version) if current is not None else None  # an int from a SQL store, text from a server
     previous_fid = float(current.tags.get("mnist_diff.best_fid", "inf")) if current is not None else None
-    already = previous == version.version
+    number = str(version.version)
+    already = previous == number
     moved = not already and (previous_fid is None or best_fid < previous_fid)
     if moved:
-        client.set_registered_model_alias(name, CHAMPION, version.version)
-    return Registered(name, version.version, float(best_fid), already or moved, moved, previous, previous_fid)
+        client.set_registered_model_alias(name, CHAMPION, number)
+    return Registered(name, number, float(best_fid), already or moved, moved, previous, previous_fid)
 
 
 def _versions(client: MlflowClient, name: str) -> list:
