@@ -212,8 +212,10 @@ def test_two_sweeps_at_once_on_postgresql(pg_url, tmp_path):
     assert parent.data.params["storage"] == pg_url.replace(f":{password}@", ":***@")
     # both commands saw the study finish; its best model was registered once
     assert any("registered model 'mnist-diff' version 1" in o for o in outputs)
-    (version,) = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_model_versions("name = 'mnist-diff'")
-    assert version.tags["mnist_diff.study"] == "pg" and version.aliases == ["champion"]
+    registry = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (version,) = registry.search_model_versions("name = 'mnist-diff'")
+    assert version.tags["mnist_diff.study"] == "pg"
+    assert registry.get_model_version_by_alias("mnist-diff", "champion").version == version.version
 
 
 def _machine_cmd(study, storage, server, machine: Path, *options) -> list:
