@@ -10,7 +10,8 @@ checks both, imports inside functions included):
     runtime      device and numerics, compile and CUDA graphs, data, checkpoints, batched generation, timing
     fid          the FID engine (torch-fidelity's Inception, reference statistics)
     training     the trainer, and one experiment: train, select the epoch by FID, score it
-    tracking     MLflow: runs written and read back (the only mlflow import), the training callback, figures
+    tracking     MLflow (the only mlflow imports): runs written and read back, the model and its registry, the
+                 training callback, figures
     perf         bench, its per-device cache, the workload model that projects a study's time
     study        the Optuna grid study (the only optuna imports): storage, retries, objective, workers
     report       the study's findings: analysis, text, figures, reading a study back

@@ -9,3 +9,4 @@ PRECISIONS = ("auto", "fp32", "bf16")
 COMPILE_CHOICES = ("auto", "on", "off")
 FID_REFS = ("train", "test")  # the MNIST split FID compares against
 DEVICES = ("auto", "cpu", "cuda", "mps")
+REGISTERED_MODEL = "mnist-diff"  # the registered model a study's best goes to (`sweep --registered-model`)

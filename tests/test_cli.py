@@ -307,8 +307,9 @@ def unavailable_device():
 MORE_BAD = [
     (["train", "--device", "DEVICE"], "is not available"),
     (["sample", "--checkpoint", "MISSING"], "does not exist"),
-    (["evaluate", "--no-tracking"], "give exactly one of --checkpoint and --images"),
+    (["evaluate", "--no-tracking"], "give exactly one of --checkpoint, --images and --model"),
     (["evaluate", "--images", "GARBAGE", "--no-tracking"], "unreadable"),
+    (["evaluate", "--images", "NPZ", "--model", "models:/m@champion", "--no-tracking"], "exactly one of --checkpoint,"),
     (["report"], "give exactly one of --study and --results"),
     (["report", "--study", "nope", "--tracking-uri", "sqlite:///TMP/m.db"], "no MLflow run tagged as study"),
     (["report", "--results", "GARBAGE"], "not a grid_search_results.json"),

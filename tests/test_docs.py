@@ -222,7 +222,7 @@ def test_docs_have_commands_of_every_kind():
         ("python cli.py sweep --sampler ddpm,plms", click.BadParameter, "plms"),
         ("python cli.py sweep --time-budget soon", click.BadParameter, "soon"),
         ("python cli.py no-such-command", click.UsageError, "no-such-command"),
-        ("python cli.py sample --num-samples 1000", click.MissingParameter, "checkpoint"),
+        ("python cli.py sample --model", click.BadOptionUsage, "--model"),
         ("python cli.py sweep --seeds", click.BadOptionUsage, "--seeds"),
     ],
 )

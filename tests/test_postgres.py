@@ -14,6 +14,7 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 from click.testing import CliRunner
@@ -209,6 +210,12 @@ def test_two_sweeps_at_once_on_postgresql(pg_url, tmp_path):
     (parent,) = [r for r in runs if r.data.tags.get("mnist_diff.role") == "study"]
     assert parent.info.status == "FINISHED" and parent.data.tags["mnist_diff.points_done"] == "2/2"
     assert parent.data.params["storage"] == pg_url.replace(f":{password}@", ":***@")
+    # both commands saw the study finish; its best model was registered once
+    assert any("registered model 'mnist-diff' version 1" in o for o in outputs)
+    registry = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (version,) = registry.search_model_versions("name = 'mnist-diff'")
+    assert version.tags["mnist_diff.study"] == "pg"
+    assert registry.get_model_version_by_alias("mnist-diff", "champion").version == version.version
 
 
 def _machine_cmd(study, storage, server, machine: Path, *options) -> list:
@@ -324,7 +331,32 @@ def test_two_machines_without_a_shared_disk_share_one_study(pg_url, mlflow_serve
         text=True,
     )
     assert report.returncode == 0, report.stderr
-    assert "cosine" in (tmp_path / "report" / "report.md").read_text()
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "cosine" in text
+    # the best model registered once in the server's registry, and fetched back through it by URI
+    versions = [v for v in client.search_model_versions("name = 'mnist-diff'") if v.tags["mnist_diff.study"] == "two"]
+    assert len(versions) == 1 and f"`mnist-diff` version {versions[0].version}" in text
+    (best,) = [r for r in runs if r.info.run_id == versions[0].run_id]
+    sample = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "cli.py"),
+            "sample",
+            "--model",
+            f"models:/mnist-diff/{versions[0].version}",
+            "--tracking-uri",
+            mlflow_server,
+            "--num-samples",
+            "2",
+            "--out",
+            str(tmp_path / "samples"),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert sample.returncode == 0, sample.stderr
+    assert str(np.load(tmp_path / "samples" / "samples.npz")["sampler"]) == best.data.params["sampler"]
 
 
 def test_a_machine_dies_and_the_other_resumes_from_the_uploaded_checkpoint(pg_url, mlflow_server, tmp_path):

@@ -9,19 +9,24 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import optuna
+import pandas as pd
 import pytest
 from click.testing import CliRunner
 from conftest import TINY as TINY_CONFIG
 from conftest import tiny_args
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
 import cli
+from mnist_diff.choices import REGISTERED_MODEL
 from mnist_diff.config import Config
 from mnist_diff.diffusion.schedules import make_schedule
 from mnist_diff.fid.engine import Reference
@@ -31,6 +36,7 @@ from mnist_diff.study.objective import Objective
 from mnist_diff.study.spec import Sweep
 from mnist_diff.study.storage import open_study
 from mnist_diff.study.sweep import parent_run
+from mnist_diff.tracking.mlflow_model import register_best
 from mnist_diff.training.experiment import score_model, selection_images
 from mnist_diff.training.trainer import (
     Interrupted,
@@ -259,6 +265,7 @@ def test_report_from_the_finished_study(finished_sweep):
     assert result.exit_code == 0, result.output
     text = (out / "report.md").read_text()
     assert "PARTIAL" not in text
+    assert f"registered as `{REGISTERED_MODEL}` version 1 (the alias `champion`)" in text
     # a cosine-only grid lacks 12 of the 16 reference configs: no claims to check
     assert "## Reference claims" not in text and "The reference claims are not checked" in text
     assert "## Where the time went" in text and "| selection sampling |" in text
@@ -266,6 +273,208 @@ def test_report_from_the_finished_study(finished_sweep):
     assert "Projected when the study started, serial, at the rates of cpu (" in text
     doc = json.loads((tmp_path / "out" / "grid_search_results.json").read_text())
     assert set(doc["projection"]["seconds"]) == set(workload.PHASES)
+
+
+def sample_images(tmp_path, name, *args) -> np.ndarray:
+    """`cli.py sample ARGS` -> its samples.npz images as [N, 28, 28]."""
+    out = tmp_path / name
+    result = CliRunner().invoke(cli.cli, ["sample", *args, "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    return np.load(out / "samples.npz")["images"][:, 0]
+
+
+def test_the_champion_is_the_best_trials_model_and_draws_what_sample_draws(finished_sweep, monkeypatch):
+    tmp_path, _, result = finished_sweep
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    best = json.loads((tmp_path / "out" / "grid_search_results.json").read_text())["best"]
+    results = json.loads((tmp_path / "out" / "grid_search_results.json").read_text())["results"]
+    client = MlflowClient(uri, registry_uri=uri)
+    champion = client.get_model_version_by_alias(REGISTERED_MODEL, "champion")
+    assert [v.version for v in client.search_model_versions(f"name = '{REGISTERED_MODEL}'")] == [champion.version]
+    tags = champion.tags  # the study, the trial and its params on the version
+    assert tags["mnist_diff.study"] == "s" and tags["mnist_diff.trial"] == str(best["trial"])
+    assert (
+        float(tags["mnist_diff.best_fid"]) == best["best_fid"]
+        and json.loads(tags["mnist_diff.params"]) == best["params"]
+    )
+    assert (
+        f"'{REGISTERED_MODEL}' version {champion.version}" in result.output
+        and "'champion' moved to it" in result.output
+    )
+    for r in results:  # every trial logged its model at its best epoch, its best_fid linked to it
+        (output,) = client.get_run(r["run_id"]).outputs.model_outputs
+        assert output.step == r["best_epoch"]
+        linked = {m.key: m.value for m in client.get_logged_model(output.model_id).metrics}
+        assert linked["best_fid"] == r["best_fid"]
+        if r["trial"] == best["trial"]:
+            assert champion.tags["mnist_diff.model_id"] == output.model_id
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # the README's two lines
+    model = mlflow.pyfunc.load_model(f"models:/{REGISTERED_MODEL}@champion")
+    digits = model.predict({"num_samples": 6, "seed": 3})
+    assert digits.shape == (6, 28, 28) and digits.dtype == np.uint8 and digits.std() > 0
+    assert (model.predict(pd.DataFrame([{"num_samples": 2, "seed": 3}])) == digits[:2]).all()  # image i: (seed, i)
+
+    by_uri = sample_images(
+        tmp_path,
+        "by-uri",
+        "--model",
+        f"models:/{REGISTERED_MODEL}@champion",
+        "--seed",
+        "3",
+        "--num-samples",
+        "6",
+        "--tracking-uri",
+        uri,
+    )
+    (run,) = [client.get_run(r["run_id"]) for r in results if r["trial"] == best["trial"]]
+    key = run.data.tags["mnist_diff.training_key"]
+    ema = tmp_path / "out" / "trainings" / key / "checkpoints" / f"ema-epoch-{best['best_epoch']:03d}.pt"
+    by_file = sample_images(
+        tmp_path,
+        "by-file",
+        "--checkpoint",
+        str(ema),
+        "--sampler",
+        best["params"]["sampler"],
+        "--seed",
+        "3",
+        "--num-samples",
+        "6",
+    )
+    np.testing.assert_array_equal(by_uri, digits)
+    np.testing.assert_array_equal(by_file, digits)
+    other = model.predict({"num_samples": 2, "seed": 3, "sampler": "ddim", "ddim_steps": 2, "eta": 1.0})
+    assert other.shape == (2, 28, 28) and (other != digits[:2]).any()
+    for bad, reason in [
+        (pd.DataFrame([{"num_samples": 1, "seed": 0}] * 2), "one request row, not 2"),
+        ({"num_samples": 1, "seed": 0, "sampler": "euler"}, "euler"),
+        ({"num_samples": 100001, "seed": 0}, "num_samples must be 1 to"),
+    ]:
+        with pytest.raises(MlflowException, match=reason):
+            model.predict(bad)
+
+
+def test_the_champion_moves_only_to_a_lower_fid(finished_sweep):
+    tmp_path, _, _ = finished_sweep
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    runs = [r["run_id"] for r in json.loads((tmp_path / "out" / "grid_search_results.json").read_text())["results"]]
+    first = register_best(uri, runs[0], "alias-test", 50.0, {"mnist_diff.trial": 0})
+    assert (first.version, first.moved, first.previous) == ("1", True, None)
+    worse = register_best(uri, runs[1], "alias-test", 60.0, {})
+    assert (worse.version, worse.moved, worse.champion, worse.previous) == ("2", False, False, "1")
+    assert "stays version 1" in worse.describe()
+    again = register_best(uri, runs[0], "alias-test", 50.0, {})  # registered once: its version, still champion
+    assert (again.version, again.moved, again.champion) == ("1", False, True)
+    better = register_best(uri, runs[2], "alias-test", 40.0, {})
+    assert (better.version, better.moved, better.previous, better.previous_fid) == ("3", True, "1", 50.0)
+    client = MlflowClient(uri, registry_uri=uri)
+    assert str(client.get_model_version_by_alias("alias-test", "champion").version) == "3"
+    assert client.get_model_version("alias-test", "1").tags["mnist_diff.trial"] == "0"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(300)
+def test_the_champion_answers_over_mlflow_models_serve(finished_sweep):
+    tmp_path, _, _ = finished_sweep
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    port, log_path = free_port(), tmp_path / "serve.log"
+    root = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,
+        "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "models",
+        "serve",
+        "-m",
+        f"models:/{REGISTERED_MODEL}@champion",
+        "--env-manager",
+        "local",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+    ]
+    base = f"http://127.0.0.1:{port}"
+    with open(log_path, "w") as log_file:
+        server = subprocess.Popen(
+            command, env=env, cwd=tmp_path, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 150  # a loaded CPU takes over half a minute to start it
+        while True:
+            assert server.poll() is None, log_path.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(base + "/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.5)
+
+        def invoke(record):
+            body = json.dumps({"dataframe_records": [record]}).encode()
+            request = urllib.request.Request(base + "/invocations", body, {"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=60) as r:
+                return np.array(json.loads(r.read())["predictions"], dtype=np.uint8)
+
+        served = invoke({"num_samples": 4, "seed": 0})
+        with pytest.raises(urllib.error.HTTPError) as bad:
+            invoke({"num_samples": 0, "seed": 0})
+        assert bad.value.code == 400 and "num_samples" in bad.value.read().decode()
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+    expected = sample_images(
+        tmp_path,
+        "served",
+        "--model",
+        f"models:/{REGISTERED_MODEL}@champion",
+        "--seed",
+        "0",
+        "--num-samples",
+        "4",
+        "--tracking-uri",
+        uri,
+    )
+    assert served.shape == (4, 28, 28)
+    np.testing.assert_array_equal(served, expected)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["--model", "models:/mnist-diff@champion", "--checkpoint", cli.__file__],
+            "exactly one of --checkpoint and --model",
+        ),
+        ([], "exactly one of --checkpoint and --model"),
+        (["--model", "models:/no-such-model@champion"], "--model models:/no-such-model@champion: "),
+    ],
+)
+def test_sample_by_model_uri_bad_input(finished_sweep, args, message):
+    tmp_path, _, _ = finished_sweep
+    out = tmp_path / "bad-sample"
+    result = CliRunner().invoke(
+        cli.cli, ["sample", *args, "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--out", str(out)]
+    )
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()[-1]) < 400 and not out.exists()
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ import hashlib
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -107,6 +108,23 @@ def test_train_is_tracked_end_to_end(tmp_path, data_dir, fid_weights, monkeypatc
     # the experiment opens in MLflow's model-training view, with a description
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     assert "diffusion" in exp.tags["mlflow.note.content"]
+    # the selected epoch as an MLflow Model of the run: runs:/RUN/model draws what its EMA checkpoint draws
+    (output,) = client.get_run(run.info.run_id).outputs.model_outputs
+    assert output.step == m["best_epoch"]
+    assert {x.key: x.value for x in client.get_logged_model(output.model_id).metrics}["best_fid"] == m["best_fid"]
+    drawn = []
+    for name, source in [
+        ("by-uri", ["--model", f"runs:/{run.info.run_id}/model", "--tracking-uri", uri]),
+        (
+            "by-file",
+            ["--checkpoint", str(tmp_path / "run" / "checkpoints" / f"ema-epoch-{int(m['best_epoch']):03d}.pt")],
+        ),
+    ]:
+        out = tmp_path / name
+        sampled = CliRunner().invoke(cli.cli, ["sample", *source, "--num-samples", "3", "--out", str(out), "--quiet"])
+        assert sampled.exit_code == 0, sampled.output
+        drawn.append(np.load(out / "samples.npz")["images"])
+    np.testing.assert_array_equal(*drawn)
 
 
 def test_an_experiment_keeps_its_own_description_and_gets_its_kind(tmp_path):

@@ -119,3 +119,26 @@ def with_sampling(trained, sampler, ddim_steps, eta, clip_x0=None, **more):
     e.g. --ddim-steps above the checkpoint's --timesteps is exit 2."""
     given = {"sampler": sampler, "ddim_steps": ddim_steps, "eta": eta, "clip_x0": clip_x0}
     return make_config(**{**trained.to_dict(), **{k: v for k, v in given.items() if v is not None}, **more})
+
+
+def load_model_source(checkpoint_path, model_uri, tracking_uri, device):
+    """(model, config, source) from exactly one of --checkpoint and --model (exit 2 otherwise, or for a URI that
+    names no mnist-diff model): a model URI (models:/NAME@champion, models:/NAME/3, runs:/RUN/model,
+    models:/m-...) is fetched through MLflow as its weights file, then loaded exactly as a checkpoint."""
+    if (checkpoint_path is None) == (model_uri is None):
+        raise BadInput("give exactly one of --checkpoint and --model")
+    if model_uri is None:
+        model, config, _ = load_checkpoint(checkpoint_path, device)
+        return model, config, checkpoint_path
+    import tempfile
+
+    from mnist_diff.tracking import mlflow_model
+
+    uri = checked_tracking_uri(tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            weights = mlflow_model.download_model(model_uri, tmp, uri)
+        except mlflow_model.ModelNotFound as err:
+            raise BadInput(f"--model {err}") from None
+        model, config, _ = load_checkpoint(weights, device)
+    return model, config, model_uri

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from mnist_diff.cli.checks import load_checkpoint, open_tracker, pick_device, with_sampling
+from mnist_diff.cli.checks import load_model_source, open_tracker, pick_device, with_sampling
 from mnist_diff.cli.group import BadInput
 from mnist_diff.cli.options import (
     compile_option,
@@ -18,7 +18,7 @@ from mnist_diff.cli.options import (
     sample_batch_option,
     tracking_options,
 )
-from mnist_diff.cli.sample import sampling_options
+from mnist_diff.cli.sample import model_option, sampling_options
 
 
 @click.command()
@@ -36,6 +36,7 @@ from mnist_diff.cli.sample import sampling_options
     default=None,
     help="Score the images in a samples.npz written by `sample`.",
 )
+@model_option
 @click.option("--num-samples", type=click.IntRange(min=2), default=10000, show_default=True)
 @sampling_options
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -53,6 +54,7 @@ from mnist_diff.cli.sample import sampling_options
 def evaluate(
     checkpoint_path,
     images_path,
+    model_uri,
     num_samples,
     sampler,
     ddim_steps,
@@ -74,8 +76,8 @@ def evaluate(
     quiet,
 ):
     """FID of a checkpoint (sampled with the chosen sampler) or of a samples.npz, printed and tracked."""
-    if (checkpoint_path is None) == (images_path is None):
-        raise BadInput("give exactly one of --checkpoint and --images")
+    if [checkpoint_path, images_path, model_uri].count(None) != 2:
+        raise BadInput("give exactly one of --checkpoint, --images and --model")
     dev = pick_device(device)
     from mnist_diff.fid.engine import Reference
 
@@ -92,7 +94,7 @@ def evaluate(
             raise BadInput(f"--images {images_path}: {err}") from None
         params = {"images": images_path, "num_samples": images.shape[0]}
     else:
-        model, trained, _ = load_checkpoint(checkpoint_path, dev)
+        model, trained, source = load_model_source(checkpoint_path, model_uri, tracking_uri, dev)
         config = with_sampling(
             trained,
             sampler,
@@ -104,7 +106,7 @@ def evaluate(
             compile=compile,
             sample_batch_size=sample_batch_size,
         )
-        params = {**config.to_dict(), "checkpoint": checkpoint_path, "num_samples": num_samples}
+        params = {**config.to_dict(), "checkpoint": source, "num_samples": num_samples}
     tracker = open_tracker(
         tracking_uri, experiment, no_tracking, run_name="evaluate", tags={"mnist_diff.command": "evaluate"}
     )

@@ -5,8 +5,16 @@ from __future__ import annotations
 import click
 
 from mnist_diff.choices import SAMPLERS
-from mnist_diff.cli.checks import check_writable_dir, load_checkpoint, pick_device, with_sampling
-from mnist_diff.cli.options import apply, compile_option, config_option, device_option, out_option, quiet_option
+from mnist_diff.cli.checks import check_writable_dir, load_model_source, pick_device, with_sampling
+from mnist_diff.cli.options import (
+    apply,
+    compile_option,
+    config_option,
+    device_option,
+    out_option,
+    quiet_option,
+    tracking_uri_option,
+)
 from mnist_diff.cli.params import OptionalChoice, OptionalFloat, OptionalInt
 
 CHECKPOINTS = "Default: the checkpoint's."
@@ -22,15 +30,25 @@ sampling_options = apply(
     ]
 )
 
+# `sample` and `evaluate`: a model logged to MLflow, by URI (`tracking.mlflow_model`), instead of --checkpoint.
+model_option = click.option(
+    "--model",
+    "model_uri",
+    default=None,
+    help="Or an MLflow model URI: models:/mnist-diff@champion, models:/NAME/VERSION, runs:/RUN_ID/model "
+    "(read from --tracking-uri).",
+)
+
 
 @click.command()
 @click.option(
     "--checkpoint",
     "checkpoint_path",
     type=click.Path(exists=True, dir_okay=False),
-    required=True,
+    default=None,
     help="A training checkpoint (ckpt-*.pt) or per-epoch EMA file (ema-epoch-*.pt).",
 )
+@model_option
 @click.option("--num-samples", type=click.IntRange(min=1), default=64, show_default=True)
 @sampling_options
 @click.option("--seed", type=int, default=0, show_default=True, help="Image i depends on (seed, i) only.")
@@ -40,21 +58,36 @@ sampling_options = apply(
     default=None,
     help="Images per sampling batch. Default: what the device holds (up to 2000 on a GPU, 64 on CPU).",
 )
+@tracking_uri_option
 @device_option
 @compile_option
 @out_option("runs/samples")
 @quiet_option
 def sample(
-    checkpoint_path, num_samples, sampler, ddim_steps, eta, clip_x0, seed, batch_size, device, compile, out, quiet
+    checkpoint_path,
+    model_uri,
+    num_samples,
+    sampler,
+    ddim_steps,
+    eta,
+    clip_x0,
+    seed,
+    batch_size,
+    tracking_uri,
+    device,
+    compile,
+    out,
+    quiet,
 ):
-    """Draw images from a checkpoint: a grid PNG and all images as uint8 (samples.npz) into --out."""
+    """Draw images from a checkpoint or a logged model: a grid PNG and all images as uint8 (samples.npz) into
+    --out."""
     out_path = check_writable_dir(out)
     dev = pick_device(device)
     from mnist_diff.diffusion.schedules import make_schedule
     from mnist_diff.runtime.data import save_samples
     from mnist_diff.runtime.generate import generate
 
-    model, trained, _ = load_checkpoint(checkpoint_path, dev)
+    model, trained, source = load_model_source(checkpoint_path, model_uri, tracking_uri, dev)
     config = with_sampling(trained, sampler, ddim_steps, eta, clip_x0=clip_x0)
     schedule = make_schedule(config.schedule, config.timesteps, config.beta_start, config.beta_end)
     images = generate(
@@ -71,5 +104,5 @@ def sample(
         progress=not quiet,
         compile=compile,
     )
-    npz, sheet = save_samples(images, out_path, config, seed, checkpoint_path)
+    npz, sheet = save_samples(images, out_path, config, seed, source)
     click.echo(f"{num_samples} images ({config.sampler}) -> {npz}, {sheet}")

@@ -7,7 +7,7 @@ import time
 
 import click
 
-from mnist_diff.choices import SAMPLERS, SCHEDULES
+from mnist_diff.choices import REGISTERED_MODEL, SAMPLERS, SCHEDULES
 from mnist_diff.cli.checks import check_writable_dir, checked_tracking_uri, make_config, pick_device
 from mnist_diff.cli.group import BadInput
 from mnist_diff.cli.options import (
@@ -100,6 +100,13 @@ from mnist_diff.presets import PRESETS
 @fid_weights_option
 @tracking_options
 @system_metrics_option
+@click.option(
+    "--registered-model",
+    default=REGISTERED_MODEL,
+    show_default=True,
+    help="Register the finished study's best model under this name; the alias 'champion' moves to it when "
+    "its FID beats the current champion's.",
+)
 @click.option(
     "--preset",
     type=click.Choice(tuple(PRESETS)),
@@ -199,6 +206,7 @@ def sweep(
     experiment,
     no_tracking,
     system_metrics,
+    registered_model,
     device,
     data_dir,
     out,
@@ -285,6 +293,7 @@ def sweep(
         tracking_uri=tracking_uri,
         experiment=experiment,
         system_metrics=system_metrics,
+        registered_model=registered_model,
         data_dir=data_dir,
         fid_weights=fid_weights,
         device=device,
@@ -329,6 +338,9 @@ def sweep(
     if doc["best"]:
         b = doc["best"]
         click.echo(f"best: {b['params']} FID {b['best_fid']:.2f} (epoch {b['best_epoch']})")
+    if doc.get("registered_model"):
+        r = doc["registered_model"]
+        click.echo(r["text"] + f"; load it: models:/{r['name']}/{r['version']}")
     from mnist_diff.tracking.mlflow_store import ui_command
 
     click.echo(f"browse: {ui_command(tracking_uri)}  (experiment {experiment!r})")

@@ -601,6 +601,7 @@ def analyse(records: list[dict], study: dict) -> dict:
         "time": {**time_by_phase(records), "projection": study.get("projection")},
         "pieces": study.get("pieces"),
         "merge_notes": study.get("merge_notes") or [],
+        "registered_model": study.get("registered_model"),  # {name, version, champion}: read from MLflow only
     }
 
 

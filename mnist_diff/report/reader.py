@@ -54,4 +54,5 @@ def load_study_from_mlflow(tracking_uri: str, study_name: str) -> tuple[list[dic
                 }
             )
         )
-    return sort_records(records), runs.study, runs.parent_run_id
+    study = {**runs.study, "registered_model": runs.registered_model()}
+    return sort_records(records), study, runs.parent_run_id

@@ -62,6 +62,21 @@ def report_blocks(a: dict, montage_missing: list[str]) -> list[tuple]:
                 ),
             )
         )
+    registered = a.get("registered_model")
+    if registered:
+        name, version = registered["name"], registered["version"]
+        alias = (
+            " (the alias `champion`)"
+            if registered.get("champion")
+            else " (not the champion: an earlier one scored lower)"
+        )
+        b.append(
+            (
+                "p",
+                f"**Model:** the best trial's model is registered as `{name}` version {version}{alias}: "
+                f'load it with `mlflow.pyfunc.load_model("models:/{name}/{version}")`.',
+            )
+        )
     clip = {
         True: "on (clip_x0=True): both samplers clip the predicted x0 to [-1, 1] at every step",
         False: "off (clip_x0=False): the samplers follow the closed-form updates unclipped",

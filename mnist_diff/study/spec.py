@@ -9,6 +9,7 @@ from functools import cached_property
 from itertools import product
 from pathlib import Path
 
+from mnist_diff.choices import REGISTERED_MODEL
 from mnist_diff.config import RUNTIME_FIELDS, Config
 from mnist_diff.presets import STUDY_PAIRS, STUDY_SAMPLERS, STUDY_SCHEDULES
 from mnist_diff.study.grid import Grid, reference_dims
@@ -34,6 +35,7 @@ class Sweep:
     tracking_uri: str | None = None
     experiment: str = "mnist-diff"
     system_metrics: bool = True  # each trial run logs MLflow's system/... metrics
+    registered_model: str = REGISTERED_MODEL  # where the finished study registers its best trial's model
     data_dir: str | None = None
     fid_weights: str | None = None
     device: str = "auto"

@@ -43,7 +43,7 @@ from mnist_diff.study.worker import prefetch, setup_logging, work
 from mnist_diff.study.workers import run_workers
 from mnist_diff.tracking.mlflow_store import Tracker, find_study_run
 from mnist_diff.util.locks import exclusive
-from mnist_diff.util.redact import redact_url
+from mnist_diff.util.redact import redact_text, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +214,8 @@ def run_sweep(sweep: Sweep, workers: int = 1, retry_failed: bool = False) -> dic
             handler.close()
     bad = [f"worker {i} exited with code {c}" for i, c in enumerate(codes) if c != 0]
     status, reason, _ = parent_status(study, sweep, interrupted=False, stopped=stopped)
+    if status == "FINISHED" and doc.get("best"):
+        doc["registered_model"] = register_champion(parent, sweep, doc["best"])
     if status == "FAILED":
         bad.append(reason)
     if bad:
@@ -224,6 +226,40 @@ def run_sweep(sweep: Sweep, workers: int = 1, retry_failed: bool = False) -> dic
             doc,
         )
     return doc
+
+
+def register_champion(parent: Tracker, sweep: Sweep, best: dict) -> dict | None:
+    """Register the finished study's best trial's model under `sweep.registered_model`, its study, trial and
+    params as version tags; the alias `champion` moves to it only when its FID beats the current champion's
+    (`mlflow_model.register_best`). The outcome is tagged on the parent run (for `report`) and returned as a
+    dict; None when it could not register (logged: the study's results stand without it)."""
+    from mnist_diff.tracking.mlflow_model import register_best
+
+    tags = {
+        "mnist_diff.study": sweep.study_name,
+        "mnist_diff.trial": best["trial"],
+        "mnist_diff.best_epoch": best["best_epoch"],
+        "mnist_diff.params": json.dumps(best["params"], sort_keys=True),
+        **{f"mnist_diff.param.{k}": v for k, v in best["params"].items()},
+    }
+    try:  # two commands of one study finish together: one registers, the other finds it registered
+        with exclusive(sweep.storage, f"register-{sweep.registered_model}", sweep.out_dir):
+            registered = register_best(parent.uri, best["run_id"], sweep.registered_model, best["best_fid"], tags)
+    except Exception as err:
+        log.warning("registering the best model failed (%s: %s)", type(err).__name__, redact_text(str(err)))
+        return None
+    if registered is None:
+        log.warning("the best trial's run %s logged no model: nothing registered", best["run_id"])
+        return None
+    log.info("%s", registered.describe())
+    parent.set_tags(
+        {
+            "mnist_diff.registered_model": registered.name,
+            "mnist_diff.registered_version": registered.version,
+            "mnist_diff.champion": str(registered.champion).lower(),
+        }
+    )
+    return {**registered.to_dict(), "text": registered.describe()}
 
 
 def _log_parent(

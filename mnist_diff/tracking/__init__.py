@@ -1,2 +1,2 @@
-"""MLflow tracking: runs written and read back (`mlflow_store`, the only mlflow import), the training
-callback, figures."""
+"""MLflow tracking: runs written and read back (`mlflow_store`) and the trained model logged, registered and
+loaded by URI (`mlflow_model`), the only modules that import mlflow; the training callback, figures."""

@@ -80,22 +80,29 @@ def log_final(
     last_checkpoint: Path | None,
     history: list[dict],
 ) -> None:
-    """The end-of-training record: summary metrics, curves, the resolved config and the checkpoints."""
-    tracker.log_metrics(
-        {
-            k: getattr(result, k)
-            for k in (
-                "best_fid",
-                "best_epoch",
-                "best_fid_select",
-                "final_sampling_seconds",
-                "final_fid_seconds",
-                "train_seconds",
-                "kid",
-                "kid_std",
-            )
-        }
-    )
+    """The end-of-training record: summary metrics, curves, the resolved config, the checkpoints, and the
+    selected epoch as an MLflow Model (`mlflow_model`) with its scores linked."""
+    summary = {
+        k: getattr(result, k)
+        for k in (
+            "best_fid",
+            "best_epoch",
+            "best_fid_select",
+            "final_sampling_seconds",
+            "final_fid_seconds",
+            "train_seconds",
+            "kid",
+            "kid_std",
+        )
+    }
+    tracker.log_metrics(summary)
+    if best_checkpoint is not None and result.best_epoch is not None:
+        tracker.log_model(
+            result.config,
+            best_checkpoint,
+            result.best_epoch,
+            {k: summary[k] for k in ("best_fid", "best_fid_select", "kid")},
+        )
     if history:
         fig = plots.curves_figure(history)
         tracker.log_figure(fig, "curves.png")

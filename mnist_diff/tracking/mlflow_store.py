@@ -1,4 +1,4 @@
-"""MLflow tracking: the only module that imports mlflow. It writes runs and reads a study's runs back.
+"""MLflow tracking: runs written, and a study's runs read back (with `mlflow_model`, the only mlflow imports).
 
 A `Tracker` owns one MLflow run through an explicit `MlflowClient` (no fluent global state), so the run's
 end status is always ours to set: FINISHED on success, FAILED with the error as tags when something raises,
@@ -15,7 +15,7 @@ import tempfile
 import time
 import urllib.request
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -220,6 +220,7 @@ class Tracker:
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self.upload_errors = 0
+        self.model_id: str | None = None  # the model this run logged (`log_model`)
         self.given_params: dict = {}  # params an adopted run already holds (`mlflow run` logs its -P values)
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -412,6 +413,16 @@ class Tracker:
 
         log_final(self, result, out_dir, best_checkpoint, last_checkpoint, history)
 
+    def log_model(self, config: dict, ema_path: Path, epoch: int, metrics: dict) -> str | None:
+        """The run's model (`mlflow_model.log_model`); its id, or None when logging failed (recorded, as a
+        failed artifact upload is: training goes on)."""
+        from mnist_diff.tracking import mlflow_model
+
+        ids = []
+        self._guard("model", lambda: ids.append(mlflow_model.log_model(self, config, ema_path, epoch, metrics)))
+        self.model_id = ids[0] if ids else None
+        return self.model_id
+
     def describe(self) -> str:
         return (
             f"MLflow run {self.run_id}\n  browse: {ui_command(self.uri)}\n"
@@ -465,6 +476,18 @@ class StudyRuns:
     parent_run_id: str
     study: dict
     trials: list  # [TrialRun]
+    parent_tags: dict = field(default_factory=dict)
+
+    def registered_model(self) -> dict | None:
+        """{name, version, champion} of the model the finished study registered (`study.sweep`), or None."""
+        t = self.parent_tags
+        if "mnist_diff.registered_model" not in t:
+            return None
+        return {
+            "name": t["mnist_diff.registered_model"],
+            "version": t.get("mnist_diff.registered_version"),
+            "champion": t.get("mnist_diff.champion") == "true",
+        }
 
 
 def read_study(tracking_uri: str, study_name: str) -> StudyRuns:
@@ -495,4 +518,4 @@ def read_study(tracking_uri: str, study_name: str) -> StudyRuns:
                 [(m.step, m.value) for m in sorted(history, key=lambda m: (m.step, m.timestamp))],
             )
         )
-    return StudyRuns(pid, study, trials)
+    return StudyRuns(pid, study, trials, dict(parent.data.tags))
