@@ -51,7 +51,7 @@ def test_a_stale_trial_is_failed_and_its_retry_names_it(tmp_path):
             f"sqlite:///{tmp_path / 'hb.db'}",
             heartbeat_interval=1,
             grace_period=1,
-            failed_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
         )
     study = optuna.create_study(storage=storage)
     trial = study.ask()

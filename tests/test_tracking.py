@@ -62,6 +62,7 @@ def test_train_is_tracked_end_to_end(tmp_path, data_dir, fid_weights, monkeypatc
     result = CliRunner().invoke(cli.cli, args)
     assert result.exit_code == 0, result.output
     assert f"mlflow ui --backend-store-uri {uri}" in result.output and "#/experiments/" in result.output
+    assert "?workflowType=machine_learning" in result.output  # the UI's training view, not its GenAI one
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("t")

@@ -341,8 +341,9 @@ def sweep(
     if doc.get("registered_model"):
         r = doc["registered_model"]
         click.echo(r["text"] + f"; load it: models:/{r['name']}/{r['version']}")
-    from mnist_diff.tracking.mlflow_store import ui_command
+    from mnist_diff.tracking.mlflow_store import experiment_url, ui_command
 
     click.echo(f"browse: {ui_command(tracking_uri)}  (experiment {experiment!r})")
+    click.echo(f"  then open {experiment_url(tracking_uri, experiment)}")
     if failed is not None:
         raise click.ClickException(str(failed))

@@ -116,9 +116,27 @@ def ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {redact_url(uri)}"
 
 
+# MLflow 3.17's UI shows an experiment in the view this URL parameter names, else in the view last chosen
+# (GenAI by default), whatever the experiment's kind tag says: the addresses we print name the training view.
+TRAINING_VIEW = "workflowType=machine_learning"
+
+
+def _ui_base(uri: str) -> str:
+    return redact_url(uri).rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+
+
 def run_url(uri: str, experiment_id: str, run_id: str) -> str:
-    base = redact_url(uri).rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{_ui_base(uri)}/#/experiments/{experiment_id}/runs/{run_id}?{TRAINING_VIEW}"
+
+
+def experiment_url(uri: str, experiment: str) -> str:
+    """The UI's address of the experiment's runs, in its model-training view (any experiment when unknown)."""
+    try:
+        found = MlflowClient(resolve_uri(uri)).get_experiment_by_name(experiment)
+    except Exception:  # an address is advice: never a reason to fail a finished command
+        found = None
+    path = f"experiments/{found.experiment_id}/runs" if found else "experiments"
+    return f"{_ui_base(uri)}/#/{path}?{TRAINING_VIEW}"
 
 
 # MLflow 3's UI opens an experiment without this tag in its GenAI (traces) view; these are model trainings.
