@@ -99,6 +99,11 @@ class Config:
         "training. auto: on for CUDA, off elsewhere (compiling costs minutes on a "
         "CPU). If it fails: one warning, then eager.",
     )
+    overlap: str = _field(
+        "auto",
+        "Sample and score each finished epoch on a side thread (on CUDA its own stream) while the next epoch "
+        "trains; the same images and FIDs as in turn. auto: on for CUDA, off elsewhere.",
+    )
     sample_batch_size: int | None = _field(
         None,
         "Images per sampling batch (speed only: image i depends on "
@@ -192,7 +197,7 @@ EVAL_FIELDS = (
 # Speed settings. They live in the config (not as separate arguments) because the config is what reaches
 # every place that trains or samples, and what config.json and MLflow record; like the sampling and FID fields
 # they stay out of the training key and the resume check: a run may resume with other values.
-RUNTIME_FIELDS = ("compile", "sample_batch_size")
+RUNTIME_FIELDS = ("compile", "overlap", "sample_batch_size")
 # How long it trains: in the training key (a training cut at another step is another training), but a resume
 # may change them (the weights at each step do not depend on them).
 LENGTH_FIELDS = ("epochs", "max_steps")
@@ -252,6 +257,7 @@ def validate(c: Config) -> None:
     need(1 <= c.sheet_images <= 1024, f"--sheet-images must be in [1, 1024], got {c.sheet_images}")
     need(c.sheet_every >= 0, f"--sheet-every must be >= 0, got {c.sheet_every}")
     need(c.compile in COMPILE_CHOICES, f"unknown --compile {c.compile!r}; choose one of {', '.join(COMPILE_CHOICES)}")
+    need(c.overlap in COMPILE_CHOICES, f"unknown --overlap {c.overlap!r}; choose one of {', '.join(COMPILE_CHOICES)}")
     need(c.sample_batch_size is None or c.sample_batch_size >= 1, "--sample-batch-size must be >= 1")
 
 

@@ -11,7 +11,6 @@ from mnist_diff.runtime import checkpoint
 from mnist_diff.study.objective import StoredTrainingIndex
 from mnist_diff.study.shared_trainings import DONE_MARKER, Uploader, mark_done, restore
 from mnist_diff.tracking.mlflow_store import Tracker
-from mnist_diff.training.trainer import EpochEnd
 
 
 @pytest.fixture
@@ -33,7 +32,7 @@ def _train(folder, uploader, epochs, steps_per_epoch=2, version="A"):
     ckpt = folder / "checkpoints"
     for epoch in epochs:
         ema = _write(checkpoint.ema_path(ckpt, epoch), f"ema {epoch} {version}")
-        uploader.on_epoch_end(EpochEnd(epoch, epoch * steps_per_epoch, 1.0, 1.0, None, ema, ema))
+        uploader.on_ema_saved(ema, epoch)
         step = epoch * steps_per_epoch
         uploader.on_checkpoint(_write(checkpoint.step_path(ckpt, step), f"ckpt {step} {version}"), step, epoch)
 
@@ -61,7 +60,7 @@ def test_restore_brings_an_empty_folder_up_to_the_index(setup, tmp_path):
     _train(tmp_path / "home", Uploader(tracker, index), [1, 2])
     # an EMA uploaded after the last checkpoint (the machine died before checkpointing epoch 3) is not fetched
     ema3 = _write(tmp_path / "home" / "checkpoints" / "ema-epoch-003.pt", "ema 3 A")
-    Uploader(tracker, index).on_epoch_end(EpochEnd(3, 6, 1.0, 1.0, None, ema3, ema3))
+    Uploader(tracker, index).on_ema_saved(ema3, 3)
     away = tmp_path / "away"
     got = restore(away, index, tracker)
     assert got == {"checkpoint_step": 4, "ema_epochs": [1, 2], "done": False}

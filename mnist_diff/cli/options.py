@@ -44,6 +44,7 @@ FIELD_TYPES = {
     "sheet_images": OptionalInt(min=1, max=1024),
     "sheet_every": OptionalInt(min=0),
     "compile": click.Choice(COMPILE_CHOICES),
+    "overlap": click.Choice(COMPILE_CHOICES),
     "sample_batch_size": click.IntRange(min=1),
 }
 
@@ -127,6 +128,7 @@ fid_options = config_options(
     "sheet_every",
 )
 compile_option = config_option("compile")
+overlap_option = config_option("overlap")
 sample_batch_option = config_option("sample_batch_size")
 
 device_option = click.option(

@@ -18,6 +18,7 @@ from mnist_diff.cli.options import (
     fid_options,
     fid_weights_option,
     out_option,
+    overlap_option,
     quiet_option,
     system_metrics_option,
     tracking_options,
@@ -177,6 +178,7 @@ from mnist_diff.presets import PRESETS
 )
 @device_option
 @compile_option
+@overlap_option
 @data_dir_option
 @out_option("runs/sweep")
 @quiet_option

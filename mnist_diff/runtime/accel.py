@@ -27,13 +27,18 @@ class CompileFallbackWarning(RuntimeWarning):
     """torch.compile or CUDA-graph capture failed; the process goes on eagerly."""
 
 
-def compile_enabled(setting: str, device) -> bool:
-    """auto: on for CUDA (launch overhead dominates there), off elsewhere (compiling costs minutes on a CPU)."""
+def on_for_cuda(setting: str, device) -> bool:
+    """An auto|on|off speed setting resolved for `device`: auto is on for CUDA only."""
     if setting not in COMPILE_CHOICES:
-        raise ValueError(f"unknown compile setting {setting!r}; choose one of {', '.join(COMPILE_CHOICES)}")
+        raise ValueError(f"unknown setting {setting!r}; choose one of {', '.join(COMPILE_CHOICES)}")
     if setting == "auto":
         return torch.device(device).type == "cuda"
     return setting == "on"
+
+
+def compile_enabled(setting: str, device) -> bool:
+    """auto: on for CUDA (launch overhead dominates there), off elsewhere (compiling costs minutes on a CPU)."""
+    return on_for_cuda(setting, device)
 
 
 def default_sample_batch_size(device, channels: int = 64) -> int:

@@ -98,7 +98,8 @@ class CudaCapture:
     def capture(self, body: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
         graph = torch.cuda.CUDAGraph()
         graph.register_generator_state(self.generator)
-        with torch.cuda.graph(graph):
+        # thread_local: work of a side thread (runtime/side_stream.py) during the capture is not an error
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             out = body()
 
         def replay() -> torch.Tensor:

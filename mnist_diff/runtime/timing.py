@@ -2,22 +2,27 @@
 
 Pure accounting, no tracking: the training loop, the samplers' callers and the checkpoint writer add to it; a
 study trial resets it when it starts and logs `totals()` when it ends (a process runs one trial at a time).
+Work overlapped with training (`--overlap`) counts in its own phase too, so the phases may sum to more than
+the wall time.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from contextlib import contextmanager
 
 PHASES = ("training", "selection_sampling", "selection_fid", "final_sampling", "final_fid", "grids", "checkpoints")
 
 _totals: dict[str, float] = {}
+_lock = threading.Lock()  # a trial's side thread (runtime/side_stream.py) adds its phases while training adds its own
 
 
 def add(phase: str, seconds: float) -> None:
     if phase not in PHASES:
         raise ValueError(f"unknown phase {phase!r}; one of {', '.join(PHASES)}")
-    _totals[phase] = _totals.get(phase, 0.0) + seconds
+    with _lock:
+        _totals[phase] = _totals.get(phase, 0.0) + seconds
 
 
 @contextmanager

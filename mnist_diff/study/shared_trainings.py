@@ -25,7 +25,7 @@ from typing import Protocol
 
 from mnist_diff.fid.engine import weights_fingerprint
 from mnist_diff.runtime import checkpoint, timing
-from mnist_diff.training.trainer import Callback, EpochEnd
+from mnist_diff.training.trainer import Callback
 from mnist_diff.util.atomic import write_json
 
 log = logging.getLogger(__name__)
@@ -61,11 +61,11 @@ class Uploader(Callback):
                 return None
         return {"run_id": self.tracker.run_id, "path": f"{ARTIFACT_DIR}/{name}", "sha": weights_fingerprint(path)}
 
-    def on_epoch_end(self, end: EpochEnd) -> None:
-        item = self._upload(Path(end.ema_path), Path(end.ema_path).name)
+    def on_ema_saved(self, path: Path, epoch: int) -> None:
+        item = self._upload(Path(path), Path(path).name)
         if item is not None:
             entry = self.index.read()
-            self.index.write({**entry, "ema": {**entry.get("ema", {}), str(end.epoch): item}})
+            self.index.write({**entry, "ema": {**entry.get("ema", {}), str(epoch): item}})
 
     def on_checkpoint(self, path: Path, step: int, epoch: int) -> None:
         entry = self.index.read()

@@ -220,18 +220,20 @@ class FidSelection(Callback):
     def seeds_for_epoch_end(self, epoch: int) -> list[int]:
         return selection_seeds(self.config) if fid_due(self.config, epoch, self.last_epoch) else []
 
+    def score_epoch_end(self, epoch: int, drawn: dict, seconds: float) -> dict:
+        seeds = self.seeds_for_epoch_end(epoch)
+        if not seeds:
+            return {}
+        images = torch.stack([drawn[s] for s in seeds])
+        return score_drawn_selection(images, self.config, self.reference, seconds, fid_cache=self.fid_cache)
+
     def on_epoch_end(self, end: EpochEnd) -> None:
         if end.sheet_path is not None:
             self.record.put_grid(end.epoch, end.sheet_path)
-        seeds = self.seeds_for_epoch_end(end.epoch)
-        if not seeds:
-            return
-        images = torch.stack([end.drawn[s] for s in seeds])
-        m = score_drawn_selection(images, self.config, self.reference, end.drawn_seconds, fid_cache=self.fid_cache)
-        self.record.put_fid(end.epoch, m)
-        end.metrics.update(m)
-        if self.on_fid is not None:
-            self.on_fid(end.epoch, m["fid"])
+        if "fid" in end.metrics:
+            self.record.put_fid(end.epoch, end.metrics)
+            if self.on_fid is not None:
+                self.on_fid(end.epoch, end.metrics["fid"])
 
 
 def score_past_epochs(

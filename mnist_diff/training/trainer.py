@@ -15,6 +15,7 @@ import signal
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from mnist_diff.runtime import accel, checkpoint, timing
 from mnist_diff.runtime.data import save_sheet, to_model_range
 from mnist_diff.runtime.device import autocast
 from mnist_diff.runtime.generate import generate_seeds
+from mnist_diff.runtime.side_stream import SideStream
 from mnist_diff.runtime.step_graph import StepGraph, portable_optimizer_state
 from mnist_diff.util import atomic
 
@@ -94,23 +96,29 @@ class EpochEnd:
     step: int  # optimizer steps done
     loss: float  # mean training loss over the epoch
     images_per_sec: float
-    sampling_model: torch.nn.Module  # the EMA model (or the raw one with EMA off), in eval mode
+    sampling_model: torch.nn.Module  # the epoch's EMA weights (or the raw ones with EMA off), in eval mode
     ema_path: Path  # this epoch's sampling weights on disk
     sheet_path: Path | None  # this epoch's 8x8 sample sheet; None where none is due (`sheet_every`)
-    metrics: dict = field(default_factory=dict)  # callbacks add theirs (e.g. fid); kept in the history
-    drawn: dict = field(default_factory=dict)  # seed -> image: what callbacks asked for in the grid's pass
-    drawn_seconds: float = 0.0  # their share of that pass's time
+    metrics: dict = field(default_factory=dict)  # the callbacks' scores (e.g. fid); kept in the history
 
 
 class Callback:
+    """The training loop's hooks, all called in the training thread except `score_epoch_end`."""
+
     def on_train_start(self, trainer: Trainer) -> None: ...
     def on_log(self, step: int, loss: float, images_per_sec: float) -> None: ...
-    def on_epoch_end(self, end: EpochEnd) -> None: ...
+    def on_ema_saved(self, path: Path, epoch: int) -> None: ...  # an epoch's sampling weights, before its checkpoint
+    def on_epoch_end(self, end: EpochEnd) -> None: ...  # the epoch scored (with --overlap: during the next one)
     def on_checkpoint(self, path: Path, step: int, epoch: int) -> None: ...  # a full checkpoint was saved
 
     def seeds_for_epoch_end(self, epoch: int) -> list[int]:
-        """Images (by seed) to draw together with the epoch's grid, handed back in `EpochEnd.drawn`."""
+        """Images (by seed) to draw together with the epoch's grid, handed to `score_epoch_end`."""
         return []
+
+    def score_epoch_end(self, epoch: int, drawn: dict[int, torch.Tensor], seconds: float) -> dict:
+        """The epoch's metrics from the images drawn for it (seed -> image) in `seconds`. With --overlap this
+        runs on a side thread while training goes on: compute only; record in `on_epoch_end`."""
+        return {}
 
 
 def build_model(config: Config, device) -> UNet:
@@ -191,6 +199,9 @@ class Trainer:
         self.train_seconds = 0.0  # optimizer steps only (not sampling, FID or checkpoints), across resumes
         self.trained_by: str | None = None  # run_id of whoever made the latest optimizer step, across resumes
         self.num_parameters = count_parameters(self.model)
+        self.overlap = accel.on_for_cuda(c.overlap, self.device)  # score an epoch while the next one trains
+        self._side: SideStream | None = None
+        self._scoring: tuple[Future, EpochEnd, dict] | None = None  # an epoch being scored: (job, end, history entry)
 
     # -- state ---------------------------------------------------------------------------------
     @property
@@ -336,11 +347,14 @@ class Trainer:
         stop = StopSignals.active
         if stop:
             stop.defer = True
+        self._side = SideStream(self.device, self.overlap)
+        failed = True
         try:
             while self.step < self.total_steps:
                 if stop and stop.received:
                     if window:  # the epoch's loss sums must hold these steps too, or a resume logs another loss
                         self._fold(window, window_start, t_window)
+                    self._collect()  # the epoch being scored beside: its scores go in the checkpoint
                     self.save()
                     raise Interrupted(f"{stop.received} at step {self.step}; checkpoint saved", stop.received_signum)
                 epoch, b = divmod(self.step, self.steps_per_epoch)
@@ -367,16 +381,21 @@ class Trainer:
                 self.save()
             if stop and stop.received:  # came during the last step or the last epoch's scoring: still a stop
                 raise Interrupted(f"{stop.received} at step {self.step}; checkpoint saved", stop.received_signum)
+            failed = False
         finally:
             bar.close()
+            self._close_side(failed)
             if stop:
                 stop.defer = False
         return {"step": self.step, "epochs_done": self.step // self.steps_per_epoch, "history": self.history}
 
     def _end_epoch(self, epoch: int, loss: float, ips: float) -> None:
-        """Per-epoch outputs, then the callbacks (FID, tracking), then the checkpoint: a checkpoint always
-        holds the complete history of the epochs before it, so a resume never loses an epoch's metrics."""
+        """The epoch's sampling weights, its scores (sheet, FID: the callbacks), then the checkpoint. With
+        --overlap, while more epochs follow, the epoch is scored beside the next one's training, from a copy of
+        its weights; its scores reach the callbacks and the history at the next epoch's end (a checkpoint holds
+        the scores of the epochs before it; a resume scores the rest from their saved weights)."""
         c = self.config
+        self._collect()
         with timing.phase("checkpoints"):
             ema_path = checkpoint.atomic_save(
                 {
@@ -388,31 +407,60 @@ class Trainer:
                 },
                 checkpoint.ema_path(self.ckpt_dir, epoch),
             )
-        seeds = [s for cb in self.callbacks for s in cb.seeds_for_epoch_end(epoch)]
+        for cb in self.callbacks:
+            cb.on_ema_saved(ema_path, epoch)
+        beside = self.overlap and self.step < self.total_steps  # the last epoch has nothing to overlap with
+        model = copy.deepcopy(self.sampling_model).eval().requires_grad_(False) if beside else self.sampling_model
         sheet_path = self.sheet_dir / f"epoch-{epoch:03d}.png"
         if not epoch_due(c.sheet_every, epoch, self.total_steps // self.steps_per_epoch):
             sheet_path = None
-        drawn, seconds = [], 0.0
-        if sheet_path is not None or seeds:
-            sheet_path, drawn, seconds = sample_epoch(
-                self.sampling_model, self.schedule, c, sheet_path, seeds, progress=self.progress
-            )
-        end = EpochEnd(
-            epoch,
-            self.step,
-            loss,
-            ips,
-            self.sampling_model,
-            ema_path,
-            sheet_path,
-            drawn=dict(zip(seeds, drawn)),
-            drawn_seconds=seconds,
-        )
-        for cb in self.callbacks:
-            cb.on_epoch_end(end)
-        self.history.append({"epoch": epoch, "step": self.step, "loss": loss, "images_per_sec": ips, **end.metrics})
+        entry = {"epoch": epoch, "step": self.step, "loss": loss, "images_per_sec": ips}
+        self.history.append(entry)
+        job = lambda: self._score(epoch, model, sheet_path, progress=self.progress and not beside)
+        scoring = self._side.submit(job, beside=beside)
+        self._scoring = (scoring, EpochEnd(epoch, self.step, loss, ips, model, ema_path, sheet_path), entry)
+        if not beside:
+            self._collect()
         self.save()
         self.model.train()
+
+    def _score(self, epoch: int, model, sheet_path: Path | None, progress: bool) -> tuple[Path | None, dict]:
+        """An epoch's sheet and the images the callbacks asked for, in one pass; then their metrics."""
+        seeds = [s for cb in self.callbacks for s in cb.seeds_for_epoch_end(epoch)]
+        drawn, seconds = [], 0.0
+        if sheet_path is not None or seeds:
+            sheet_path, drawn, seconds = sample_epoch(model, self.schedule, self.config, sheet_path, seeds, progress)
+        metrics: dict = {}
+        for cb in self.callbacks:
+            metrics.update(cb.score_epoch_end(epoch, dict(zip(seeds, drawn)), seconds))
+        return sheet_path, metrics
+
+    def _collect(self) -> None:
+        """The epoch being scored (waiting for it): its scores to the callbacks and to its history entry."""
+        if self._scoring is None:
+            return
+        scoring, end, entry = self._scoring
+        self._scoring = None
+        end.sheet_path, scores = scoring.result()
+        end.metrics.update(scores)
+        for cb in self.callbacks:
+            cb.on_epoch_end(end)
+        entry.update(end.metrics)
+
+    def _close_side(self, failed: bool) -> None:
+        """After the loop: a crash still records an epoch already scored beside (finished work is not lost); one
+        still being scored is left to finish, unrecorded (a resume scores it from its saved weights)."""
+        if failed and self._scoring is not None:
+            epoch = self._scoring[1].epoch
+            if self._scoring[0].done():
+                try:
+                    self._collect()
+                except Exception:  # the crash in hand is the one to report
+                    log.exception("recording epoch %d's scores after a crash failed", epoch)
+            self._scoring = None
+        if self._side is not None:
+            self._side.close(wait=not failed)
+            self._side = None
 
 
 def sample_epoch(
@@ -441,8 +489,8 @@ def sample_epoch(
         desc=desc,
         compile=config.compile,
     )
-    if images.device.type == "cuda":
-        torch.cuda.synchronize(images.device)
+    if images.device.type == "cuda":  # this stream's work only: training may run on another (--overlap)
+        torch.cuda.current_stream(images.device).synchronize()
     seconds = time.perf_counter() - t0
     extra_seconds = seconds * len(seeds) / (len(seeds) + n)
     timing.add("grids", seconds - extra_seconds)
