@@ -126,6 +126,15 @@ from mnist_diff.presets import PRESETS
     "share them (on an H100 no faster than one each). Several workers show one study bar.",
 )
 @click.option(
+    "--trials-per-worker",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Trials each worker runs at once, in threads of one process (on CUDA each on a CUDA stream of its "
+    "own): one worker then fills a GPU that one training at batch 128 leaves mostly idle, and compiles each "
+    "graph once. Each trial is still one Optuna trial and one MLflow run.",
+)
+@click.option(
     "--heartbeat",
     type=click.IntRange(min=1),
     default=60,
@@ -196,6 +205,7 @@ def sweep(
     max_points,
     preset,
     workers,
+    trials_per_worker,
     heartbeat,
     dry_run,
     time_budget,
@@ -302,6 +312,7 @@ def sweep(
         progress=not quiet,
         heartbeat=heartbeat,
         max_retries=max_retries,
+        trials_per_worker=trials_per_worker,
         fixed={**fixed, "preset": preset, **({"time_budget": time_budget} if time_budget is not None else {})},
     )
     if not dry_run:

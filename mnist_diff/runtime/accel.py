@@ -8,6 +8,7 @@ compiling or graph capture fails, one `CompileFallbackWarning` and the rest of t
 from __future__ import annotations
 
 import copy
+import threading
 import warnings
 from collections.abc import Callable
 
@@ -152,7 +153,9 @@ def for_sampling(
     if not compiled and device.type != "cuda":
         return model
     state = model.state_dict()
-    key = (type(model), device, compiled, tuple((k, tuple(v.shape), v.dtype) for k, v in state.items()))
+    # a twin per thread: trials sampling at once in one process (--trials-per-worker) each load their own weights
+    shapes = tuple((k, tuple(v.shape), v.dtype) for k, v in state.items())
+    key = (threading.get_ident(), type(model), device, compiled, shapes)
     twin = _twins.get(key)
     if twin is None:
         twin = _twins[key] = _SamplingTwin(model, compiled)

@@ -15,6 +15,8 @@ from typing import TypeVar
 
 import torch
 
+from mnist_diff.runtime import timing
+
 T = TypeVar("T")
 
 
@@ -40,18 +42,19 @@ class SideStream:
         if self._stream is not None:  # the job's inputs were written on the caller's stream
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(self.device))
-        return self._pool.submit(self._run, job, threads, ready)
+        return self._pool.submit(self._run, job, threads, ready, timing.current())
 
-    def _run(self, job: Callable[[], T], threads: int, ready) -> T:
+    def _run(self, job: Callable[[], T], threads: int, ready, ledger: dict) -> T:
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
-        if self._stream is None:
-            return job()
-        self._stream.wait_event(ready)
-        with torch.cuda.stream(self._stream):
-            out = job()
-        self._stream.synchronize()  # the results are complete before the caller reads them on its stream
-        return out
+        with timing.using(ledger):  # the time counts in the caller's trial
+            if self._stream is None:
+                return job()
+            self._stream.wait_event(ready)
+            with torch.cuda.stream(self._stream):
+                out = job()
+            self._stream.synchronize()  # the results are complete before the caller reads them on its stream
+            return out
 
     def close(self, wait: bool = True) -> None:
         if self._pool is not None:

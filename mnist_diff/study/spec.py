@@ -45,6 +45,7 @@ class Sweep:
     fixed: dict = field(default_factory=dict)
     projection: dict | None = None  # projection.study_projection's record, kept in study.json for the report
     deadline: float | None = None  # --stop-after: wall-clock time (time.time()) by which every trial must end
+    trials_per_worker: int = 1  # trials a worker runs at once (study/lanes.py)
 
     @cached_property
     def grid(self) -> Grid:

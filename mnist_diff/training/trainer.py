@@ -7,6 +7,7 @@ generator, so a run resumed from any step sees exactly the batches an uninterrup
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -64,8 +65,20 @@ class StopSignals:
     def __init__(self):
         self.received: str | None = None  # the name of the signal whose stop the training loop defers
         self.received_signum: int = signal.SIGINT
-        self.defer = False
+        self.holds = 0  # training loops (and lanes of trials, study/lanes.py) running: each defers a stop
+        self._hold_lock = threading.Lock()
         self._previous: dict = {}
+
+    @contextlib.contextmanager
+    def deferring(self):
+        """While the block runs, a first signal only sets `received` (see the class)."""
+        with self._hold_lock:
+            self.holds += 1
+        try:
+            yield self
+        finally:
+            with self._hold_lock:
+                self.holds -= 1
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -81,7 +94,7 @@ class StopSignals:
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
-        if self.defer and self.received is None:
+        if self.holds and self.received is None:
             self.received, self.received_signum = name, signum
             log.warning("%s received: stopping after the current step", name)
             return
@@ -121,9 +134,14 @@ class Callback:
         return {}
 
 
+GLOBAL_RNG = threading.Lock()  # torch's global generator, which trainings built at once in one process share
+
+
 def build_model(config: Config, device) -> UNet:
-    torch.manual_seed(config.seed)  # the initial weights depend on the seed alone
-    return accel.device_layout(UNet(channels=config.channels).to(device))
+    with GLOBAL_RNG, torch.random.fork_rng(devices=[]):  # the initial weights depend on the seed alone
+        torch.manual_seed(config.seed)
+        model = UNet(channels=config.channels)
+    return accel.device_layout(model.to(device))
 
 
 def lr_at(config: Config, step: int) -> float:
@@ -345,11 +363,7 @@ class Trainer:
         t_epoch, epoch_start_steps = time.perf_counter(), self.epoch_loss[1]
         perm = None
         stop = StopSignals.active
-        if stop:
-            stop.defer = True
-        self._side = SideStream(self.device, self.overlap)
-        failed = True
-        try:
+        with self._running(stop), bar:
             while self.step < self.total_steps:
                 if stop and stop.received:
                     if window:  # the epoch's loss sums must hold these steps too, or a resume logs another loss
@@ -381,13 +395,19 @@ class Trainer:
                 self.save()
             if stop and stop.received:  # came during the last step or the last epoch's scoring: still a stop
                 raise Interrupted(f"{stop.received} at step {self.step}; checkpoint saved", stop.received_signum)
-            failed = False
-        finally:
-            bar.close()
-            self._close_side(failed)
-            if stop:
-                stop.defer = False
         return {"step": self.step, "epochs_done": self.step // self.steps_per_epoch, "history": self.history}
+
+    @contextlib.contextmanager
+    def _running(self, stop: StopSignals | None):
+        """While the loop runs: a stop signal waits for the step in hand, and epochs are scored beside."""
+        with stop.deferring() if stop else contextlib.nullcontext():
+            self._side = SideStream(self.device, self.overlap)
+            failed = True
+            try:
+                yield
+                failed = False
+            finally:
+                self._close_side(failed)
 
     def _end_epoch(self, epoch: int, loss: float, ips: float) -> None:
         """The epoch's sampling weights, its scores (sheet, FID: the callbacks), then the checkpoint. With

@@ -7,16 +7,19 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-_TMP = re.compile(r"^\..+\.(\d+)\.tmp(\.[^.]*)?$")  # names `temporary_name` gives
+_TMP = re.compile(r"^\..+\.(\d+)-\d+\.tmp(\.[^.]*)?$")  # names `temporary_name` gives
 
 
 def temporary_name(path: Path, pid: int | None = None) -> Path:
-    """Where `atomic_path` writes `path` first: beside it, hidden, named after the writing process."""
-    return path.with_name(f".{path.stem}.{os.getpid() if pid is None else pid}.tmp{path.suffix}")
+    """Where `atomic_path` writes `path` first: beside it, hidden, named after the writing process and thread
+    (trials run at once in one process, `--trials-per-worker`)."""
+    pid = os.getpid() if pid is None else pid
+    return path.with_name(f".{path.stem}.{pid}-{threading.get_native_id()}.tmp{path.suffix}")
 
 
 @contextmanager
