@@ -234,6 +234,7 @@ FIELD_PLACES = {
     "sheet_images": ("neither", 16),
     "sheet_every": ("neither", 0),
     "compile": ("neither", "off"),
+    "fused": ("neither", "on"),
     "sample_batch_size": ("neither", 100),
 }
 

@@ -8,7 +8,7 @@ import dataclasses
 
 import click
 
-from mnist_diff.choices import COMPILE_CHOICES, DEVICES, FID_REFS, PRECISIONS, SAMPLERS, SCHEDULES
+from mnist_diff.choices import COMPILE_CHOICES, DEVICES, FID_REFS, FUSED_CHOICES, PRECISIONS, SAMPLERS, SCHEDULES
 from mnist_diff.cli.params import InceptionWeights, MnistRoot, OptionalInt
 from mnist_diff.config import Config
 
@@ -44,6 +44,7 @@ FIELD_TYPES = {
     "sheet_images": OptionalInt(min=1, max=1024),
     "sheet_every": OptionalInt(min=0),
     "compile": click.Choice(COMPILE_CHOICES),
+    "fused": click.Choice(FUSED_CHOICES),
     "sample_batch_size": click.IntRange(min=1),
 }
 
@@ -127,6 +128,7 @@ fid_options = config_options(
     "sheet_every",
 )
 compile_option = config_option("compile")
+fused_option = config_option("fused")
 sample_batch_option = config_option("sample_batch_size")
 
 device_option = click.option(

@@ -16,6 +16,7 @@ from mnist_diff.cli.options import (
     device_option,
     fid_options,
     fid_weights_option,
+    fused_option,
     out_option,
     quiet_option,
     sampler_options,
@@ -40,6 +41,7 @@ from mnist_diff.cli.options import (
 @click.option("--run-name", default=None, help="MLflow run name (default: derived from the config).")
 @device_option
 @compile_option
+@fused_option
 @data_dir_option
 @out_option("runs/train")
 @quiet_option
