@@ -179,3 +179,13 @@ def test_fused_option_parses(value):
 def test_a_bad_fused_value_exits_2(command):
     result = CliRunner().invoke(cli.cli, [command, "--fused", "fast"])
     assert result.exit_code == 2 and "'fast' is not one of" in result.output, result.output
+
+
+def test_a_resumed_study_may_change_fused_as_it_may_change_compile():
+    from mnist_diff.study.storage import changed_settings
+
+    recorded = {**Config(**TINY).to_dict(), "compile": "off", "fused": "off"}
+    assert changed_settings(recorded, {**recorded, "compile": "on", "fused": "on"}) == ""
+    assert changed_settings(recorded, {**recorded, "epochs": 3}) != ""  # so that the check above can fail
+    old = {k: v for k, v in recorded.items() if k != "fused"}  # a study made before the field
+    assert changed_settings(old, {**recorded, "fused": "on"}) == ""

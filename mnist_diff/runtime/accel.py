@@ -181,7 +181,8 @@ def for_sampling(
     if not compiled and device.type != "cuda":
         return model
     state = model.state_dict()
-    key = (type(model), device, compiled, tuple((k, tuple(v.shape), v.dtype) for k, v in state.items()))
+    shapes = tuple((k, tuple(v.shape), v.dtype) for k, v in state.items())
+    key = (type(model), device, compiled, getattr(model, "fused", False), shapes)  # a twin copies the forward too
     twin = _twins.get(key)
     if twin is None:
         twin = _twins[key] = _SamplingTwin(model, compiled)
