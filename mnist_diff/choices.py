@@ -7,6 +7,7 @@ USES_BETA_RANGE = {"linear": True, "quadratic": True, "sigmoid": True, "cosine":
 SAMPLERS = ("ddpm", "ddim")
 PRECISIONS = ("auto", "fp32", "bf16")
 COMPILE_CHOICES = ("auto", "on", "off")
+FUSED_CHOICES = ("auto", "on", "off")  # the UNet's fused forward (Config.fused)
 FID_REFS = ("train", "test")  # the MNIST split FID compares against
 DEVICES = ("auto", "cpu", "cuda", "mps")
 REGISTERED_MODEL = "mnist-diff"  # the registered model a study's best goes to (`sweep --registered-model`)

@@ -296,6 +296,9 @@ def test_bench_runs_on_cpu(tmp_path):
     assert r["train_images_per_s"] > 0 and r["ddpm_image_steps_per_s"] > 0
     assert r["precision"] == effective_precision("cpu", "auto")
     assert "inception_images_per_s" not in r and "Inception images/s" not in result.output
+    # --fused auto is off on a CPU; the fused forward is still compared: bf16 rounding (tests/test_fused.py)
+    assert r["fused"] is False and 0 <= r["fused_max_abs_diff"] < (0.1 if r["precision"] == "bf16" else 1e-4)
+    assert "max |fused - eager|" in result.output
 
 
 def unavailable_device():

@@ -11,7 +11,7 @@ import click
 from mnist_diff.choices import COMPILE_CHOICES, PRECISIONS
 from mnist_diff.cli.checks import check_writable_dir, own_run_folder, pick_device
 from mnist_diff.cli.group import BadInput
-from mnist_diff.cli.options import data_dir_option, device_option, fid_weights_option
+from mnist_diff.cli.options import data_dir_option, device_option, fid_weights_option, fused_option
 
 
 @click.command()
@@ -45,6 +45,7 @@ from mnist_diff.cli.options import data_dir_option, device_option, fid_weights_o
     show_default=True,
     help="Also measure compiled (auto: on CUDA; on a CPU compiling takes minutes). Eager is always measured.",
 )
+@fused_option
 @click.option(
     "--inception/--no-inception",
     default=True,
@@ -115,6 +116,7 @@ def bench(
     repeats,
     precision,
     compile,
+    fused,
     inception,
     fid_batch_size,
     fid_weights,
@@ -176,6 +178,7 @@ def bench(
         inception=inception,
         fid_weights=fid_weights,
         fid_batch_size=fid_batch_size,
+        fused=fused,
     )
     from mnist_diff.perf.bench_cache import save
 

@@ -54,13 +54,23 @@ def _median_rate(
 
 
 def _bench_mode(
-    device, compile: str, *, channels, batch_size, train_steps, sample_batch, sample_steps, repeats, precision
+    device,
+    compile: str,
+    *,
+    channels,
+    batch_size,
+    train_steps,
+    sample_batch,
+    sample_steps,
+    repeats,
+    precision,
+    fused="auto",
 ) -> dict:
     from mnist_diff.runtime.data import to_model_range
     from mnist_diff.training.trainer import Trainer
 
     config = Config(
-        channels=channels, batch_size=batch_size, precision=precision, compile=compile, warmup_steps=10**9
+        channels=channels, batch_size=batch_size, precision=precision, compile=compile, fused=fused, warmup_steps=10**9
     )  # a tiny, constant-ish lr: the weights stay sane over many steps
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (batch_size, 1, 28, 28), dtype=torch.uint8, generator=gen).to(device)
@@ -154,6 +164,39 @@ def bench_inception(
     }
 
 
+FUSED_CHECK_BATCH = 16
+
+
+def fused_check(device: torch.device, *, channels: int, precision: str, fused: str = "auto") -> dict:
+    """`fused` as a run resolves it on this device (`accel.use_fused`, its check included) and
+    `fused_max_abs_diff`: max |fused - eager| of the UNet's output on one batch at random timesteps, at the
+    bench precision, eagerly. The layers that start at zero (each block's last convolution, attention's output)
+    get random weights first, or most of the network would take no part in the comparison. None where the fused
+    forward cannot run here."""
+    from mnist_diff.runtime.device import autocast
+
+    torch.manual_seed(0)
+    model = UNet(channels=channels)
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear)):
+            m.reset_parameters()
+    model = accel.use_fused(accel.device_layout(model.to(device)).eval().requires_grad_(False), fused, precision)
+    resolved = model.fused
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(FUSED_CHECK_BATCH, 1, 28, 28, generator=gen).to(device)
+    t = torch.randint(0, 1000, (FUSED_CHECK_BATCH,), generator=gen).to(device)
+    outs = {}
+    try:
+        with torch.no_grad(), autocast(device, precision):
+            for flag in (False, True):
+                model.fused = flag
+                outs[flag] = model(x, t).float()
+    except Exception:  # the fused forward cannot run here: `use_fused` warned, runs use the eager one
+        pass
+    diff = (outs[True] - outs[False]).abs().max().item() if True in outs else None
+    return {"fused": resolved, "fused_max_abs_diff": diff}
+
+
 def gflop_per_image(channels: int) -> tuple[float, float]:
     """GFLOP of the UNet per image: (a forward pass, a training step's forward and backward), as
     torch.utils.flop_counter counts them (convolutions and matrix products; 2 per multiply-add), at batch 1
@@ -184,6 +227,7 @@ def run_bench(
     inception: bool = True,
     fid_weights=None,
     fid_batch_size: int | None = None,
+    fused: str = "auto",
 ) -> dict:
     """Eager always; compiled too when `compile` is on (auto: on CUDA). The top-level rates are those a run
     with this `compile` setting gets (compiled if it was measured and did not fall back). `inception`: also the
@@ -201,6 +245,7 @@ def run_bench(
         sample_steps=sample_steps,
         repeats=repeats,
         precision=precision,
+        fused=fused,
     )
     modes = {"eager": _bench_mode(device, "off", **kwargs)}
     if accel.compile_enabled(compile, device):
@@ -237,6 +282,7 @@ def run_bench(
             else {}
         ),
         "modes": modes,
+        **fused_check(device, channels=channels, precision=precision, fused=fused),
         **fid,
         "bench_version": bench_cache.BENCH_VERSION,
         "measured_at": measured_at,
@@ -304,6 +350,12 @@ def format_table(r: dict) -> str:
         )
     elif "inception_error" in r:
         lines.append(f"Inception not measured: {r['inception_error']}")
+    if "fused_max_abs_diff" in r:
+        diff = r["fused_max_abs_diff"]
+        lines.append(
+            f"{'fused forward':<26}{'on' if r['fused'] else 'off':>14}   max |fused - eager| of the output: "
+            + (f"{diff:.2e} ({r['precision']}, batch {FUSED_CHECK_BATCH})" if diff is not None else "cannot run here")
+        )
     failed = modes.get("compiled", {}).get("fell_back")
     if failed:
         lines.append(f"compiled fell back to eager for: {', '.join(failed)} (see the warning above)")

@@ -123,7 +123,8 @@ class Callback:
 
 def build_model(config: Config, device) -> UNet:
     torch.manual_seed(config.seed)  # the initial weights depend on the seed alone
-    return accel.device_layout(UNet(channels=config.channels).to(device))
+    model = accel.device_layout(UNet(channels=config.channels).to(device))
+    return accel.use_fused(model, config.fused, config.precision)  # after the layout: checked as it will run
 
 
 def lr_at(config: Config, step: int) -> float:
@@ -505,4 +506,5 @@ def load_sampling_model(path, device) -> tuple[UNet, Config, dict]:
     config = Config.from_dict(ckpt["config"])
     model = UNet(channels=config.channels).to(device)
     model.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"])
-    return model.eval().requires_grad_(False), config, ckpt
+    model = accel.use_fused(model.eval().requires_grad_(False), config.fused, config.precision)
+    return model, config, ckpt
