@@ -230,14 +230,16 @@ WORKER_MODULES = ("mnist_diff.study.worker",)  # what a study's spawned worker p
 FALLBACK_WORKER_MODULES = ("mnist_diff.training.experiment", "mnist_diff.fid.engine")  # without the tracking stack
 
 
-def time_worker_start() -> float:
-    """Seconds for a fresh Python process to start and import what a study worker imports (the median of
-    two; the first may read the files from disk). Without the tracking stack (a bare GPU machine): the
-    training and FID modules alone."""
+def time_worker_start(device_type: str = "cpu") -> float:
+    """Seconds for a fresh Python process to start and import what a study worker imports, and on CUDA to
+    create its CUDA context (the shorter of two; the first may read the files from disk). Without the tracking
+    stack (a bare GPU machine): the training and FID modules alone."""
     import subprocess
     import sys
 
-    code = "import importlib, sys\nfor m in sys.argv[1:]: importlib.import_module(m)"
+    code = "import importlib, sys\nfor m in sys.argv[1:]: importlib.import_module(m)\n"
+    if device_type == "cuda":
+        code += "import torch\ntorch.zeros(1, device='cuda')\n"
 
     def once(modules) -> float:
         t0 = time.perf_counter()
@@ -389,7 +391,7 @@ def run_bench(
     extra = {}
     if worker_start:
         try:
-            extra["worker_start_s"] = time_worker_start()
+            extra["worker_start_s"] = time_worker_start(device.type)
         except Exception as err:  # the projection then takes its estimate
             extra["worker_start_error"] = _one_line(err)
     if concurrent:
