@@ -6,7 +6,9 @@ statistics are computed once per (split, count, weights content), cached on disk
 under a name holding all three (a changed reference or weights file never reuses a stale entry), and kept in
 memory. Generated images stay on their device as uint8 and go through Inception in large batches. The
 Fréchet distance is torch-fidelity's formula with an exact, faster trace term (`trace_sqrt_product`),
-computed in float64 on the GPU when there is one.
+computed in float64 on the GPU when there is one. Inception runs in fp32 (torch-fidelity's numbers); bf16
+autocast with a channels-last copy is an option (`precision`), checked against fp32 by `bench
+--fid-precision-check`.
 """
 
 from __future__ import annotations
