@@ -6,6 +6,7 @@ SCHEDULES = ("linear", "cosine", "quadratic", "sigmoid")
 USES_BETA_RANGE = {"linear": True, "quadratic": True, "sigmoid": True, "cosine": False}
 SAMPLERS = ("ddpm", "ddim")
 PRECISIONS = ("auto", "fp32", "bf16")
+FID_PRECISIONS = ("fp32", "bf16")  # Inception's features (fid.engine); fp32: torch-fidelity's own numbers
 COMPILE_CHOICES = ("auto", "on", "off")
 FUSED_CHOICES = ("auto", "on", "off")  # the UNet's fused forward (Config.fused)
 FID_REFS = ("train", "test")  # the MNIST split FID compares against
