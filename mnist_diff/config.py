@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from mnist_diff.choices import (
     COMPILE_CHOICES,
     FID_REFS,
+    FUSED_CHOICES,
     PRECISIONS,
     SAMPLERS,
     SCHEDULES,
@@ -103,6 +104,12 @@ class Config:
         "auto",
         "Sample and score each finished epoch on a side thread (on CUDA its own stream) while the next epoch "
         "trains; the same images and FIDs as in turn. auto: on for CUDA, off elsewhere.",
+    )
+    fused: str = _field(
+        "auto",
+        "The UNet's fused forward: GroupNorm+SiLU in one pass, tensor-core-shaped 1-channel convolutions, "
+        "channels-last attention; same weights and math up to rounding (docs/speed.md). auto: on for CUDA, "
+        "off elsewhere. If it cannot run: one warning, then the eager forward.",
     )
     sample_batch_size: int | None = _field(
         None,
@@ -197,7 +204,7 @@ EVAL_FIELDS = (
 # Speed settings. They live in the config (not as separate arguments) because the config is what reaches
 # every place that trains or samples, and what config.json and MLflow record; like the sampling and FID fields
 # they stay out of the training key and the resume check: a run may resume with other values.
-RUNTIME_FIELDS = ("compile", "overlap", "sample_batch_size")
+RUNTIME_FIELDS = ("compile", "fused", "overlap", "sample_batch_size")
 # How long it trains: in the training key (a training cut at another step is another training), but a resume
 # may change them (the weights at each step do not depend on them).
 LENGTH_FIELDS = ("epochs", "max_steps")
@@ -258,6 +265,7 @@ def validate(c: Config) -> None:
     need(c.sheet_every >= 0, f"--sheet-every must be >= 0, got {c.sheet_every}")
     need(c.compile in COMPILE_CHOICES, f"unknown --compile {c.compile!r}; choose one of {', '.join(COMPILE_CHOICES)}")
     need(c.overlap in COMPILE_CHOICES, f"unknown --overlap {c.overlap!r}; choose one of {', '.join(COMPILE_CHOICES)}")
+    need(c.fused in FUSED_CHOICES, f"unknown --fused {c.fused!r}; choose one of {', '.join(FUSED_CHOICES)}")
     need(c.sample_batch_size is None or c.sample_batch_size >= 1, "--sample-batch-size must be >= 1")
 
 

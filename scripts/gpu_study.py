@@ -211,7 +211,7 @@ def run_bench(args, bench_json: Path, py: str) -> list[str]:
     """`cli.py bench` into bench_json, with fallbacks. Returns what the sweep must add when the default GPU path
     (bf16, compiled) failed in bench."""
     bench_args = (
-        ["--device", "cpu", "--compile", "off", "--repeats", "1", "--train-steps", "1", "--sample-steps", "2"]
+        ["--device", "cpu", "--compile", "off", "--repeats", "1", "--train-steps", "1", "--sample-steps", "4"]
         if args.rehearse
         else ["--repeats", "3", "--train-steps", "30", "--sample-steps", "20"]
     )

@@ -164,7 +164,7 @@ def test_bench_full_refuses_an_out_that_holds_a_training_run(tmp_path):
         "--train-steps",
         "1",
         "--sample-steps",
-        "2",
+        "4",
         "--repeats",
         "1",
         "--no-inception",
@@ -282,7 +282,7 @@ def test_bench_runs_on_cpu(tmp_path):
         "--train-steps",
         "1",
         "--sample-steps",
-        "2",
+        "4",
         "--repeats",
         "1",
         "--no-inception",
@@ -296,6 +296,12 @@ def test_bench_runs_on_cpu(tmp_path):
     assert r["train_images_per_s"] > 0 and r["ddpm_image_steps_per_s"] > 0
     assert r["precision"] == effective_precision("cpu", "auto")
     assert "inception_images_per_s" not in r and "Inception images/s" not in result.output
+    # --fused auto is off on a CPU; the fused forward is still compared: bf16 rounding (tests/test_fused.py)
+    assert r["fused"] is False and 0 <= r["fused_max_abs_diff"] < (0.1 if r["precision"] == "bf16" else 1e-4)
+    assert "max |fused - eager|" in result.output
+    # a worker's start, and the reference study as `sweep --dry-run` projects it at these rates, printed too
+    assert r["worker_start_s"] > 0 and r["projected_reference_study_s"] > 0
+    assert "reference study" in result.output and "worker start" in result.output
 
 
 def unavailable_device():
@@ -355,7 +361,7 @@ MORE_BAD = [
             "--train-steps",
             "1",
             "--sample-steps",
-            "2",
+            "4",
             "--repeats",
             "1",
             "--no-inception",

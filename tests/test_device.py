@@ -1,5 +1,6 @@
 """Device numerics: bf16 autocast only where the device has it natively, and the backend flags every command sets."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,17 @@ def test_configure_backend_sets_the_cuda_flags_and_leaves_cpu_alone():
         assert torch.backends.cudnn.benchmark
     finally:
         (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark) = flags
+
+
+def test_configure_backend_shares_one_inductor_cache_and_keeps_a_users(monkeypatch, tmp_path):
+    from mnist_diff.runtime.device import INDUCTOR_CACHE_ENV, inductor_cache_dir
+    from mnist_diff.util.paths import CACHE_ROOT
+
+    assert INDUCTOR_CACHE_ENV == "TORCHINDUCTOR_CACHE_DIR"  # the variable torch._inductor reads when compiling
+    assert inductor_cache_dir() == CACHE_ROOT / "inductor"  # under $XDG_CACHE_HOME/mnist-diff, as the bench cache
+    monkeypatch.delenv(INDUCTOR_CACHE_ENV, raising=False)
+    configure_backend(torch.device("cpu"))
+    assert Path(os.environ[INDUCTOR_CACHE_ENV]) == inductor_cache_dir()
+    monkeypatch.setenv(INDUCTOR_CACHE_ENV, str(tmp_path / "mine"))
+    configure_backend("cuda")
+    assert os.environ[INDUCTOR_CACHE_ENV] == str(tmp_path / "mine")

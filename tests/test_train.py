@@ -235,6 +235,7 @@ FIELD_PLACES = {
     "sheet_every": ("neither", 0),
     "compile": ("neither", "off"),
     "overlap": ("neither", "on"),
+    "fused": ("neither", "on"),
     "sample_batch_size": ("neither", 100),
 }
 

@@ -234,10 +234,11 @@ def test_rates_from_bench_label_estimates():
     bench = {"train_images_per_s": 123.0, "ddpm_image_steps_per_s": 441.0, "ddim_image_steps_per_s": 457.0}
     r = workload.rates_from_bench(bench, "cpu")
     assert (r.train_images_per_s, r.sample_evaluations_per_s, r.inception_images_per_s) == (123, 449, 4)
-    assert set(r.estimated) == {"inception_images_per_s", "fid_fixed_seconds"}
+    assert set(r.estimated) == {"inception_images_per_s", "fid_fixed_seconds", "worker_start_seconds"}
     assert "4 images/s (estimate)" in workload.format_table(reference_study(), r)
     measured = workload.rates_from_bench({**bench, "inception_images_per_s": 1500.0}, "cuda")
-    assert measured.inception_images_per_s == 1500 and measured.estimated == ("fid_fixed_seconds",)
+    assert measured.inception_images_per_s == 1500
+    assert measured.estimated == ("fid_fixed_seconds", "worker_start_seconds")
     assert workload.rates_from_bench(bench, "cuda").inception_images_per_s == 2000
 
 
@@ -437,10 +438,12 @@ def test_bench_full_measures_everything_sweep_projects_and_runs_the_study_path(
             "--train-steps",
             "1",
             "--sample-steps",
-            "2",
+            "4",
             "--repeats",
             "1",
             *full,
+            "--fid-precision-check",
+            "6",
             "--json",
             str(tmp_path / "b.json"),
         ],
@@ -450,6 +453,10 @@ def test_bench_full_measures_everything_sweep_projects_and_runs_the_study_path(
     assert cached["train_images_per_s"] > 0 and cached["inception_images_per_s"] > 0
     assert 0 < cached["fid_fixed_seconds"] < 60
     assert "the reference study (16 configs, default protocol) on this device: " in result.output
+    # Inception in fp32 and bf16 on 6 test images against the 16-image reference: the two scores and their gap
+    b = json.loads((tmp_path / "b.json").read_text())
+    assert b["fid_check_images"] == 6 and b["fid_fp32"] > 0 and b["fid_bf16"] > 0
+    assert b["fid_bf16_diff"] == b["fid_bf16"] - b["fid_fp32"] and "FID fp32 / bf16" in result.output
     # --full: one real training with the study's FID protocol scaled down, every phase timed, one table
     r = json.loads((tmp_path / "b.json").read_text())["full"]
     assert r["config"]["schedule"] == "cosine" and r["config"]["epochs"] == 1
@@ -477,27 +484,6 @@ def test_bench_full_measures_everything_sweep_projects_and_runs_the_study_path(
     assert result.exit_code == 0 and "measuring" not in result.output and "rates: bench of " in result.output
     inception = next(line for line in result.output.splitlines() if line.startswith("Inception "))
     assert "(estimate)" not in inception  # Inception and the FID fixed cost are measured now
-
-
-def test_bench_measures_a_grid_sized_batch_for_the_step_latency():
-    from mnist_diff.perf.bench import format_table, run_bench
-
-    r = run_bench(
-        torch.device("cpu"),
-        channels=8,
-        batch_size=8,
-        train_steps=1,
-        sample_batch=80,
-        sample_steps=2,
-        repeats=1,
-        compile="off",
-        inception=False,
-    )
-    assert r["small_sample_batch"] == 64 and r["ddpm_small_image_steps_per_s"] > 0
-    rates = workload.rates_from_bench(r, "cpu")
-    assert rates.sample_batch == 80 and 0 <= rates.sample_step_seconds <= 64 / r["ddpm_small_image_steps_per_s"]
-    assert "sampler step latency" in format_table(r) and "batch 64" in format_table(r)
-    assert "TFLOP/s train / sample" in format_table(r)
 
 
 def test_flops_per_image_of_the_default_unet():

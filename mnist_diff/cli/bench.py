@@ -8,10 +8,11 @@ from pathlib import Path
 
 import click
 
-from mnist_diff.choices import COMPILE_CHOICES, PRECISIONS
+from mnist_diff.choices import COMPILE_CHOICES, FID_PRECISIONS, PRECISIONS
 from mnist_diff.cli.checks import check_writable_dir, own_run_folder, pick_device
 from mnist_diff.cli.group import BadInput
-from mnist_diff.cli.options import data_dir_option, device_option, fid_weights_option
+from mnist_diff.cli.options import data_dir_option, device_option, fid_weights_option, fused_option
+from mnist_diff.cli.params import CountList
 
 
 @click.command()
@@ -32,9 +33,11 @@ from mnist_diff.cli.options import data_dir_option, device_option, fid_weights_o
 )
 @click.option(
     "--sample-steps",
-    type=click.IntRange(min=2),
+    type=click.IntRange(min=3),
     default=None,
-    help="Sampler steps per timed repeat. Default: 50 on a GPU, 5 on CPU.",
+    help="Steps of the long sampling pass (a short one of a tenth, at least 2, is timed too: their difference "
+    "gives the steady rate per step and the fixed cost per pass; 1000 measures a T=1000 pass). "
+    "Default: 50 on a GPU, 5 on CPU.",
 )
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True)
@@ -45,6 +48,7 @@ from mnist_diff.cli.options import data_dir_option, device_option, fid_weights_o
     show_default=True,
     help="Also measure compiled (auto: on CUDA; on a CPU compiling takes minutes). Eager is always measured.",
 )
+@fused_option
 @click.option(
     "--inception/--no-inception",
     default=True,
@@ -56,6 +60,29 @@ from mnist_diff.cli.options import data_dir_option, device_option, fid_weights_o
     type=click.IntRange(min=1),
     default=None,
     help="Inception batch. Default: 500 on a GPU, 32 on CPU.",
+)
+@click.option(
+    "--fid-precision",
+    type=click.Choice(FID_PRECISIONS),
+    default="fp32",
+    show_default=True,
+    help="Inception's precision for its images/s: fp32 (what scores use) or bf16 (autocast, channels-last).",
+)
+@click.option(
+    "--fid-precision-check",
+    type=click.IntRange(min=2),
+    default=None,
+    metavar="N",
+    help="Also score the first N MNIST test images against the reference statistics with Inception in fp32 "
+    "and in bf16 (fid_fp32, fid_bf16, fid_bf16_diff). The rule: bf16 may become the default only if the "
+    "difference is at most 0.05 at N=10000 on the GPU.",
+)
+@click.option(
+    "--concurrent",
+    type=CountList(),
+    default=None,
+    help="Also measure N training loops at once (one thread, model, optimizer and CUDA stream each) for each N "
+    "of a comma list, e.g. 1,2,4: train_concurrent_images_per_s, their aggregate images/s.",
 )
 @fid_weights_option
 @click.option(
@@ -89,7 +116,7 @@ from mnist_diff.cli.options import data_dir_option, device_option, fid_weights_o
     "--fid-ref-samples",
     type=click.IntRange(min=2),
     default=None,
-    help="--full: reference images (default: the whole training split).",
+    help="--full and --fid-precision-check: reference images (default: the whole training split).",
 )
 @data_dir_option
 @click.option(
@@ -115,8 +142,12 @@ def bench(
     repeats,
     precision,
     compile,
+    fused,
     inception,
     fid_batch_size,
+    fid_precision,
+    fid_precision_check,
+    concurrent,
     fid_weights,
     full,
     epochs,
@@ -176,13 +207,33 @@ def bench(
         inception=inception,
         fid_weights=fid_weights,
         fid_batch_size=fid_batch_size,
+        fused=fused,
+        fid_precision=fid_precision,
+        concurrent=concurrent or (),
     )
-    from mnist_diff.perf.bench_cache import save
+    if fid_precision_check:
+        from mnist_diff.perf.bench import fid_precision_check as check
 
+        try:
+            result.update(
+                check(
+                    dev,
+                    fid_precision_check,
+                    data_dir=data_dir,
+                    fid_weights=fid_weights,
+                    fid_ref_samples=fid_ref_samples,
+                    batch_size=fid_batch_size,
+                )
+            )
+        except Exception as err:  # e.g. offline without MNIST or the weights: the rates still stand
+            result["fid_check_error"] = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+    from mnist_diff.perf.bench_cache import save
+    from mnist_diff.study.projection import reference_projection, reference_seconds
+
+    # the reference study as `sweep --dry-run` projects it at these rates: one home, study.projection
+    result["projected_reference_study_s"] = reference_seconds(result, dev, channels, batch_size, precision)[1]
     click.echo(format_table(result))
     click.echo(f"cached for `sweep` projections: {save(result, dev, precision)}")
-    from mnist_diff.study.projection import reference_projection
-
     click.echo(reference_projection(result, dev, channels, batch_size, precision))
     if full:
         import tempfile

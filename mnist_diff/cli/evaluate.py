@@ -14,6 +14,7 @@ from mnist_diff.cli.options import (
     data_dir_option,
     device_option,
     fid_weights_option,
+    fused_option,
     quiet_option,
     sample_batch_option,
     tracking_options,
@@ -49,6 +50,7 @@ from mnist_diff.cli.sample import model_option, sampling_options
 @tracking_options
 @device_option
 @compile_option
+@fused_option
 @data_dir_option
 @quiet_option
 def evaluate(
@@ -72,6 +74,7 @@ def evaluate(
     no_tracking,
     device,
     compile,
+    fused,
     data_dir,
     quiet,
 ):
@@ -104,8 +107,12 @@ def evaluate(
             fid_batch_size=fid_batch_size,
             seed=seed,
             compile=compile,
+            fused=fused,
             sample_batch_size=sample_batch_size,
         )
+        from mnist_diff.runtime import accel
+
+        accel.use_fused(model, config.fused, config.precision)  # this command's setting, not the training's
         params = {**config.to_dict(), "checkpoint": source, "num_samples": num_samples}
     tracker = open_tracker(
         tracking_uri, experiment, no_tracking, run_name="evaluate", tags={"mnist_diff.command": "evaluate"}

@@ -8,7 +8,7 @@ import dataclasses
 
 import click
 
-from mnist_diff.choices import COMPILE_CHOICES, DEVICES, FID_REFS, PRECISIONS, SAMPLERS, SCHEDULES
+from mnist_diff.choices import COMPILE_CHOICES, DEVICES, FID_REFS, FUSED_CHOICES, PRECISIONS, SAMPLERS, SCHEDULES
 from mnist_diff.cli.params import InceptionWeights, MnistRoot, OptionalInt
 from mnist_diff.config import Config
 
@@ -45,6 +45,7 @@ FIELD_TYPES = {
     "sheet_every": OptionalInt(min=0),
     "compile": click.Choice(COMPILE_CHOICES),
     "overlap": click.Choice(COMPILE_CHOICES),
+    "fused": click.Choice(FUSED_CHOICES),
     "sample_batch_size": click.IntRange(min=1),
 }
 
@@ -129,6 +130,7 @@ fid_options = config_options(
 )
 compile_option = config_option("compile")
 overlap_option = config_option("overlap")
+fused_option = config_option("fused")
 sample_batch_option = config_option("sample_batch_size")
 
 device_option = click.option(

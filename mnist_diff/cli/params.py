@@ -98,6 +98,20 @@ class Duration(click.ParamType):
         return sum(float(n) * self.UNITS[u] for n, u in parts)
 
 
+class CountList(click.ParamType):
+    """Counts >= 1 as a comma list (`1,2,4`): a tuple of distinct counts, ascending."""
+
+    name = "N,N,..."
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        items = [v.strip() for v in str(value).split(",")]
+        if not all(item.isdigit() and int(item) >= 1 for item in items):
+            self.fail(f"{value!r} is not a comma list of counts >= 1, such as 1,2,4", param, ctx)
+        return tuple(sorted({int(item) for item in items}))
+
+
 class ChoiceList(click.ParamType):
     """Some of `choices` as a comma list in one value (`linear,cosine`), or `all`: as a tuple, in the order of
     `choices`, so the same selection always makes the same grid."""

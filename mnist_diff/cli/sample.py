@@ -11,6 +11,7 @@ from mnist_diff.cli.options import (
     compile_option,
     config_option,
     device_option,
+    fused_option,
     out_option,
     quiet_option,
     tracking_uri_option,
@@ -61,6 +62,7 @@ model_option = click.option(
 @tracking_uri_option
 @device_option
 @compile_option
+@fused_option
 @out_option("runs/samples")
 @quiet_option
 def sample(
@@ -76,6 +78,7 @@ def sample(
     tracking_uri,
     device,
     compile,
+    fused,
     out,
     quiet,
 ):
@@ -84,11 +87,13 @@ def sample(
     out_path = check_writable_dir(out)
     dev = pick_device(device)
     from mnist_diff.diffusion.schedules import make_schedule
+    from mnist_diff.runtime import accel
     from mnist_diff.runtime.data import save_samples
     from mnist_diff.runtime.generate import generate
 
     model, trained, source = load_model_source(checkpoint_path, model_uri, tracking_uri, dev)
-    config = with_sampling(trained, sampler, ddim_steps, eta, clip_x0=clip_x0)
+    config = with_sampling(trained, sampler, ddim_steps, eta, clip_x0=clip_x0, fused=fused)
+    accel.use_fused(model, config.fused, config.precision)  # this command's setting, not the training's
     schedule = make_schedule(config.schedule, config.timesteps, config.beta_start, config.beta_end)
     images = generate(
         model,

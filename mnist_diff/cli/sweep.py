@@ -17,6 +17,7 @@ from mnist_diff.cli.options import (
     device_option,
     fid_options,
     fid_weights_option,
+    fused_option,
     out_option,
     overlap_option,
     quiet_option,
@@ -188,6 +189,7 @@ from mnist_diff.presets import PRESETS
 @device_option
 @compile_option
 @overlap_option
+@fused_option
 @data_dir_option
 @out_option("runs/sweep")
 @quiet_option

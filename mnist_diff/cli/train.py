@@ -16,6 +16,7 @@ from mnist_diff.cli.options import (
     device_option,
     fid_options,
     fid_weights_option,
+    fused_option,
     out_option,
     overlap_option,
     quiet_option,
@@ -42,6 +43,7 @@ from mnist_diff.cli.options import (
 @device_option
 @compile_option
 @overlap_option
+@fused_option
 @data_dir_option
 @out_option("runs/train")
 @quiet_option

@@ -5,6 +5,7 @@ from the tracking stack, so it runs on a bare GPU machine (Inception needs torch
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import tempfile
@@ -54,13 +55,23 @@ def _median_rate(
 
 
 def _bench_mode(
-    device, compile: str, *, channels, batch_size, train_steps, sample_batch, sample_steps, repeats, precision
+    device,
+    compile: str,
+    *,
+    channels,
+    batch_size,
+    train_steps,
+    sample_batch,
+    sample_steps,
+    repeats,
+    precision,
+    fused="auto",
 ) -> dict:
     from mnist_diff.runtime.data import to_model_range
     from mnist_diff.training.trainer import Trainer
 
     config = Config(
-        channels=channels, batch_size=batch_size, precision=precision, compile=compile, warmup_steps=10**9
+        channels=channels, batch_size=batch_size, precision=precision, compile=compile, fused=fused, warmup_steps=10**9
     )  # a tiny, constant-ish lr: the weights stay sane over many steps
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (batch_size, 1, 28, 28), dtype=torch.uint8, generator=gen).to(device)
@@ -80,22 +91,26 @@ def _bench_mode(
             "train_images_per_s_runs": train_runs,
             "train_first_call_s": train_first,
         }
-        schedules = {
-            "ddpm": make_schedule("linear", sample_steps, 1e-4, 0.2),  # only the step count matters
+        short = short_pass_steps(sample_steps)
+        schedules = {  # DDPM: only the step count matters
+            "ddpm": make_schedule("linear", sample_steps, 1e-4, 0.2),
+            "ddpm_short": make_schedule("linear", short, 1e-4, 0.2),
             "ddim": make_schedule("linear", 1000),
         }
         runs = [(name, name, sample_batch) for name in schedules]
         if sample_batch > SMALL_SAMPLE_BATCH:  # a grid's batch: its steps are latency-bound (workload.Rates)
-            runs.append(("ddpm_small", "ddpm", SMALL_SAMPLE_BATCH))
+            runs += [("ddpm_small", "ddpm", SMALL_SAMPLE_BATCH), ("ddpm_small_short", "ddpm_short", SMALL_SAMPLE_BATCH)]
         for key, name, batch in runs:
+            schedule = schedules[name]
+            sampler = name.removesuffix("_short")
 
             def burst():
                 generate(
                     model,
-                    schedules[name],
+                    schedule,
                     num=batch,
                     seed=0,
-                    sampler=name,
+                    sampler=sampler,
                     ddim_steps=sample_steps,
                     batch_size=batch,
                     precision=precision,
@@ -103,9 +118,35 @@ def _bench_mode(
                     compile=compile,
                 )
 
-            rate, _, first = _median_rate(burst, batch * sample_steps, repeats, device)
+            steps = schedule.timesteps if sampler == "ddpm" else sample_steps
+            rate, _, first = _median_rate(burst, batch * steps, repeats, device)
             out[f"{key}_image_steps_per_s"], out[f"{key}_first_call_s"] = rate, first
+        # The steady state: the two DDPM pass lengths' times split into a fixed cost per pass and a rate per step
+        for key, batch in (("", sample_batch), ("small_", SMALL_SAMPLE_BATCH)):
+            if f"ddpm_{key}short_image_steps_per_s" not in out:
+                continue
+            long_s = batch * sample_steps / out[f"ddpm_{key}image_steps_per_s"]
+            short_s = batch * short / out[f"ddpm_{key}short_image_steps_per_s"]
+            fixed, per_step = workload.fit_pass_time(short, short_s, sample_steps, long_s)
+            out[f"{key}sample_pass_steps"], out[f"{key}sample_pass_seconds"] = [short, sample_steps], [short_s, long_s]
+            out[f"{key}sample_pass_fixed_s"], out[f"{key}sample_image_steps_per_s"] = fixed, batch / per_step
+        # Compiling and warming up, once per worker process: each measured call's first time beyond its steady one
+        first_calls = [("train", train_steps * batch_size), ("ddpm", sample_batch * sample_steps)]
+        if "ddpm_small_first_call_s" in out:
+            first_calls.append(("ddpm_small", SMALL_SAMPLE_BATCH * sample_steps))
+        steady = {"train": "train_images_per_s"}
+        out["compile_s"] = sum(
+            max(0.0, out[f"{k}_first_call_s"] - work / out[steady.get(k, f"{k}_image_steps_per_s")])
+            for k, work in first_calls
+        )
     return out
+
+
+def short_pass_steps(steps: int) -> int:
+    """The short sampling pass beside a long one of `steps` (at least 3): a tenth of it, at least 2 steps."""
+    if steps < 3:
+        raise ValueError(f"the long sampling pass needs at least 3 steps, got {steps}")
+    return max(2, steps // 10)
 
 
 SMALL_SAMPLE_BATCH = 64  # Config.sheet_images: the sampling batch of an epoch's grid alone
@@ -114,10 +155,16 @@ SCORE_IMAGES = 2000  # the selection FID's size: the fixed cost is timed on a se
 
 
 def bench_inception(
-    device: torch.device, *, weights_path=None, batch_size: int | None = None, repeats: int = 5
+    device: torch.device,
+    *,
+    weights_path=None,
+    batch_size: int | None = None,
+    repeats: int = 5,
+    precision: str = "fp32",
 ) -> dict:
-    """Inception images/s (uint8 images already on the device, as the study feeds them) and the fixed cost of
-    one FID score besides its images: the Fréchet distance of a 2,000-image set against cached statistics."""
+    """Inception images/s (uint8 images already on the device, as the study feeds them; at `precision`, see
+    `fid.engine.inception_features`) and the fixed cost of one FID score besides its images: the Fréchet
+    distance of a 2,000-image set against cached statistics."""
     from mnist_diff.fid.engine import (
         default_batch_size,
         frechet_distance,
@@ -129,7 +176,9 @@ def bench_inception(
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=gen).to(device)
     rate, runs, first = _median_rate(
-        lambda: inception_features(images, weights_path=weights_path, device=device, batch_size=batch_size),
+        lambda: inception_features(
+            images, weights_path=weights_path, device=device, batch_size=batch_size, precision=precision
+        ),
         n,
         repeats,
         device,
@@ -150,8 +199,170 @@ def bench_inception(
         "inception_images_per_s_runs": runs,
         "inception_first_call_s": first,
         "inception_batch": batch_size,
+        "inception_precision": precision,
         "fid_fixed_seconds": statistics.median(seconds[1:]),
     }
+
+
+FUSED_CHECK_BATCH = 16
+
+
+def fused_check(device: torch.device, *, channels: int, precision: str, fused: str = "auto") -> dict:
+    """`fused` as a run resolves it on this device (`accel.use_fused`, its check included) and
+    `fused_max_abs_diff`: max |fused - eager| of the UNet's output on one batch at random timesteps, at the
+    bench precision, eagerly. The layers that start at zero (each block's last convolution, attention's output)
+    get random weights first, or most of the network would take no part in the comparison. None where the fused
+    forward cannot run here."""
+    from mnist_diff.runtime.device import autocast
+
+    torch.manual_seed(0)
+    model = UNet(channels=channels)
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear)):
+            m.reset_parameters()
+    model = accel.use_fused(accel.device_layout(model.to(device)).eval().requires_grad_(False), fused, precision)
+    resolved = model.fused
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(FUSED_CHECK_BATCH, 1, 28, 28, generator=gen).to(device)
+    t = torch.randint(0, 1000, (FUSED_CHECK_BATCH,), generator=gen).to(device)
+    outs = {}
+    try:
+        with torch.no_grad(), autocast(device, precision):
+            for flag in (False, True):
+                model.fused = flag
+                outs[flag] = model(x, t).float()
+    except Exception:  # the fused forward cannot run here: `use_fused` warned, runs use the eager one
+        pass
+    diff = (outs[True] - outs[False]).abs().max().item() if True in outs else None
+    return {"fused": resolved, "fused_max_abs_diff": diff}
+
+
+FID_BF16_TOLERANCE = 0.05  # |FID bf16 - FID fp32| on 10,000 images, measured on the GPU, for bf16 to be the default
+FID_BF16_CHECK_IMAGES = 10_000
+
+
+def fid_precision_check(
+    device: torch.device,
+    images: int,
+    *,
+    data_dir=None,
+    fid_weights=None,
+    fid_ref_samples: int | None = None,
+    batch_size: int | None = None,
+) -> dict:
+    """FID of the first `images` MNIST test images against the reference statistics (the training split, or its
+    first `fid_ref_samples`), with Inception in fp32 and in bf16 (`fid.engine.inception_features`): whether bf16
+    changes the scores. bf16 may become the default only where |fid_bf16_diff| <= FID_BF16_TOLERANCE on
+    FID_BF16_CHECK_IMAGES images on the GPU (docs/speed.md)."""
+    from mnist_diff.fid.engine import Reference, compute_fid, ensure_reference_stats
+    from mnist_diff.runtime.data import load_mnist
+
+    reference = Reference("train", fid_ref_samples, data_dir, fid_weights)
+    ensure_reference_stats(reference, device=device)
+    real = load_mnist(data_dir, train=False, limit=images, device=device)
+    out = {"fid_check_images": int(real.shape[0]), "fid_check_reference": reference.cache_name()}
+    for precision in ("fp32", "bf16"):
+        score = compute_fid(real, reference, device=device, batch_size=batch_size, precision=precision)
+        out[f"fid_{precision}"], out[f"fid_{precision}_seconds"] = score["fid"], score["fid_seconds"]
+    out["fid_bf16_diff"] = out["fid_bf16"] - out["fid_fp32"]
+    out["fid_bf16_within_tolerance"] = abs(out["fid_bf16_diff"]) <= FID_BF16_TOLERANCE
+    return out
+
+
+WORKER_MODULES = ("mnist_diff.study.worker",)  # what a study's spawned worker process imports before its work
+FALLBACK_WORKER_MODULES = ("mnist_diff.training.experiment", "mnist_diff.fid.engine")  # without the tracking stack
+
+
+def time_worker_start(device_type: str = "cpu") -> float:
+    """Seconds for a fresh Python process to start and import what a study worker imports, and on CUDA to
+    create its CUDA context (the shorter of two; the first may read the files from disk). Without the tracking
+    stack (a bare GPU machine): the training and FID modules alone."""
+    import subprocess
+    import sys
+
+    code = "import importlib, sys\nfor m in sys.argv[1:]: importlib.import_module(m)\n"
+    if device_type == "cuda":
+        code += "import torch\ntorch.zeros(1, device='cuda')\n"
+
+    def once(modules) -> float:
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code, *modules], check=True, capture_output=True, timeout=300)
+        return time.perf_counter() - t0
+
+    try:
+        seconds = [once(WORKER_MODULES) for _ in range(2)]
+    except subprocess.CalledProcessError:
+        seconds = [once(FALLBACK_WORKER_MODULES) for _ in range(2)]
+    return min(seconds)
+
+
+def bench_concurrent(
+    device: torch.device,
+    counts,
+    *,
+    channels: int,
+    batch_size: int,
+    train_steps: int,
+    repeats: int,
+    precision: str,
+    compile: str = "off",
+) -> dict[str, float]:
+    """{N: aggregate training images/s} of N independent training loops at once in this process, for each N in
+    `counts`: each loop in its own thread with its own model, optimizer and noise generator (its own `Trainer`)
+    and, on CUDA, its own stream. Whether several studies' workers could share one device profitably. Keys are
+    strings (as JSON keeps them)."""
+    import threading
+
+    from mnist_diff.runtime.data import to_model_range
+    from mnist_diff.training.trainer import Trainer
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (batch_size, 1, 28, 28), dtype=torch.uint8, generator=gen).to(device)
+    x0 = to_model_range(images)
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in counts:
+            loops = []
+            for i in range(n):
+                config = Config(
+                    channels=channels,
+                    batch_size=batch_size,
+                    precision=precision,
+                    compile=compile,
+                    warmup_steps=10**9,
+                    seed=i,
+                )
+                trainer = Trainer(config, images, os.path.join(tmp, str(i)), progress=False)
+                trainer.model.train()
+                stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+                loops.append((trainer, stream))
+
+            def run(trainer, stream, steps, errors):
+                try:
+                    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                        for _ in range(steps):
+                            trainer._train_step(x0)
+                    if stream is not None:
+                        stream.synchronize()
+                except BaseException as err:  # raised in the caller's thread
+                    errors.append(err)
+
+            def burst(loops=loops):
+                errors = []
+                threads = [threading.Thread(target=run, args=(t, s, train_steps, errors)) for t, s in loops]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                if errors:
+                    raise errors[0]
+
+            out[str(n)] = _median_rate(burst, n * train_steps * batch_size, repeats, device)[0]
+    return out
+
+
+def _one_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
 
 
 def gflop_per_image(channels: int) -> tuple[float, float]:
@@ -184,10 +395,16 @@ def run_bench(
     inception: bool = True,
     fid_weights=None,
     fid_batch_size: int | None = None,
+    fused: str = "auto",
+    fid_precision: str = "fp32",
+    worker_start: bool = True,
+    concurrent: tuple[int, ...] = (),
 ) -> dict:
     """Eager always; compiled too when `compile` is on (auto: on CUDA). The top-level rates are those a run
     with this `compile` setting gets (compiled if it was measured and did not fall back). `inception`: also the
-    FID engine's rates; where torch-fidelity or its weights can't be had, `inception_error` says why."""
+    FID engine's rates (Inception at `fid_precision`); where torch-fidelity or its weights can't be had,
+    `inception_error` says why. `worker_start`: also time a worker process's start (`time_worker_start`).
+    `concurrent`: also the aggregate training rate of that many training loops at once (`bench_concurrent`)."""
     # what else ran meanwhile: the 1-minute load average before measuring (this process has not loaded it yet)
     load, measured_at = os.getloadavg()[0], time.time()
     torch.manual_seed(0)
@@ -201,6 +418,7 @@ def run_bench(
         sample_steps=sample_steps,
         repeats=repeats,
         precision=precision,
+        fused=fused,
     )
     modes = {"eager": _bench_mode(device, "off", **kwargs)}
     if accel.compile_enabled(compile, device):
@@ -210,9 +428,45 @@ def run_bench(
     fid = {}
     if inception:
         try:
-            fid = bench_inception(device, weights_path=fid_weights, batch_size=fid_batch_size, repeats=repeats)
+            fid = bench_inception(
+                device, weights_path=fid_weights, batch_size=fid_batch_size, repeats=repeats, precision=fid_precision
+            )
         except Exception as err:  # e.g. offline without a weights file: the training/sampling rates still stand
             fid = {"inception_error": f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"}
+    extra = {}
+    if worker_start:
+        try:
+            extra["worker_start_s"] = time_worker_start(device.type)
+        except Exception as err:  # the projection then takes its estimate
+            extra["worker_start_error"] = _one_line(err)
+    if concurrent:
+        compiled = "on" if "compiled" in modes and not modes["compiled"].get("fell_back") else "off"
+        try:
+            extra["train_concurrent_images_per_s"] = bench_concurrent(
+                device,
+                concurrent,
+                channels=channels,
+                batch_size=batch_size,
+                train_steps=train_steps,
+                repeats=repeats,
+                precision=precision,
+                compile=compiled,
+            )
+        except Exception as err:  # e.g. compiling from several threads: the other figures still stand
+            extra["train_concurrent_error"] = _one_line(err)
+    steady = [
+        k
+        for k in (
+            "sample_image_steps_per_s",
+            "sample_pass_fixed_s",
+            "sample_pass_steps",
+            "sample_pass_seconds",
+            "small_sample_image_steps_per_s",
+            "small_sample_pass_fixed_s",
+            "compile_s",
+        )
+        if k in used
+    ]
     return {
         "device": bench_cache.device_name(device),
         "device_type": device.type,
@@ -236,7 +490,10 @@ def run_bench(
             if "ddpm_small_image_steps_per_s" in used
             else {}
         ),
+        **{k: used[k] for k in steady},
+        **extra,
         "modes": modes,
+        **fused_check(device, channels=channels, precision=precision, fused=fused),
         **fid,
         "bench_version": bench_cache.BENCH_VERSION,
         "measured_at": measured_at,
@@ -293,9 +550,36 @@ def format_table(r: dict) -> str:
             f"{'sampler step latency':<26}{rates.sample_step_seconds * 1000:>12,.2f}ms   fixed cost of a batch "
             f"step, from batches {SMALL_SAMPLE_BATCH} and {r['sample_batch']}: what small batches pay"
         )
+    if "sample_pass_fixed_s" in r:
+        k1, k2 = r["sample_pass_steps"]
+        lines.append(
+            f"{'DDPM steady state':<26}{r['sample_image_steps_per_s']:>14,.0f}   image-evaluations/s at batch "
+            f"{r['sample_batch']}, + {r['sample_pass_fixed_s'] * 1000:,.1f} ms fixed a pass (from passes of "
+            f"{k1} and {k2} steps)"
+        )
+    if "compile_s" in r or "worker_start_s" in r:
+        start = f"{r['worker_start_s']:.1f} s" if "worker_start_s" in r else "not measured"
+        lines.append(
+            f"{'worker start':<26}{start:>14}   process start and imports; + {r.get('compile_s', 0):.1f} s "
+            "compiling and first calls"
+        )
+    if "train_concurrent_images_per_s" in r:
+        lines.append(
+            f"{'train images/s, N at once':<26}  "
+            + ", ".join(f"{n}: {v:,.0f}" for n, v in r["train_concurrent_images_per_s"].items())
+            + " (aggregate of N training loops, one thread and stream each)"
+        )
+    elif "train_concurrent_error" in r:
+        lines.append(f"concurrent training not measured: {r['train_concurrent_error']}")
+    if "projected_reference_study_s" in r:
+        lines.append(
+            f"{'reference study':<26}{workload.format_duration(r['projected_reference_study_s']):>14}   "
+            "projected wall clock of the 16 configs, default protocol, one worker (`sweep --dry-run`)"
+        )
     if "inception_images_per_s" in r:
         lines.append(
-            f"{'Inception images/s':<26}{r['inception_images_per_s']:>14,.0f}   batch {r['inception_batch']}; "
+            f"{'Inception images/s':<26}{r['inception_images_per_s']:>14,.0f}   batch {r['inception_batch']}, "
+            f"{r.get('inception_precision', 'fp32')}; "
             f"first call {r['inception_first_call_s']:.1f} s"
         )
         lines.append(
@@ -304,6 +588,21 @@ def format_table(r: dict) -> str:
         )
     elif "inception_error" in r:
         lines.append(f"Inception not measured: {r['inception_error']}")
+    if "fused_max_abs_diff" in r:
+        diff = r["fused_max_abs_diff"]
+        lines.append(
+            f"{'fused forward':<26}{'on' if r['fused'] else 'off':>14}   max |fused - eager| of the output: "
+            + (f"{diff:.2e} ({r['precision']}, batch {FUSED_CHECK_BATCH})" if diff is not None else "cannot run here")
+        )
+    if "fid_bf16_diff" in r:
+        verdict = "within" if r["fid_bf16_within_tolerance"] else "beyond"
+        lines.append(
+            f"{'FID fp32 / bf16':<26}{r['fid_fp32']:>8.3f} / {r['fid_bf16']:.3f}   diff {r['fid_bf16_diff']:+.4f} on "
+            f"{r['fid_check_images']:,} images, {verdict} ±{FID_BF16_TOLERANCE} (the rule: on "
+            f"{FID_BF16_CHECK_IMAGES:,} images on the GPU)"
+        )
+    elif "fid_check_error" in r:
+        lines.append(f"FID precision check failed: {r['fid_check_error']}")
     failed = modes.get("compiled", {}).get("fell_back")
     if failed:
         lines.append(f"compiled fell back to eager for: {', '.join(failed)} (see the warning above)")
@@ -407,9 +706,10 @@ def quick_bench(device, channels: int, batch_size: int, precision: str) -> dict:
         precision=precision,
         train_steps=20 if gpu else 2,
         sample_batch=500 if gpu else 64,
-        sample_steps=20 if gpu else 2,
+        sample_steps=20 if gpu else 4,
         repeats=3,
         inception=False,
+        worker_start=False,
     )  # it may need a download: the projection labels it an estimate
     result["quick"] = True
     bench_cache.save(result, device, precision)

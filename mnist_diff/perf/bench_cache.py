@@ -22,7 +22,9 @@ from mnist_diff.util.paths import CACHE_ROOT
 
 ENV = "MNIST_DIFF_BENCH_CACHE"
 # Bump when what a figure measures changes: cached quick figures of another version are measured again.
-BENCH_VERSION = 2  # 2: every timed repeat lasts bench.MIN_SECONDS at least (1 timed one call: start-up, not a rate)
+# 2: every timed repeat lasts bench.MIN_SECONDS at least (1 timed one call: start-up, not a rate)
+# 3: sampling at the steady state (two pass lengths: a fixed cost per pass and a rate per step), compile seconds
+BENCH_VERSION = 3
 
 
 def device_name(device) -> str:

@@ -10,7 +10,10 @@ Sampling time is not only images × network calls: each sampler step of a batch 
 (kernel launches, the sampler's own arithmetic), which dominates small batches such as a 64-image grid at
 T=1000 (1,000 sequential steps). So each sampling phase also lists its passes (how many images are drawn
 together, at how many calls each), and `project` charges every step of every batch `Rates.sample_step_seconds`
-on top of its images.
+on top of its images. Each pass (a batch drawn from noise to image) also costs a fixed time besides its steps
+(its per-image generators, the first noise, the final conversion): `bench` times passes of two lengths and
+`fit_pass_time` splits their times into that fixed cost and the steady per-step rate, and `project` charges
+every pass `Rates.sample_pass_seconds` once.
 """
 
 from __future__ import annotations
@@ -48,7 +51,9 @@ FID_FIXED_SECONDS_ESTIMATE = 0.1
 # Wall-clock costs besides the phases' work, modelled on the smoke study on the 2-core machine (a trial's
 # `seconds_other` 0.5-1.5 s, ~0.5 s between trials; ~12 s from the projection to the first trial): estimates.
 TRIAL_OVERHEAD_SECONDS = 1.5  # per trial: MLflow run, Optuna bookkeeping, model build, checkpoints, logs
-START_SECONDS = 10.0  # per study: stores, MNIST, FID reference, each worker's process start (in parallel)
+START_SECONDS = 7.0  # per study: stores, MNIST, FID reference
+# per worker, until `bench` measures it (`worker_start_s`): its process start and imports (workers start at once)
+WORKER_START_SECONDS_ESTIMATE = 3.0
 
 
 @dataclass(frozen=True)
@@ -193,15 +198,19 @@ class Rates:
     source: str = ""  # where the measured ones come from
     sample_batch: int = 0  # the batch sample_evaluations_per_s was measured at (0: unknown)
     sample_step_seconds: float = 0.0  # fixed seconds of each sampler step of a batch, besides its images
+    sample_pass_seconds: float = 0.0  # fixed seconds of each sampling pass (one batch), besides its steps
+    worker_start_seconds: float = WORKER_START_SECONDS_ESTIMATE  # per worker process: start and imports
+    compile_seconds: float = 0.0  # per worker process and model: compiling and warming up (first calls)
 
     def sampling_seconds(self, images: int, calls: int, batch: int = 0) -> float:
         """Seconds to draw `images` together at `calls` network calls each, in batches of `batch` (0: the
         measured batch): each step of a batch of b images costs L + b (1/rate - L/B), where B is the measured
-        batch, which makes a step of B images cost exactly B/rate."""
+        batch, which makes a step of B images cost exactly B/rate; each batch's pass adds its fixed cost."""
         batch = batch or self.sample_batch or images
         latency = self.sample_step_seconds
         per_image = 1 / self.sample_evaluations_per_s - (latency / self.sample_batch if self.sample_batch else 0)
-        return calls * sum(latency + b * per_image for b in batch_sizes(images, batch))
+        sizes = batch_sizes(images, batch)
+        return calls * sum(latency + b * per_image for b in sizes) + len(sizes) * self.sample_pass_seconds
 
 
 def rates_from_bench(result: dict, device_type: str, source: str = "") -> Rates:
@@ -222,11 +231,15 @@ def rates_from_bench(result: dict, device_type: str, source: str = "") -> Rates:
         fixed = FID_FIXED_SECONDS_ESTIMATE
         estimated.append("fid_fixed_seconds")
     batch = int(result.get("sample_batch") or 0)
+    start = result.get("worker_start_s")
+    if start is None:
+        start = WORKER_START_SECONDS_ESTIMATE
+        estimated.append("worker_start_seconds")
     latency = 0.0
-    if batch and result.get("small_sample_batch") and result.get("ddpm_small_image_steps_per_s"):
-        latency = sample_step_latency(
-            batch, sampling, result["small_sample_batch"], result["ddpm_small_image_steps_per_s"]
-        )
+    # both batches' steady rates where the bench has them (`fit_pass_time`), else rates of whole passes
+    small_rate = result.get("small_sample_image_steps_per_s") or result.get("ddpm_small_image_steps_per_s")
+    if batch and result.get("small_sample_batch") and small_rate:
+        latency = sample_step_latency(batch, sampling, result["small_sample_batch"], small_rate)
     return Rates(
         result["train_images_per_s"],
         sampling,
@@ -236,7 +249,24 @@ def rates_from_bench(result: dict, device_type: str, source: str = "") -> Rates:
         source,
         sample_batch=batch,
         sample_step_seconds=latency,
+        sample_pass_seconds=float(result.get("sample_pass_fixed_s") or 0.0),
+        worker_start_seconds=start,
+        compile_seconds=float(result.get("compile_s") or 0.0),
     )
+
+
+def fit_pass_time(steps1: int, seconds1: float, steps2: int, seconds2: float) -> tuple[float, float]:
+    """(fixed seconds of a pass, seconds per step) of the line seconds = fixed + steps x per_step through two
+    passes' times at the same batch. Timing noise can tilt it past sense: a negative fixed cost is taken as 0
+    and a non-positive slope as none, each step then costing the longer pass's mean."""
+    if steps1 == steps2:
+        raise ValueError(f"two pass lengths are needed, got {steps1} twice")
+    (k1, t1), (k2, t2) = sorted(((steps1, seconds1), (steps2, seconds2)))
+    per_step = (t2 - t1) / (k2 - k1)
+    fixed = t1 - k1 * per_step
+    if per_step <= 0 or fixed < 0:
+        return 0.0, t2 / k2
+    return fixed, per_step
 
 
 def sample_step_latency(batch: int, rate: float, small_batch: int, small_rate: float) -> float:
@@ -271,15 +301,26 @@ def project_configs(configs: Sequence[Config], rates: Rates | Mapping[tuple, Rat
     return total
 
 
+def worker_seconds(rates: Rates | Mapping[tuple, Rates]) -> float:
+    """Seconds each worker process spends before its first step: its start, and compiling (or warming up)
+    every model it trains and samples (one per rate group)."""
+    groups = [rates] if isinstance(rates, Rates) else list(rates.values())
+    if not groups:
+        return 0.0
+    return max(r.worker_start_seconds for r in groups) + sum(r.compile_seconds for r in groups)
+
+
 def overhead_seconds(trials: int) -> float:
-    """Seconds besides the phases' work of a study of `trials` trials: its start and each trial's fixed cost."""
+    """Seconds besides the phases' work of a study of `trials` trials: its start and each trial's fixed cost
+    (the workers' own start: `worker_seconds`)."""
     return START_SECONDS + trials * TRIAL_OVERHEAD_SECONDS
 
 
-def wall_seconds(seconds: Mapping[str, float], trials: int, parallel: int = 1) -> float:
+def wall_seconds(seconds: Mapping[str, float], trials: int, parallel: int = 1, worker: float = 0.0) -> float:
     """The wall time of a study whose phases take `seconds` (serial, at the rates of one worker's share of the
-    device), its trials shared by `parallel` workers; the workers start at once."""
-    return START_SECONDS + (sum(seconds.values()) + trials * TRIAL_OVERHEAD_SECONDS) / parallel
+    device), its trials shared by `parallel` workers; the workers start at once, each paying `worker` seconds
+    (`worker_seconds`) before its first step."""
+    return START_SECONDS + worker + (sum(seconds.values()) + trials * TRIAL_OVERHEAD_SECONDS) / parallel
 
 
 def project(w: Workload, r: Rates) -> dict[str, float]:
@@ -394,6 +435,7 @@ def format_table(configs: Sequence[Config], rates: Rates | Mapping[tuple, Rates]
                 lambda r: (
                     f"{r.sample_evaluations_per_s:,.0f} evaluations/s"
                     + (f" + {r.sample_step_seconds * 1e3:.2f} ms a batch step" if r.sample_step_seconds else "")
+                    + (f" + {r.sample_pass_seconds * 1e3:.0f} ms a pass" if r.sample_pass_seconds else "")
                 )
             ),
             INCEPTION: at(
@@ -428,13 +470,29 @@ def format_table(configs: Sequence[Config], rates: Rates | Mapping[tuple, Rates]
                 f"{START_SECONDS:g} s start + {TRIAL_OVERHEAD_SECONDS:g} s x {w.trials} trials (estimate)",
             )
         )
+        worker = worker_seconds(rates)
+        rows.append(
+            (
+                "worker start",
+                "",
+                "",
+                format_duration(worker),
+                at(
+                    lambda r: (
+                        f"{r.worker_start_seconds:.1f} s process start{est(r, 'worker_start_seconds')} + "
+                        f"{r.compile_seconds:.1f} s compiling and first calls"
+                    )
+                )
+                + " per worker, the workers at once",
+            )
+        )
         rows.append(
             (
                 "wall clock",
                 "",
                 "",
-                format_duration(wall_seconds(seconds, w.trials, parallel)),
-                f"total and overhead, {workers}",
+                format_duration(wall_seconds(seconds, w.trials, parallel, worker)),
+                f"total, overhead and worker start, {workers}",
             )
         )
     head = (

@@ -21,7 +21,7 @@ CPU_SAMPLE_BATCH = 64
 MAX_SAMPLE_BATCH = 2000  # the GPU is saturated long before; 2000 divides the FID counts (2,000 and 10,000)
 SAMPLE_BYTES_PER_IMAGE = 2 << 20  # inference memory per image at width 64 (activations, per-image noise), generous
 
-_failed: set[str] = set()  # "sampling" / "training" / "training-graph": failed once in this process, don't retry
+_failed: set[str] = set()  # "sampling" / "training" / "training-graph" / "fused": failed once in this process
 
 
 class CompileFallbackWarning(RuntimeWarning):
@@ -40,6 +40,36 @@ def on_for_cuda(setting: str, device) -> bool:
 def compile_enabled(setting: str, device) -> bool:
     """auto: on for CUDA (launch overhead dominates there), off elsewhere (compiling costs minutes on a CPU)."""
     return on_for_cuda(setting, device)
+
+
+def fused_enabled(setting: str, device) -> bool:
+    """auto: on for CUDA (where the bytes it saves are the time), off elsewhere (the eager forward is the
+    reference, and a CPU gains nothing from tensor-core shapes)."""
+    return on_for_cuda(setting, device)
+
+
+def use_fused(model: torch.nn.Module, setting: str, precision: str = "auto") -> torch.nn.Module:
+    """Switch `model` (a UNet) to its fused forward where `setting` asks for it, once that forward and its
+    backward have run on a 2-image batch at this precision; where they cannot (e.g. no attention kernel here),
+    one `CompileFallbackWarning` ("fused") and the eager forward, for this model and every later one of the
+    process. Failures of compiling the fused model are the compile fallbacks' (it then runs eagerly, fused)."""
+    from mnist_diff.runtime.device import autocast
+
+    device = next(model.parameters()).device
+    model.fused = fused_enabled(setting, device) and "fused" not in _failed
+    if not model.fused:
+        return model
+    x = torch.zeros(2, 1, 28, 28, device=device)
+    t = torch.zeros(2, dtype=torch.long, device=device)
+    try:
+        with autocast(device, precision):
+            out = model(x, t)
+        if torch.is_grad_enabled() and out.requires_grad:
+            torch.autograd.grad(out.float().sum(), [p for p in model.parameters() if p.requires_grad])
+    except Exception as err:
+        model.fused = False
+        fall_back("fused", err, what="the fused UNet forward")
+    return model
 
 
 def default_sample_batch_size(device, channels: int = 64) -> int:
@@ -65,7 +95,7 @@ def device_layout(model: torch.nn.Module) -> torch.nn.Module:
 
 def fell_back() -> list[str]:
     """What failed to compile or capture in this process and runs eagerly: "sampling", "training",
-    "training-graph" (step_graph.py)."""
+    "training-graph" (step_graph.py), "fused" (`use_fused`)."""
     return sorted(_failed)
 
 
@@ -153,9 +183,10 @@ def for_sampling(
     if not compiled and device.type != "cuda":
         return model
     state = model.state_dict()
-    # a twin per thread: trials sampling at once in one process (--trials-per-worker) each load their own weights
+    # a twin per thread (trials sampling at once in one process, --trials-per-worker, each load their own
+    # weights) and per forward (a twin copies the fused flag too)
     shapes = tuple((k, tuple(v.shape), v.dtype) for k, v in state.items())
-    key = (threading.get_ident(), type(model), device, compiled, shapes)
+    key = (threading.get_ident(), type(model), device, compiled, getattr(model, "fused", False), shapes)
     twin = _twins.get(key)
     if twin is None:
         twin = _twins[key] = _SamplingTwin(model, compiled)

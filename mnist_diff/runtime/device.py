@@ -5,8 +5,12 @@ so `bench` measures what the other commands run."""
 from __future__ import annotations
 
 import contextlib
+import os
+from pathlib import Path
 
 import torch
+
+from mnist_diff.util.paths import CACHE_ROOT
 
 BF16_MIN_CAPABILITY = (8, 0)  # Ampere: the first CUDA GPUs with native bf16 tensor cores
 
@@ -22,9 +26,20 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+
+
+def inductor_cache_dir() -> Path:
+    """Where torch.compile's compiled kernels are kept: one folder every process of every study shares, and
+    later calls reuse (a worker then loads instead of compiling); torch's default is a per-user temp folder."""
+    return CACHE_ROOT / "inductor"
+
+
 def configure_backend(device) -> None:
-    """On CUDA: TF32 matmuls and convolutions, and cuDNN's autotuner (our input shapes never change).
-    Process-wide flags; nothing to do elsewhere."""
+    """On every device: torch.compile's cache in `inductor_cache_dir()` unless TORCHINDUCTOR_CACHE_DIR is set
+    (read when compiling, so set here before any compile). On CUDA: TF32 matmuls and convolutions, and cuDNN's
+    autotuner (our input shapes never change). Process-wide settings."""
+    os.environ.setdefault(INDUCTOR_CACHE_ENV, str(inductor_cache_dir()))
     if torch.device(device).type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

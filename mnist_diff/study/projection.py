@@ -108,8 +108,7 @@ def study_projection(
     if rates is None:
         return table, None
     where = f"{device.type} ({bench_cache.device_name(device)})"
-    seconds = workload.project_configs(configs, rates)
-    wall = workload.wall_seconds(seconds, len(configs), parallel)
+    seconds, wall = projected_seconds(configs, rates, device, workers)
     warning = workload.long_study_warning(wall, where, suggest_smoke=suggest_smoke)
     sources = "; ".join(dict.fromkeys(r.source for r in rates.values()))
     return "\n".join([table, *([warning] if warning else [])]), {
@@ -120,6 +119,14 @@ def study_projection(
         "wall_seconds": wall,
         "trial_seconds": trial_seconds(configs, rates),
     }
+
+
+def projected_seconds(configs: Sequence[Config], rates, device, workers: int = 1) -> tuple[dict[str, float], float]:
+    """(Seconds per phase, serial; the wall seconds with `workers` worker processes, their start and compiling
+    included): the projection `sweep` prints and records, and `bench` gives for the reference study."""
+    seconds = workload.project_configs(configs, rates)
+    parallel = parallel_workers(device, workers)
+    return seconds, workload.wall_seconds(seconds, len(configs), parallel, workload.worker_seconds(rates))
 
 
 def trial_seconds(configs: Sequence[Config], rates: dict) -> list[list[float]]:
@@ -133,15 +140,25 @@ def trial_seconds(configs: Sequence[Config], rates: dict) -> list[list[float]]:
     return out
 
 
+def reference_seconds(
+    bench_result: dict, device, channels: int, batch_size: int, precision: str
+) -> tuple[dict[str, float], float]:
+    """The reference study's (16 configs, default protocol) `projected_seconds` at a bench's rates, one worker:
+    what `sweep --dry-run` projects for it with this bench cached."""
+    base = Config(channels=channels, batch_size=batch_size, precision=precision)
+    configs = reference_configs(base)
+    rates = {workload.rate_key(base): workload.rates_from_bench(bench_result, device.type)}
+    return projected_seconds(configs, rates, device, workers=1)
+
+
 def reference_projection(bench_result: dict, device, channels: int, batch_size: int, precision: str) -> str:
     """One line: the reference study's projected time at a bench's rates (what `sweep --dry-run` details)."""
-    rates = workload.rates_from_bench(bench_result, device.type)
-    base = Config(channels=channels, batch_size=batch_size, precision=precision)
-    seconds = workload.project(workload.count(reference_configs(base)), rates)
+    seconds, wall = reference_seconds(bench_result, device, channels, batch_size, precision)
     parts = ", ".join(f"{k} {workload.format_duration(v)}" for k, v in seconds.items())
     return (
         f"the reference study (16 configs, default protocol) on this device: "
-        f"{workload.format_duration(sum(seconds.values()))} ({parts}; `sweep --dry-run` for details)"
+        f"{workload.format_duration(sum(seconds.values()))} ({parts}); {workload.format_duration(wall)} wall "
+        "clock with one worker, its start, compiling and overhead included (`sweep --dry-run` for details)"
     )
 
 

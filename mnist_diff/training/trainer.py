@@ -141,7 +141,8 @@ def build_model(config: Config, device) -> UNet:
     with GLOBAL_RNG, torch.random.fork_rng(devices=[]):  # the initial weights depend on the seed alone
         torch.manual_seed(config.seed)
         model = UNet(channels=config.channels)
-    return accel.device_layout(model.to(device))
+    model = accel.device_layout(model.to(device))
+    return accel.use_fused(model, config.fused, config.precision)  # after the layout: checked as it will run
 
 
 def lr_at(config: Config, step: int) -> float:
@@ -525,4 +526,5 @@ def load_sampling_model(path, device) -> tuple[UNet, Config, dict]:
     config = Config.from_dict(ckpt["config"])
     model = UNet(channels=config.channels).to(device)
     model.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"])
-    return model.eval().requires_grad_(False), config, ckpt
+    model = accel.use_fused(model.eval().requires_grad_(False), config.fused, config.precision)
+    return model, config, ckpt
