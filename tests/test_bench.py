@@ -53,6 +53,19 @@ def test_the_projection_adds_each_workers_start_and_compiling():
     assert "34 s" in line and "4.0 s process start + 30.0 s compiling" in line
 
 
+def test_trials_at_once_shorten_only_the_training_by_the_measured_speedup():
+    speedups = workload.concurrent_speedups({"1": 100.0, "2": 160.0})
+    assert speedups == {1: 1.0, 2: 1.6}
+    r = Rates(100.0, 100.0, 4.0, 0.0, concurrent_training=speedups)
+    assert (r.training_speedup(1), r.training_speedup(2), r.training_speedup(4)) == (1.0, 1.6, 1.0)  # 4: unmeasured
+    seconds = {"training": 160.0, "grids": 20.0}
+    one, two = (workload.wall_seconds(seconds, 4, worker=0.0, training_speedup=x) for x in (1.0, 1.6))
+    assert one - two == pytest.approx(160.0 - 100.0)
+    table = workload.format_table([workload.Config(epochs=1)], r, trials_per_worker=2)
+    assert "2 trials at once in each (training 1.60x as measured)" in table
+    assert "no training gain measured" in workload.format_table([workload.Config(epochs=1)], r, trials_per_worker=4)
+
+
 def test_an_old_cached_bench_still_projects(tmp_path, monkeypatch):
     """A version-2 entry (no steady state, no fixed costs) reads back and projects as before: its sampling rate is
     the samplers' mean, no cost per pass, no compile seconds, the worker start an estimate."""

@@ -323,7 +323,13 @@ def sweep(
         except ValueError as err:
             raise BadInput(str(err)) from None
     projection = sweep_projection(
-        spec.configs(), dev, workers, rebench, suggest_smoke=preset != "smoke", say=click.echo
+        spec.configs(),
+        dev,
+        workers,
+        rebench,
+        suggest_smoke=preset != "smoke",
+        say=click.echo,
+        trials_per_worker=trials_per_worker,
     )
     if dry_run:
         return

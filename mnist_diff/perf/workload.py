@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mnist_diff.config import Config, epoch_due
 from mnist_diff.diffusion.samplers import network_calls
@@ -201,6 +201,13 @@ class Rates:
     sample_pass_seconds: float = 0.0  # fixed seconds of each sampling pass (one batch), besides its steps
     worker_start_seconds: float = WORKER_START_SECONDS_ESTIMATE  # per worker process: start and imports
     compile_seconds: float = 0.0  # per worker process and model: compiling and warming up (first calls)
+    # {N: aggregate training rate of N trainings at once in one process / the rate of one} (`bench --concurrent`)
+    concurrent_training: dict = field(default_factory=dict)
+
+    def training_speedup(self, trials_at_once: int) -> float:
+        """How much faster a worker trains `trials_at_once` trainings together than one after another: measured
+        (`bench --concurrent`), else 1 (no gain assumed)."""
+        return max(1.0, self.concurrent_training.get(trials_at_once, 1.0)) if trials_at_once > 1 else 1.0
 
     def sampling_seconds(self, images: int, calls: int, batch: int = 0) -> float:
         """Seconds to draw `images` together at `calls` network calls each, in batches of `batch` (0: the
@@ -252,7 +259,14 @@ def rates_from_bench(result: dict, device_type: str, source: str = "") -> Rates:
         sample_pass_seconds=float(result.get("sample_pass_fixed_s") or 0.0),
         worker_start_seconds=start,
         compile_seconds=float(result.get("compile_s") or 0.0),
+        concurrent_training=concurrent_speedups(result.get("train_concurrent_images_per_s") or {}),
     )
+
+
+def concurrent_speedups(rates: Mapping[str, float]) -> dict[int, float]:
+    """`bench`'s {"N": aggregate images/s} as {N: speedup over one training}; {} without N = 1."""
+    one = rates.get("1")
+    return {int(n): r / one for n, r in rates.items() if one} if one else {}
 
 
 def fit_pass_time(steps1: int, seconds1: float, steps2: int, seconds2: float) -> tuple[float, float]:
@@ -316,11 +330,16 @@ def overhead_seconds(trials: int) -> float:
     return START_SECONDS + trials * TRIAL_OVERHEAD_SECONDS
 
 
-def wall_seconds(seconds: Mapping[str, float], trials: int, parallel: int = 1, worker: float = 0.0) -> float:
+def wall_seconds(
+    seconds: Mapping[str, float], trials: int, parallel: int = 1, worker: float = 0.0, training_speedup: float = 1.0
+) -> float:
     """The wall time of a study whose phases take `seconds` (serial, at the rates of one worker's share of the
     device), its trials shared by `parallel` workers; the workers start at once, each paying `worker` seconds
-    (`worker_seconds`) before its first step."""
-    return START_SECONDS + worker + (sum(seconds.values()) + trials * TRIAL_OVERHEAD_SECONDS) / parallel
+    (`worker_seconds`) before its first step. Each worker trains `training_speedup` times faster than one
+    training at a time (`--trials-per-worker`, `Rates.training_speedup`); the other phases are counted in full,
+    as if nothing overlapped them (an upper bound where scoring overlaps training, `--overlap`)."""
+    work = sum(seconds.values()) - seconds.get(TRAINING, 0.0) * (1 - 1 / training_speedup)
+    return START_SECONDS + worker + (work + trials * TRIAL_OVERHEAD_SECONDS) / parallel
 
 
 def project(w: Workload, r: Rates) -> dict[str, float]:
@@ -407,10 +426,16 @@ def rate_labels(keys: Iterable[tuple]) -> dict[tuple, str]:
     return {k: ", ".join(f"{RATE_FIELDS[i]} {k[i]}" for i in varying) for k in keys}
 
 
-def format_table(configs: Sequence[Config], rates: Rates | Mapping[tuple, Rates] | None, parallel: int = 1) -> str:
+def format_table(
+    configs: Sequence[Config],
+    rates: Rates | Mapping[tuple, Rates] | None,
+    parallel: int = 1,
+    trials_per_worker: int = 1,
+) -> str:
     """The work of running every config once, per phase, and, with rates, its projected time, the overhead and
-    the wall time with `parallel` workers: the text `sweep` prints. Where the configs run at different rates (a
-    grid over `channels`), the 'at' column names each group's where they differ."""
+    the wall time with `parallel` workers of `trials_per_worker` trials at once: the text `sweep` prints. Where
+    the configs run at different rates (a grid over `channels`), the 'at' column names each group's where they
+    differ."""
     w = count(configs)
     seconds = project_configs(configs, rates) if rates is not None else {}
     groups: dict[str, Rates] = {}  # a short name of each rate group -> its rates
@@ -461,6 +486,11 @@ def format_table(configs: Sequence[Config], rates: Rates | Mapping[tuple, Rates]
     rows.append(("total", "", "", format_duration(sum(seconds.values())) if seconds else "?", ""))
     if seconds:
         workers = f"{parallel} workers at once" if parallel > 1 else "one worker"
+        speedup = min(r.training_speedup(trials_per_worker) for r in groups.values())
+        lanes = ""
+        if trials_per_worker > 1:
+            gain = f"training {speedup:.2f}x as measured" if speedup > 1 else "no training gain measured"
+            lanes = f", {trials_per_worker} trials at once in each ({gain})"
         rows.append(
             (
                 "overhead",
@@ -491,8 +521,8 @@ def format_table(configs: Sequence[Config], rates: Rates | Mapping[tuple, Rates]
                 "wall clock",
                 "",
                 "",
-                format_duration(wall_seconds(seconds, w.trials, parallel, worker)),
-                f"total, overhead and worker start, {workers}",
+                format_duration(wall_seconds(seconds, w.trials, parallel, worker, speedup)),
+                f"total, overhead and worker start, {workers}" + lanes,
             )
         )
     head = (

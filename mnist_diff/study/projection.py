@@ -98,17 +98,22 @@ def fit_to_budget(configs: Sequence[Config], base: Config, rates, seconds: float
 
 
 def study_projection(
-    configs: Sequence[Config], rates: dict | None, device, suggest_smoke: bool = True, workers: int = 1
+    configs: Sequence[Config],
+    rates: dict | None,
+    device,
+    suggest_smoke: bool = True,
+    workers: int = 1,
+    trials_per_worker: int = 1,
 ) -> tuple[str, dict | None]:
     """(The text `sweep` prints: the work per phase, its projected time, the wall time with `workers` worker
     processes, one line more when that exceeds an hour; the record kept in study.json: device, rates, seconds
     per phase (serial), workers at once and projected wall seconds; None without rates)."""
     parallel = parallel_workers(device, workers)
-    table = workload.format_table(configs, rates, parallel)
+    table = workload.format_table(configs, rates, parallel, trials_per_worker)
     if rates is None:
         return table, None
     where = f"{device.type} ({bench_cache.device_name(device)})"
-    seconds, wall = projected_seconds(configs, rates, device, workers)
+    seconds, wall = projected_seconds(configs, rates, device, workers, trials_per_worker)
     warning = workload.long_study_warning(wall, where, suggest_smoke=suggest_smoke)
     sources = "; ".join(dict.fromkeys(r.source for r in rates.values()))
     return "\n".join([table, *([warning] if warning else [])]), {
@@ -116,17 +121,22 @@ def study_projection(
         "rates": sources,
         "seconds": seconds,
         "workers": parallel,
+        "trials_per_worker": trials_per_worker,
         "wall_seconds": wall,
         "trial_seconds": trial_seconds(configs, rates),
     }
 
 
-def projected_seconds(configs: Sequence[Config], rates, device, workers: int = 1) -> tuple[dict[str, float], float]:
-    """(Seconds per phase, serial; the wall seconds with `workers` worker processes, their start and compiling
-    included): the projection `sweep` prints and records, and `bench` gives for the reference study."""
+def projected_seconds(
+    configs: Sequence[Config], rates, device, workers: int = 1, trials_per_worker: int = 1
+) -> tuple[dict[str, float], float]:
+    """(Seconds per phase, serial; the wall seconds with `workers` worker processes of `trials_per_worker` trials
+    at once, their start and compiling included): the projection `sweep` prints and records, and `bench` gives
+    for the reference study."""
     seconds = workload.project_configs(configs, rates)
     parallel = parallel_workers(device, workers)
-    return seconds, workload.wall_seconds(seconds, len(configs), parallel, workload.worker_seconds(rates))
+    speedup = min(r.training_speedup(trials_per_worker) for r in rates.values())
+    return seconds, workload.wall_seconds(seconds, len(configs), parallel, workload.worker_seconds(rates), speedup)
 
 
 def trial_seconds(configs: Sequence[Config], rates: dict) -> list[list[float]]:
@@ -197,6 +207,7 @@ def sweep_projection(
     rebench: bool = False,
     suggest_smoke: bool = True,
     say: Callable[[str], None] = print,
+    trials_per_worker: int = 1,
 ) -> dict | None:
     """Say the study's work per phase and its projected time at this device's bench rates in one of `workers`
     worker processes (measured and cached on first use, or again with `rebench`), and its wall time with them.
@@ -206,6 +217,8 @@ def sweep_projection(
     except Exception as err:
         say(f"no time projection: measuring this device failed ({type(err).__name__}: {err})")
         rates = None
-    text, record = study_projection(configs, rates, device, suggest_smoke=suggest_smoke, workers=workers)
+    text, record = study_projection(
+        configs, rates, device, suggest_smoke=suggest_smoke, workers=workers, trials_per_worker=trials_per_worker
+    )
     say(text)
     return record
