@@ -314,6 +314,11 @@ def test_the_champion_is_the_best_trials_model_and_draws_what_sample_draws(finis
     digits = model.predict({"num_samples": 6, "seed": 3})
     assert digits.shape == (6, 28, 28) and digits.dtype == np.uint8 and digits.std() > 0
     assert (model.predict(pd.DataFrame([{"num_samples": 2, "seed": 3}])) == digits[:2]).all()  # image i: (seed, i)
+    # the example MLflow drew when it logged the model: one image in a few DDIM steps, not a T-step DDPM chain
+    champion_uri = f"models:/{REGISTERED_MODEL}@champion"
+    example = mlflow.models.Model.load(champion_uri).load_input_example(champion_uri)
+    rows = example.to_dict("records") if isinstance(example, pd.DataFrame) else [example]
+    assert rows == [{"num_samples": 1, "seed": 0, "sampler": "ddim", "ddim_steps": 10}]
 
     by_uri = sample_images(
         tmp_path,

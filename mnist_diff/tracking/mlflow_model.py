@@ -55,7 +55,14 @@ SIGNATURE = ModelSignature(
     ),
     outputs=Schema([TensorSpec(np.dtype("uint8"), (-1, 28, 28))]),
 )
-INPUT_EXAMPLE = {"num_samples": 1, "seed": 0}  # MLflow draws it when it logs the model: one image is cheap
+
+
+def input_example(timesteps: int) -> dict:
+    """What MLflow draws when it logs a model (every trial): one image in at most 10 DDIM steps, not a
+    T-step DDPM chain (1,000 network calls at T=1000, each trial)."""
+    return {"num_samples": 1, "seed": 0, "sampler": "ddim", "ddim_steps": min(10, int(timesteps))}
+
+
 # What the model needs besides mnist_diff itself, which it imports (and which is not on PyPI).
 REQUIREMENTS = ["torch", "numpy", "pandas", f"mlflow=={mlflow.__version__}"]
 
@@ -161,7 +168,7 @@ def log_model(tracker, config: dict, ema_path: Path, epoch: int, metrics: dict) 
             loader_module=__name__,
             data_path=str(weights),
             signature=SIGNATURE,
-            input_example=INPUT_EXAMPLE,
+            input_example=input_example(config["timesteps"]),
             pip_requirements=REQUIREMENTS,
             step=int(epoch),
         )
