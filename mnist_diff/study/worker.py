@@ -98,7 +98,7 @@ def take_points(sweep: Sweep, parent_run_id: str, images) -> None:
 def setup_logging(out_dir: Path) -> logging.Handler:
     """Log to OUT/training.log; the handler is returned so that a sweep run in-process can remove it after."""
     handler = logging.FileHandler(out_dir / "training.log")
-    line = f"%(asctime)s [pid {os.getpid()} %(threadName)s] %(levelname)s %(name)s: %(message)s"
+    line = f"%(asctime)s [pid {os.getpid()}] [%(threadName)s] %(levelname)s %(name)s: %(message)s"
     handler.setFormatter(RedactingFormatter(line))
     root = logging.getLogger()
     root.addHandler(handler)

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -30,7 +31,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.tracking import MlflowClient
-from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+from mlflow.tracking._tracking_service import utils as tracking_utils
 from mlflow.types import ColSpec, Schema, TensorSpec
 
 from mnist_diff.config import Config
@@ -38,6 +39,9 @@ from mnist_diff.runtime import checkpoint
 from mnist_diff.util.redact import redact_text
 
 log = logging.getLogger(__name__)
+# MLflow's Model.log and alias lookups read its process-wide tracking URI: trials that log at once in one process
+# (--trials-per-worker) each set theirs, and one's restore must not leave another's behind for the process
+_TRACKING_URI = threading.RLock()
 MODEL_NAME = "model"  # the logged model's name in its run: runs:/RUN_ID/model
 WEIGHTS_FILE = "model.pt"
 CHAMPION = "champion"
@@ -146,7 +150,7 @@ def log_model(tracker, config: dict, ema_path: Path, epoch: int, metrics: dict) 
     logged model of the run at `step` = the selected epoch, with `metrics` (best_fid, ...) linked to it.
     Returns its model id."""
     ema = checkpoint.load(ema_path)["ema"]
-    with tempfile.TemporaryDirectory() as tmp, _use_tracking_uri(tracker.uri):
+    with tempfile.TemporaryDirectory() as tmp, _registry(tracker.uri):
         weights = checkpoint.atomic_save(
             {"format_version": checkpoint.FORMAT_VERSION, "config": config, "epoch": epoch, "ema": ema},
             Path(tmp) / WEIGHTS_FILE,
@@ -279,8 +283,8 @@ class ModelNotFound(LookupError):
 @contextmanager
 def _registry(uri: str):
     """MLflow's fluent functions (load_model, download_artifacts) against this store (resolved: see
-    `mlflow_store.resolve_uri`), the registry included."""
-    with _use_tracking_uri(uri):
+    `mlflow_store.resolve_uri`), the registry included; one thread at a time (the URI is process-wide)."""
+    with _TRACKING_URI, tracking_utils._use_tracking_uri(uri):
         yield
 
 
