@@ -7,6 +7,7 @@ import signal
 import optuna
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
+from mlflow.tracking._tracking_service import utils as mlflow_uri
 from test_resilience import STATE, finish, start_and_wait_for_epoch, sweep_cmd
 from test_study import TINY
 
@@ -44,7 +45,9 @@ def _sweep(folder, lanes):
 
 def test_two_trials_at_once_give_what_they_give_in_turn(tmp_path, monkeypatch):
     monkeypatch.setenv("MNIST_DIFF_FID_CACHE", str(tmp_path / "fid-cache"))
+    uri_before = mlflow_uri._tracking_uri
     serial, lanes = _sweep(tmp_path / "serial", 1), _sweep(tmp_path / "lanes", 2)
+    assert mlflow_uri._tracking_uri == uri_before  # MLflow's process-wide URI: lanes logging models at once restore it
     assert sorted(lanes) == ["cosine", "linear"]
     for schedule, r in serial.items():
         assert r["state"] == lanes[schedule]["state"] == "COMPLETE"

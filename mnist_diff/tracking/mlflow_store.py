@@ -364,7 +364,12 @@ class Tracker:
             )
             for d in datasets
         ]
-        self.client.log_inputs(self.run_id, datasets=inputs)
+        try:
+            self.client.log_inputs(self.run_id, datasets=inputs)
+        except (
+            mlflow.exceptions.MlflowException
+        ):  # two runs inserting the same new dataset at once: one loses the race; now it exists
+            self.client.log_inputs(self.run_id, datasets=inputs)
 
     def _guard(self, what: str, fn, *args, **kwargs) -> bool:
         """Artifacts are a copy of files kept locally: a failed upload is recorded, and training goes on."""
