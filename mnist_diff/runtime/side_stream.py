@@ -20,10 +20,16 @@ from mnist_diff.runtime import timing
 T = TypeVar("T")
 
 
+def use_threads(count: int) -> None:
+    """Compute on the CPU with `count` threads in this thread: a new thread starts with the machine's count, not
+    the one its creator set (a worker's share of the cores), and a kernel's rounding may depend on it."""
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
+
+
 class SideStream:
     def __init__(self, device, enabled: bool):
         self.device = torch.device(device)
-        self.enabled = enabled
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="mnist-diff-side") if enabled else None
         self._stream = torch.cuda.Stream(self.device) if enabled and self.device.type == "cuda" else None
 
@@ -45,8 +51,7 @@ class SideStream:
         return self._pool.submit(self._run, job, threads, ready, timing.current())
 
     def _run(self, job: Callable[[], T], threads: int, ready, ledger: dict) -> T:
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
+        use_threads(threads)
         with timing.using(ledger):  # the time counts in the caller's trial
             if self._stream is None:
                 return job()

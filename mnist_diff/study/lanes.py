@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 
+from mnist_diff.runtime.side_stream import use_threads
 from mnist_diff.training.trainer import Interrupted, StopSignals
 
 JOIN_POLL_SECONDS = 0.2  # how often the waiting main thread wakes: Python runs signal handlers between waits
@@ -38,7 +39,7 @@ def run_lanes(count: int, lane: Callable[[], None], device) -> None:
     threads = torch.get_num_threads()
 
     def run() -> None:
-        torch.set_num_threads(threads)  # a new thread starts with the machine's count, not the worker's share
+        use_threads(threads)
         stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         try:
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
